@@ -1,0 +1,1 @@
+"""Galvatron-DS planner: hardware and model descriptions, cost model, search, plan file."""

@@ -1,0 +1,1 @@
+"""Translation layer: plan -> Megatron-core groups and TP layers; plan -> DeepSpeed config and engine."""
