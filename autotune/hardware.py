@@ -47,6 +47,7 @@ class Hardware:
     inter_node_p2p_gbps: float = 10.0
     collective_latency_us: float = 20.0
     overlap_coe: float = 1.2
+    mem_bw_gbps: float = 2000.0    # device memory bandwidth (GB/s): bounds the optimizer step
     # Achieved share of the GEMM ceiling for Transformer layers when no model profile exists;
     # a model profile (measured layer times) replaces it.
     analytic_mfu: float = 0.55
@@ -70,10 +71,11 @@ class Hardware:
         spans = self.group_spans_nodes(size, stride)
         key = f"{size}_{1 if consecutive else 0}"
         if key in self.allreduce_busbw_gbps:
-            measured = self.allreduce_busbw_gbps[key]
-            # A measured key was taken on this cluster's layout; trust it when the spanning matches.
-            if not spans or self.nodes > 1:
-                return measured
+            # The profiler measures consecutive groups at stride 1 and strided ones at stride W/size;
+            # the number applies to our group when both cross (or both stay inside) a node.
+            measured_stride = 1 if consecutive else self.world_size // size
+            if self.group_spans_nodes(size, measured_stride) == spans:
+                return self.allreduce_busbw_gbps[key]
         return self.inter_node_busbw_gbps if spans else self.intra_node_busbw_gbps
 
     def p2p_bw(self, pp: int, crosses_node: bool) -> float:
@@ -117,7 +119,11 @@ class Hardware:
         d.update(nodes=nodes, gpus_per_node=gpus // nodes)
         if gpu_memory_gb is not None:
             d["gpu_memory_gb"] = gpu_memory_gb
-        # Measured keys for group sizes that no longer exist are dropped by the look-up's fallback.
+        if (nodes, gpus // nodes) != (self.nodes, self.gpus_per_node):
+            # Measured group bandwidths belong to the measured layout; a new layout uses the fallbacks.
+            d["allreduce_busbw_gbps"] = {k: v for k, v in d["allreduce_busbw_gbps"].items()
+                                         if int(k.split("_")[0]) <= min(gpus // nodes, self.gpus_per_node)
+                                         and k.endswith("_1")}
         return Hardware.from_dict(d)
 
 

@@ -48,8 +48,9 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if plan.precision in ("bf16", "fp16"):
-        # Accumulate gradients in fp32 across micro-batches: numerically safe, and what the cost model charges.
+    if plan.precision in ("bf16", "fp16") and plan.zero_stage >= 1:
+        # Accumulate gradients in fp32 across micro-batches (numerically safe; what the cost model charges).
+        # DeepSpeed refuses fp32 accumulation without ZeRO, so stage 0 accumulates in the model dtype.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 

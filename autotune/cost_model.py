@@ -1,0 +1,317 @@
+"""Time and memory of one training step under a strategy, for the DeepSpeed + Megatron-core backend.
+
+Units: seconds and bytes inside; the plan file reports MB (MiB). Each modelling assumption is stated
+in one line where it is made. The search (autotune/search.py) calls `layer_cost` per layer and
+strategy, `other_cost` per stage end, and `pipeline_time` for the whole step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autotune.hardware import Hardware
+from backends.deepspeed.config import ALLGATHER_BUCKET_ELEMS, REDUCE_BUCKET_ELEMS, STAGE3_PREFETCH_ELEMS
+from model_zoo.base import LayerType, ModelSpec, PRECISION_BYTES
+
+MB = 1024 * 1024
+# CUDA context + NCCL communicators + cuBLAS workspaces live outside the caching allocator.
+FRAMEWORK_OVERHEAD_BYTES = 1024 * MB
+# Share of the budget kept free for allocator fragmentation (reserved > allocated).
+FRAGMENTATION_RESERVE = 0.08
+# Adam step: reads fp32 master, m, v, fp32 grad and writes master, m, v, low-precision param (bytes/param).
+OPTIMIZER_BYTES_PER_PARAM = 4 * 7 + 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Choices shared by every layer: what the outer loops of the search enumerate."""
+
+    world: int
+    pp: int
+    zero: int
+    chunks: int
+    global_bsz: int
+    precision: str = "bf16"
+    vtp: int = 1
+
+    def dp(self, tp: int) -> int:
+        return self.world // self.pp // tp
+
+    def micro_batch(self, tp: int) -> float:
+        """Samples one rank processes per micro-batch: the global batch split over chunks and DP replicas."""
+        return self.global_bsz / self.chunks / self.dp(tp)
+
+    def inflight(self, stage: int) -> int:
+        """Micro-batches whose activations one stage holds at once under 1F1B (DeepSpeed TrainSchedule)."""
+        return 1 if self.pp == 1 else min(self.pp - stage, self.chunks)
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    tp: int = 1
+    tp_consecutive: bool = True
+    checkpoint: bool = False
+
+    def label(self, setting: Setting) -> str:
+        star = "*" if self.tp_consecutive and self.tp > 1 else ""
+        return (f"{setting.pp}-{self.tp}{star}-{setting.dp(self.tp)}{'f' if setting.zero == 3 else ''}"
+                f"{'-c' if self.checkpoint else ''}")
+
+
+@dataclass
+class Cost:
+    """Time (s) and memory (bytes) of a piece of the model on one rank."""
+
+    compute_s: float = 0.0        # per step, all micro-batches: fwd + bwd + recompute (not overlappable)
+    tp_comm_s: float = 0.0        # per step: TP all-reduces (synchronous, on the critical path)
+    dp_exposed_s: float = 0.0     # per step: DP/ZeRO communication not hidden behind compute
+    dp_tail_s: float = 0.0        # per step: gradient sync after the last micro-batch (ZeRO 0/1)
+    optimizer_s: float = 0.0      # per step: the optimizer update of this piece's parameters
+    states_bytes: float = 0.0     # parameters, gradients, master weights, optimizer states, buffers
+    act_bytes: float = 0.0        # activations held for backward (all in-flight micro-batches)
+    transient_bytes: float = 0.0  # workspace of the layer being recomputed / differentiated
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.tp_comm_s + self.dp_exposed_s + self.dp_tail_s + self.optimizer_s
+
+    @property
+    def microbatch_s(self) -> float:
+        """Per-micro-batch share of the pipelined work (what 1F1B repeats)."""
+        return self.compute_s + self.tp_comm_s + self.dp_exposed_s
+
+
+def overlap(comm: float, compute: float, coe: float) -> float:
+    """Time of `comm` overlapped with `compute` when both slow each other by `coe` (Galvatron's closed form)."""
+    return max(comm, compute) + (coe - 1.0) * min(comm, compute)
+
+
+class CostModel:
+    """Predicts time and memory from a ModelSpec, a Hardware description and an optional model profile."""
+
+    def __init__(self, spec: ModelSpec, hw: Hardware, profile=None):
+        self.spec, self.hw, self.profile = spec, hw, profile
+        self.act_dtype = PRECISION_BYTES[spec.precision]
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
+        """Ring all-reduce: 2(n-1)/n of the message crosses each rank's link, plus a fixed latency."""
+        if size <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self.hw.allreduce_busbw(size, consecutive, stride) * 1e9
+        return self.hw.collective_latency_us * 1e-6 + 2 * (size - 1) / size * nbytes / bw
+
+    def gather_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
+        """All-gather or reduce-scatter of a `nbytes` full tensor: (n-1)/n of it crosses each link."""
+        if size <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self.hw.allreduce_busbw(size, consecutive, stride) * 1e9
+        return self.hw.collective_latency_us * 1e-6 + (size - 1) / size * nbytes / bw
+
+    def p2p_s(self, nbytes: float, pp: int, crosses_node: bool) -> float:
+        if pp <= 1 or nbytes <= 0:
+            return 0.0
+        return self.hw.collective_latency_us * 1e-6 + nbytes / (self.hw.p2p_bw(pp, crosses_node) * 1e9)
+
+    def groups(self, setting: Setting, s: LayerStrategy) -> tuple[tuple[int, bool, int], tuple[int, bool, int]]:
+        """(size, consecutive, stride) of the TP group and the DP group of a layer inside its stage."""
+        per_stage = setting.world // setting.pp
+        dp = per_stage // s.tp
+        if s.tp_consecutive:
+            return (s.tp, True, 1), (dp, dp == per_stage, s.tp)
+        return (s.tp, s.tp == per_stage, dp), (dp, True, 1)
+
+    # ------------------------------------------------------------------ compute
+    def _analytic_s(self, flops: float) -> float:
+        """No profile: FLOPs at the GEMM ceiling times the achieved share `analytic_mfu`."""
+        return flops / (self.hw.compute_ceiling(self.spec.precision) * self.hw.analytic_mfu)
+
+    def layer_compute_s(self, lt: LayerType, tp: int, b: float) -> tuple[float, float, float]:
+        """(fwd, bwd, recompute) seconds of one layer for `b` samples on one TP shard."""
+        prof = self.profile
+        if prof is not None:
+            f = prof.layer_time_ms(lt.name, tp, b, "fwd")
+            bw = prof.layer_time_ms(lt.name, tp, b, "bwd")
+            rc = prof.layer_time_ms(lt.name, tp, b, "recompute")
+            if f is not None and bw is not None:
+                return f / 1e3, bw / 1e3, (rc if rc is not None else f) / 1e3
+        # Analytic: TP splits the layer's FLOPs evenly; backward = 2x forward; recompute = 1 forward.
+        fwd = self._analytic_s(lt.fwd_flops * b / tp)
+        return fwd, 2 * fwd, fwd
+
+    def layer_act_bytes(self, lt: LayerType, tp: int, checkpoint: bool) -> float:
+        prof = self.profile
+        if prof is not None:
+            v = prof.act_bytes(lt.name, tp, checkpoint)
+            if v is not None:
+                return float(v)
+        return float(lt.ckpt_bytes if checkpoint else lt.act_bytes[tp])
+
+    # ------------------------------------------------------------------ memory of model states
+    def states_bytes(self, params: float, dp: int, zero: int) -> tuple[float, dict]:
+        """Bytes per rank for `params` parameters held by this rank before DP sharding.
+
+        DeepSpeed 0.19 with bf16/fp16 (grad accumulation in fp32 for ZeRO >= 1, as our config sets):
+          ZeRO-0: low-precision param 2 + grad 2 + fp32 master 4 + Adam m,v 8  (FP16_Optimizer-style)
+          ZeRO-1: param 2 + fp32 grad accumulation buffer 4 + (master + Adam 12) / dp  (BF16_Optimizer)
+          ZeRO-2: param 2 + (fp32 grad partition 4 + master + Adam 12) / dp
+          ZeRO-3: (param 2 + fp32 grad 4 + master + Adam 12) / dp
+        fp32: param 4, grad 4, Adam 8; no master copy; ZeRO shards the same way.
+        """
+        lowp = self.spec.precision in ("bf16", "fp16")
+        p, g, opt = (2, 4, 12) if lowp else (4, 4, 8)
+        if zero == 0:
+            per = {"params": p, "grads": 2 if lowp else 4, "optimizer": opt}
+        elif zero == 1:
+            per = {"params": p, "grads": g, "optimizer": opt / dp}
+        elif zero == 2:
+            per = {"params": p, "grads": g / dp, "optimizer": opt / dp}
+        else:
+            per = {"params": p / dp, "grads": g / dp, "optimizer": opt / dp}
+        detail = {k: v * params for k, v in per.items()}
+        return sum(detail.values()), detail
+
+    def zero_buffer_bytes(self, setting: Setting, stage_params: float) -> float:
+        """Fixed DeepSpeed buffers per rank for the bucket sizes our generated config sets."""
+        lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
+        if setting.zero == 2:
+            # Two reduce buckets with overlap_comm; capped by the stage's own gradients.
+            return 2 * min(REDUCE_BUCKET_ELEMS, stage_params) * lowp
+        if setting.zero == 1:
+            return min(ALLGATHER_BUCKET_ELEMS, stage_params) * lowp
+        if setting.zero == 3:
+            # Prefetch bucket of gathered params + one reduce bucket.
+            return (min(STAGE3_PREFETCH_ELEMS, stage_params) + min(REDUCE_BUCKET_ELEMS, stage_params)) * lowp
+        return 0.0
+
+    # ------------------------------------------------------------------ one layer
+    def layer_cost(self, lt: LayerType, s: LayerStrategy, setting: Setting, stage: int) -> Cost:
+        """Per-step time and per-rank memory of one layer under strategy `s` on pipeline stage `stage`."""
+        b = setting.micro_batch(s.tp)
+        m = setting.chunks
+        (tp, tp_consec, tp_stride), (dp, dp_consec, dp_stride) = self.groups(setting, s)
+        fwd, bwd, rc = self.layer_compute_s(lt, s.tp, b)
+        compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0))
+
+        # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
+        n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
+        tp_comm = m * n_ar * self.allreduce_s(lt.tp_allreduce_bytes * b, tp, tp_consec, tp_stride)
+
+        shard = lt.params / s.tp
+        grad_bytes = 4 if setting.zero >= 1 or self.spec.precision == "fp32" else 2
+        lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
+        coe = self.hw.overlap_coe
+        exposed = tail = 0.0
+        if dp > 1:
+            if setting.zero == 0:
+                # DeepSpeed ZeRO-0 all-reduces the accumulated gradients after the last micro-batch.
+                tail = self.allreduce_s(shard * grad_bytes, dp, dp_consec, dp_stride)
+            elif setting.zero == 1:
+                # BF16_Optimizer: all-reduce fp32 grads at the boundary, then all-gather updated params.
+                tail = (self.allreduce_s(shard * grad_bytes, dp, dp_consec, dp_stride)
+                        + self.gather_s(shard * lowp, dp, dp_consec, dp_stride))
+            elif setting.zero == 2:
+                # Reduce-scatter on every micro-batch, overlapped with backward; params gathered after step.
+                rs = self.gather_s(shard * lowp, dp, dp_consec, dp_stride)
+                exposed = m * (overlap(rs, bwd, coe) - bwd)
+                tail = self.gather_s(shard * lowp, dp, dp_consec, dp_stride)
+            else:
+                # ZeRO-3: all-gather in forward (prefetched under the previous layer) and again in backward,
+                # reduce-scatter in backward; recompute gathers once more.
+                ag = self.gather_s(shard * lowp, dp, dp_consec, dp_stride)
+                rs = ag
+                fwd_side = overlap(ag * (2 if s.checkpoint else 1), fwd + (rc if s.checkpoint else 0), coe) \
+                    - (fwd + (rc if s.checkpoint else 0))
+                bwd_side = overlap(ag + rs, bwd, coe) - bwd
+                exposed = m * (fwd_side + bwd_side)
+        states, states_detail = self.states_bytes(shard, dp, setting.zero)
+        inflight = setting.inflight(stage)
+        act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
+        transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
+        local = shard / dp if setting.zero >= 1 else shard
+        optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
+        return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+                    optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
+                    detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, **states_detail})
+
+    # ------------------------------------------------------------------ embeddings and heads
+    def other_cost(self, part: str, setting: Setting, stage: int, vtp: int) -> Cost:
+        """Embeddings (`part`='first') or head + loss ('last'); with pp=1 both sit on stage 0."""
+        o = self.spec.other
+        params = (o.params_first if part == "first" else o.params_last)[vtp]
+        if part == "last" and setting.pp == 1:
+            params -= o.tied_params[vtp]  # a tied matrix is held once when first and last share a rank
+        flops = o.fwd_flops_first if part == "first" else o.fwd_flops_last
+        act_per_sample = (o.act_bytes_first if part == "first" else o.act_bytes_last)[vtp]
+        b = setting.micro_batch(vtp)
+        m = setting.chunks
+        prof = self.profile
+        fwd = bwd = None
+        if prof is not None:
+            fwd = prof.other_time_ms(part, vtp, b, "fwd")
+            bwd = prof.other_time_ms(part, vtp, b, "bwd")
+            a = prof.other_act_bytes(part, vtp)
+            if a is not None:
+                act_per_sample = a
+        if fwd is None or bwd is None:
+            fwd = self._analytic_s(flops * b / vtp) * 1e3
+            bwd = 2 * fwd
+        fwd, bwd = fwd / 1e3, bwd / 1e3
+        dp = setting.dp(vtp)
+        shard = params / vtp
+        lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
+        grad_bytes = 4 if setting.zero >= 1 or self.spec.precision == "fp32" else 2
+        tail = exposed = 0.0
+        if dp > 1:
+            if setting.zero <= 1:
+                tail = self.allreduce_s(shard * grad_bytes, dp) + (self.gather_s(shard * lowp, dp) if setting.zero else 0)
+            elif setting.zero == 2:
+                exposed = m * (overlap(self.gather_s(shard * lowp, dp), bwd, self.hw.overlap_coe) - bwd)
+                tail = self.gather_s(shard * lowp, dp)
+            else:
+                ag = self.gather_s(shard * lowp, dp)
+                exposed = m * (overlap(ag, fwd, self.hw.overlap_coe) - fwd + overlap(2 * ag, bwd, self.hw.overlap_coe) - bwd)
+        tp_comm = 0.0
+        if vtp > 1 and part == "first":
+            # Vocab-parallel embedding: one all-reduce of the embedding output per forward.
+            tp_comm = m * self.allreduce_s(self.spec.layer(0).tp_allreduce_bytes * b, vtp)
+        if vtp > 1 and part == "last":
+            # Vocab-parallel cross-entropy: all-reduces of per-token max, sum and target logit (fp32).
+            tp_comm = m * 3 * self.allreduce_s(4 * self.spec.layer(self.spec.num_layers - 1).seq_len * b, vtp)
+        states, detail = self.states_bytes(shard, dp, setting.zero)
+        inflight = setting.inflight(stage)
+        local = shard / dp if setting.zero >= 1 else shard
+        return Cost(compute_s=m * (fwd + bwd), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+                    optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9),
+                    states_bytes=states, act_bytes=act_per_sample * b * inflight,
+                    transient_bytes=act_per_sample * b, detail={"params": params, **detail})
+
+    # ------------------------------------------------------------------ whole pipeline
+    def p2p_stage_s(self, setting: Setting, stage: int, boundary_in: float, boundary_out: float,
+                    b: float) -> float:
+        """Per-micro-batch blocking send/recv of one stage: activations forward, gradients backward."""
+        per_stage = setting.world // setting.pp
+        crosses = per_stage >= self.hw.gpus_per_node or (stage * per_stage) // self.hw.gpus_per_node != \
+            ((stage + 1) * per_stage) // self.hw.gpus_per_node
+        t = 0.0
+        if stage > 0:
+            t += 2 * self.p2p_s(boundary_in * b, setting.pp, crosses)
+        if stage < setting.pp - 1:
+            t += 2 * self.p2p_s(boundary_out * b, setting.pp, crosses)
+        return t
+
+    def pipeline_time(self, setting: Setting, stage_costs: list[Cost], stage_p2p_s: list[float]) -> float:
+        """1F1B step time: fill and drain through every stage once, then the slowest stage m-1 more times.
+
+        A stage's per-micro-batch time is its compute + TP + exposed ZeRO time + its p2p; the gradient
+        tail and optimizer run after the last micro-batch on every stage at once (max over stages).
+        """
+        m = setting.chunks
+        per_mb = [c.microbatch_s / m + p for c, p in zip(stage_costs, stage_p2p_s)]
+        body = sum(per_mb) + (m - 1) * max(per_mb)
+        tail = max(c.dp_tail_s + c.optimizer_s for c in stage_costs)
+        return body + tail
+
+    def budget_bytes(self, gpu_memory_gb: float) -> float:
+        """Bytes the caching allocator may hold at peak: device memory less context and fragmentation."""
+        return gpu_memory_gb * 1024 * MB * (1 - FRAGMENTATION_RESERVE) - FRAMEWORK_OVERHEAD_BYTES
