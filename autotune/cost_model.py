@@ -232,7 +232,8 @@ class CostModel:
         optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
-                    detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, **states_detail})
+                    detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
+                            **states_detail})
 
     # ------------------------------------------------------------------ embeddings and heads
     def other_cost(self, part: str, setting: Setting, stage: int, vtp: int) -> Cost:
@@ -284,7 +285,8 @@ class CostModel:
         return Cost(compute_s=m * (fwd + bwd), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9),
                     states_bytes=states, act_bytes=act_per_sample * b * inflight,
-                    transient_bytes=act_per_sample * b, detail={"params": params, **detail})
+                    transient_bytes=act_per_sample * b,
+                    detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline
     def p2p_stage_s(self, setting: Setting, stage: int, boundary_in: float, boundary_out: float,

@@ -1,0 +1,503 @@
+"""Search the fastest hybrid-parallel plan that fits in memory, and write plan.json + ds_config.json.
+
+    python autotune/search.py --model bert-large --gpus 8 --gpu-memory-gb 40 --out plan.json
+
+Outer loops (pp, tp, tp layout, ZeRO stage, chunks, global batch, pp_division candidates) around a
+per-stage dynamic program (autotune/dp.py) that chooses per-layer strategies — in this version the
+TP degree is one for the whole model and the DP chooses per-layer activation checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as `python autotune/search.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from autotune.cost_model import MB, Cost, CostModel, LayerStrategy, Setting
+from autotune.dp import solve_stage
+from autotune.hardware import Hardware
+from model_zoo.base import ModelSpec, pow2_upto
+
+SPACES = ("uniform", "dp", "zero3", "tp", "pp", "3d", "deepspeed")
+BASELINE_SPACES = ("dp", "zero3", "tp", "pp", "3d")
+MAX_CHUNKS = 128
+# DP memory resolution: the stage budget is cut into this many units (see autotune/dp.py).
+DP_UNITS = 4096
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the outer search: everything but the per-layer choices."""
+
+    pp: int
+    tp: int
+    tp_consecutive: bool
+    zero: int
+    chunks: int
+    global_bsz: int
+
+    def spaces(self, world: int) -> set[str]:
+        """Restricted spaces (Galvatron's baselines) this candidate belongs to."""
+        out = {"uniform"}
+        dp = world // self.pp // self.tp
+        if self.pp == 1 and self.tp == 1 and self.zero == 0:
+            out.add("dp")
+        if self.pp == 1 and self.tp == 1 and self.zero == 3:
+            out.add("zero3")
+        if self.pp == 1 and dp == 1:
+            out.add("tp")
+        if self.tp == 1 and dp == 1:
+            out.add("pp")
+        if self.pp == 2 and self.tp == 2 and self.tp_consecutive:
+            out.add("3d")
+        if self.pp == 1 and self.tp == 1:
+            out.add("deepspeed")
+        return out
+
+
+@dataclass
+class Evaluated:
+    cand: Candidate
+    step_time_s: float
+    samples_per_s: float
+    pp_division: list[int]
+    strategies: list[LayerStrategy]
+    stage_costs: list[Cost]
+    stage_memory: list[dict]
+    spaces: set[str] = field(default_factory=set)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(m["total_mb"] for m in self.stage_memory)
+
+
+class SearchError(ValueError):
+    """No plan exists for the request; the message says what to change."""
+
+
+class Searcher:
+    def __init__(self, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, profile=None,
+                 space: str = "uniform", allow_checkpoint: bool = True, max_tp: int | None = None):
+        self.spec, self.hw, self.space = spec, hw, space
+        self.cm = CostModel(spec, hw, profile)
+        self.world = hw.world_size
+        self.budget = self.cm.budget_bytes(gpu_memory_gb)
+        self.allow_checkpoint = allow_checkpoint and space != "deepspeed"
+        self.max_tp = max_tp or self.world
+        self.evaluated = 0
+
+    # ------------------------------------------------------------------ enumeration
+    def candidates(self, batches: list[int]) -> list[Candidate]:
+        W, L = self.world, self.spec.num_layers
+        tps = [t for t in self.spec.valid_tp_degrees(min(self.max_tp, W))]
+        out = []
+        for B in batches:
+            for pp in pow2_upto(min(W, L)):
+                for tp in tps:
+                    if W % (pp * tp):
+                        continue
+                    dp = W // pp // tp
+                    if B % dp:
+                        continue
+                    zeros = [0, 1] if pp > 1 else [0, 1, 2, 3]
+                    if dp == 1:
+                        zeros = [0]  # nothing to shard
+                    layouts = [True, False] if 1 < tp and dp > 1 else [True]
+                    local = B // dp
+                    for chunks in (c for c in range(1, min(local, MAX_CHUNKS) + 1) if local % c == 0):
+                        for zero in zeros:
+                            for consec in layouts:
+                                c = Candidate(pp, tp, consec, zero, chunks, B)
+                                if self.space in c.spaces(W):
+                                    out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ partitions
+    def partitions(self, cand: Candidate, setting: Setting) -> list[list[int]]:
+        """pp_division candidates: even, balanced for time, balanced for memory."""
+        pp, L = cand.pp, self.spec.num_layers
+        if pp == 1:
+            return [[L]]
+        base = LayerStrategy(cand.tp, cand.tp_consecutive, False)
+        per_layer = [self.cm.layer_cost(self.spec.layer(i), base, setting, 0) for i in range(L)]
+        times = [c.microbatch_s for c in per_layer]
+        states = [c.states_bytes for c in per_layer]
+        acts = [c.act_bytes / setting.inflight(0) for c in per_layer]  # per in-flight micro-batch
+        first = self.cm.other_cost("first", setting, 0, setting.vtp)
+        last = self.cm.other_cost("last", setting, pp - 1, setting.vtp)
+        even = [L // pp] * pp
+        for k in range(L % pp):
+            even[pp - 1 - k] += 1
+        cands = [even,
+                 balanced_split(times, [0.0] * L, pp, first.microbatch_s, last.microbatch_s),
+                 balanced_split(states, acts, pp, first.states_bytes + first.act_bytes,
+                                last.states_bytes + last.act_bytes,
+                                stage_scale=[setting.inflight(k) for k in range(pp)])]
+        out = []
+        for c in cands:
+            if c is not None and c not in out and all(x >= 1 for x in c):
+                out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ evaluate one candidate
+    def evaluate(self, cand: Candidate) -> Evaluated | None:
+        setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
+                          self.spec.precision, vtp=cand.tp)
+        strategies = [LayerStrategy(cand.tp, cand.tp_consecutive, False)]
+        if self.allow_checkpoint:
+            strategies.append(LayerStrategy(cand.tp, cand.tp_consecutive, True))
+        best = None
+        for division in self.partitions(cand, setting):
+            res = self.evaluate_division(cand, setting, division, strategies)
+            if res is not None and (best is None or res.step_time_s < best.step_time_s):
+                best = res
+        return best
+
+    def evaluate_division(self, cand: Candidate, setting: Setting, division: list[int],
+                          strategies: list[LayerStrategy]) -> Evaluated | None:
+        self.evaluated += 1
+        start = 0
+        chosen: list[LayerStrategy] = []
+        stage_costs, stage_mem, stage_p2p = [], [], []
+        for k, n in enumerate(division):
+            layers = list(range(start, start + n))
+            start += n
+            costs = [[self.cm.layer_cost(self.spec.layer(i), s, setting, k) for s in strategies] for i in layers]
+            fixed = self.stage_fixed(setting, k, costs)
+            free = self.budget - fixed["bytes"]
+            if free <= 0:
+                return None
+            res = self.solve(costs, free)
+            if res is None:
+                return None
+            picks = [costs[j][s] for j, s in enumerate(res)]
+            chosen += [strategies[s] for s in res]
+            total = sum_costs(picks + fixed["others"])
+            mem = {
+                "model_states_mb": (sum(c.states_bytes for c in picks + fixed["others"])) / MB,
+                "activations_mb": sum(c.act_bytes for c in picks + fixed["others"]) / MB,
+                "zero_buffers_mb": fixed["buffers"] / MB,
+                "transient_mb": fixed["transient"] / MB,
+            }
+            mem["total_mb"] = sum(mem.values())
+            stage_mem.append(mem)
+            stage_costs.append(total)
+            lt_in = self.spec.layer(layers[0])
+            lt_out = self.spec.layer(layers[-1])
+            stage_p2p.append(self.cm.p2p_stage_s(setting, k, lt_in.boundary_bytes, lt_out.boundary_bytes,
+                                                 setting.micro_batch(cand.tp)))
+        step = self.cm.pipeline_time(setting, stage_costs, stage_p2p)
+        return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
+                         cand.spaces(self.world))
+
+    def stage_fixed(self, setting: Setting, k: int, costs: list[list[Cost]]) -> dict:
+        """Memory of a stage that does not depend on the per-layer choices."""
+        others = []
+        if k == 0:
+            others.append(self.cm.other_cost("first", setting, k, setting.vtp))
+        if k == setting.pp - 1:
+            others.append(self.cm.other_cost("last", setting, k, setting.vtp))
+        stage_params = sum(o.detail["shard_params"] for o in others) + sum(c[0].detail["shard_params"] for c in costs)
+        buffers = self.cm.zero_buffer_bytes(setting, stage_params)
+        transient = max([c[0].transient_bytes for c in costs] + [o.transient_bytes for o in others])
+        fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient
+        return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient}
+
+    def solve(self, costs: list[list[Cost]], free_bytes: float) -> list[int] | None:
+        n, S = len(costs), len(costs[0])
+        unit = max(free_bytes / DP_UNITS, 1.0)
+        t = np.array([[c.time_s for c in row] for row in costs])
+        v = np.array([[int(np.ceil((c.states_bytes + c.act_bytes) / unit)) for c in row] for row in costs])
+        res = solve_stage(t, v, int(free_bytes // unit))
+        return None if res is None else res.choice
+
+    # ------------------------------------------------------------------ driver
+    def run(self, batches: list[int], progress: bool = False) -> list[Evaluated]:
+        cands = self.candidates(batches)
+        results = []
+        it = cands
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(cands, desc="search", unit="cfg", file=sys.stderr, leave=False)
+        for c in it:
+            r = self.evaluate(c)
+            if r is not None:
+                results.append(r)
+        results.sort(key=lambda r: r.step_time_s / r.cand.global_bsz)
+        return results
+
+
+def sum_costs(costs: list[Cost]) -> Cost:
+    out = Cost()
+    for c in costs:
+        out.compute_s += c.compute_s
+        out.tp_comm_s += c.tp_comm_s
+        out.dp_exposed_s += c.dp_exposed_s
+        out.dp_tail_s += c.dp_tail_s
+        out.optimizer_s += c.optimizer_s
+        out.states_bytes += c.states_bytes
+        out.act_bytes += c.act_bytes
+        out.transient_bytes = max(out.transient_bytes, c.transient_bytes)
+    return out
+
+
+def balanced_split(fixed: list[float], scaled: list[float], parts: int, head: float = 0.0, tail: float = 0.0,
+                   stage_scale: list[float] | None = None) -> list[int] | None:
+    """Contiguous split into `parts` stages minimising the heaviest stage.
+
+    Layer i weighs fixed[i] + scaled[i] * stage_scale[k] on stage k (activation memory scales with the
+    1F1B in-flight count of the stage); `head` joins the first stage, `tail` the last. Binary search on
+    the limit with a greedy left-to-right fill; extra stages are made by peeling single layers off.
+    """
+    n = len(fixed)
+    if parts > n:
+        return None
+    scale = stage_scale or [1.0] * parts
+
+    def greedy(limit: float) -> list[int] | None:
+        sizes, cur, cnt = [], head, 0
+        for i in range(n):
+            k = min(len(sizes), parts - 1)
+            x = fixed[i] + scaled[i] * scale[k] + (tail if i == n - 1 else 0.0)
+            if cnt and cur + x > limit:
+                sizes.append(cnt)
+                k = min(len(sizes), parts - 1)
+                cur, cnt = 0.0, 0
+                x = fixed[i] + scaled[i] * scale[k] + (tail if i == n - 1 else 0.0)
+            cur += x
+            cnt += 1
+            if cur > limit or len(sizes) >= parts:
+                return None
+        sizes.append(cnt)
+        while len(sizes) < parts:  # splitting a stage never makes a stage heavier
+            j = max(range(len(sizes)), key=lambda q: sizes[q])
+            sizes[j:j + 1] = [sizes[j] - 1, 1]
+        return sizes
+
+    lo, hi = 0.0, (sum(fixed) + sum(scaled) * max(scale) + head + tail) * 1.000001 + 1e-12
+    best = greedy(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        got = greedy(mid)
+        if got is not None:
+            best, hi = got, mid
+        else:
+            lo = mid
+    return best
+
+
+# ---------------------------------------------------------------------- plan building and report
+def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
+    """The plan file for an evaluated candidate, with its predictions."""
+    from autotune.cost_model import FRAMEWORK_OVERHEAD_BYTES
+    from autotune.plan import STAGE_TO_DP_TYPE, Plan
+
+    c = ev.cand
+    n = spec.num_layers
+    recompute = sum(spec.layer(i).fwd_flops for i in range(n) if ev.strategies[i].checkpoint)
+    flops = spec.train_flops_per_sample() + recompute
+    plan = Plan(pp_deg=c.pp, tp_sizes_enc=[s.tp for s in ev.strategies],
+                tp_consecutive_flags=[int(s.tp_consecutive) for s in ev.strategies],
+                dp_types_enc=[1 if c.zero == 3 else 0] * n, checkpoint=[int(s.checkpoint) for s in ev.strategies],
+                global_bsz=c.global_bsz, chunks=c.chunks, pp_division=list(ev.pp_division),
+                default_dp_type=STAGE_TO_DP_TYPE[c.zero], vtp=c.tp, zero_stage=c.zero, precision=spec.precision,
+                world_size=hw.world_size,
+                model={"name": spec.name, "family": spec.family, "num_layers": n,
+                       "seq_len": spec.layer(0).seq_len, "params": spec.params_total(c.tp)},
+                cluster={"hardware": hw.name, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
+                         "gpu_memory_gb": gpu_memory_gb})
+    plan.predicted = {
+        "step_time_s": round(ev.step_time_s, 6),
+        "samples_per_s": round(ev.samples_per_s, 3),
+        "tflops_per_gpu": round(flops * ev.samples_per_s / hw.world_size / 1e12, 2),
+        "stage_peak_memory_mb": [round(m["total_mb"], 1) for m in ev.stage_memory],
+        "stage_memory_breakdown_mb": [{k: round(v, 1) for k, v in m.items()} for m in ev.stage_memory],
+        "framework_overhead_mb": FRAMEWORK_OVERHEAD_BYTES / MB,
+        "stage_time_breakdown_s": [
+            {"compute": round(sc.compute_s, 6), "tp_comm": round(sc.tp_comm_s, 6),
+             "dp_exposed": round(sc.dp_exposed_s, 6), "dp_tail": round(sc.dp_tail_s, 6),
+             "optimizer": round(sc.optimizer_s, 6)} for sc in ev.stage_costs],
+    }
+    plan.validate()
+    return plan
+
+
+def strategy_summary(ev: Evaluated, world: int) -> str:
+    c = ev.cand
+    dp = world // c.pp // c.tp
+    layout = "" if c.tp == 1 or dp == 1 else ("" if c.tp_consecutive else " strided")
+    ckpt = sum(s.checkpoint for s in ev.strategies)
+    return (f"pp={c.pp} tp={c.tp}{layout} dp={dp} zero={c.zero} chunks={c.chunks} bsz={c.global_bsz} "
+            f"ckpt={ckpt}/{len(ev.strategies)} division={','.join(map(str, ev.pp_division))}")
+
+
+def baseline_rows(results: list[Evaluated], best: Evaluated, world: int) -> list[dict]:
+    """Best plan of each restricted space (Galvatron's baselines) and the searched plan's speed-up."""
+    rows = []
+    for space in BASELINE_SPACES + ("deepspeed",):
+        members = [r for r in results if space in r.spaces]
+        if not members:
+            rows.append({"space": space, "samples_per_s": None, "speedup": None, "plan": "no plan fits"})
+            continue
+        r = max(members, key=lambda e: e.samples_per_s)
+        rows.append({"space": space, "samples_per_s": round(r.samples_per_s, 3),
+                     "speedup": round(best.samples_per_s / r.samples_per_s, 3), "plan": strategy_summary(r, world),
+                     "peak_mb": round(r.peak_mb, 1)})
+    return rows
+
+
+def distinct_alternatives(results: list[Evaluated], k: int) -> list[Evaluated]:
+    """The next-best plans, one per (pp, tp, layout, zero): chunk counts alone do not make a new idea."""
+    seen, out = set(), []
+    for r in results[1:]:
+        key = (r.cand.pp, r.cand.tp, r.cand.tp_consecutive, r.cand.zero, r.cand.global_bsz)
+        if key in seen or key == (results[0].cand.pp, results[0].cand.tp, results[0].cand.tp_consecutive,
+                                  results[0].cand.zero, results[0].cand.global_bsz):
+            continue
+        seen.add(key)
+        out.append(r)
+        if len(out) == k:
+            break
+    return out
+
+
+def format_report(plan, best: Evaluated, rows: list[dict], alts: list[Evaluated], world: int,
+                  sources: dict, seconds: float, n_evaluated: int) -> str:
+    p = plan.predicted
+    lines = [f"Galvatron-DS plan for {plan.model['name']} on {plan.cluster['hardware']} "
+             f"({world} GPUs, {plan.cluster['gpu_memory_gb']} GB each, {plan.precision})",
+             f"  strategy     {strategy_summary(best, world)}",
+             f"  layers       {plan.describe()}",
+             f"  predicted    {p['samples_per_s']:.1f} samples/s, step {p['step_time_s'] * 1e3:.1f} ms, "
+             f"{p['tflops_per_gpu']:.1f} TFLOP/s per GPU"]
+    for k, m in enumerate(p["stage_memory_breakdown_mb"]):
+        lines.append(f"  stage {k} mem  {m['total_mb'] / 1024:.2f} GB (states {m['model_states_mb'] / 1024:.2f}, "
+                     f"activations {m['activations_mb'] / 1024:.2f}, buffers {m['zero_buffers_mb'] / 1024:.2f}, "
+                     f"transient {m['transient_mb'] / 1024:.2f}) + {p['framework_overhead_mb'] / 1024:.1f} GB context")
+    lines.append("  inputs       " + "; ".join(f"{k}: {v}" for k, v in sources.items()))
+    lines.append("Best plan of each restricted space:")
+    for r in rows:
+        if r["samples_per_s"] is None:
+            lines.append(f"  {r['space']:<9} no plan fits")
+        else:
+            lines.append(f"  {r['space']:<9} {r['samples_per_s']:>10.1f} samples/s  x{r['speedup']:.2f}  {r['plan']}")
+    lines.append("Next-best alternatives:")
+    for r in alts:
+        lines.append(f"  {r.samples_per_s:>10.1f} samples/s  peak {r.peak_mb / 1024:.2f} GB  {strategy_summary(r, world)}")
+    lines.append(f"Search: {n_evaluated} configurations in {seconds:.2f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="autotune/search.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="bert-large", help="preset name, HF config .json, or HF checkpoint folder")
+    ap.add_argument("--task", default=None, help="task head (default: the family's pre-training task)")
+    ap.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the hardware's)")
+    ap.add_argument("--nodes", type=int, default=None, help="number of nodes (default: from --gpus)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=None, help="memory budget per GPU (default: the hardware's)")
+    ap.add_argument("--global-batch-size", type=int, default=None, help="fixed global batch (default: searched)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample for text models")
+    ap.add_argument("--hardware", default="8xH100", help="hardware preset or JSON from profile_hardware.py")
+    ap.add_argument("--model-profile", default=None, help="JSON from autotune/profile_model.py")
+    ap.add_argument("--space", default="uniform", choices=SPACES, help="search space (baselines: dp zero3 tp pp 3d)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--max-tp", type=int, default=None, help="largest TP degree to consider")
+    ap.add_argument("--out", default="plan.json", help="plan file; ds_config.json is written beside it")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def default_batches(world: int) -> list[int]:
+    """Global batches tried when none is given: the world size times 1, 2, 4, ... 64 (at most 4096)."""
+    return sorted({min(world * 2 ** k, max(4096, world)) for k in range(7)})
+
+
+def run_search(args: argparse.Namespace) -> tuple:
+    """Everything but printing: returns (plan, report text, results)."""
+    from autotune.hardware import load_hardware
+    from model_zoo import get_model_spec
+
+    t0 = time.perf_counter()
+    hw = load_hardware(args.hardware)
+    if args.gpus is not None or args.nodes is not None:
+        hw = hw.with_layout(args.gpus or hw.world_size, args.nodes)
+    mem = args.gpu_memory_gb if args.gpu_memory_gb is not None else hw.gpu_memory_gb
+    if mem <= 0:
+        raise SearchError(f"--gpu-memory-gb must be positive, got {mem}")
+    spec = get_model_spec(args.model, precision=args.precision, seq_len=args.seq_len, task=args.task)
+    profile, sources = None, {"hardware": f"{hw.name} ({'profiled' if 'measured' in str(hw.sources) else 'preset'})"}
+    if args.model_profile:
+        from autotune.model_profile import ModelProfile
+        profile = ModelProfile.load(args.model_profile)
+        sources["layer times"] = f"measured ({os.path.basename(args.model_profile)}, analytic where missing)"
+        sources["activations"] = "measured saved tensors (analytic where missing)"
+    else:
+        sources["layer times"] = f"analytic ({hw.analytic_mfu:.0%} of {hw.compute_tflops.get(args.precision, 0)} TFLOP/s)"
+        sources["activations"] = "analytic (model_zoo formulas)"
+    W = hw.world_size
+    if args.global_batch_size is not None:
+        if args.global_batch_size < 1:
+            raise SearchError("--global-batch-size must be positive")
+        batches = [args.global_batch_size]
+    else:
+        batches = default_batches(W)
+    searcher = Searcher(spec, hw, mem, profile=profile, space=args.space, max_tp=args.max_tp)
+    results = searcher.run(batches, progress=not args.quiet and not args.json)
+    if not results:
+        raise SearchError(f"no {args.space} plan of {spec.name} fits in {mem} GB per GPU on {W} GPUs "
+                          f"(global batch {'/'.join(map(str, batches))}); give more memory, more GPUs, "
+                          f"a smaller --global-batch-size, or a wider --space")
+    best = results[0]
+    plan = to_plan(best, spec, hw, mem)
+    seconds = time.perf_counter() - t0
+    rows = baseline_rows(results, best, W) if args.space == "uniform" else []
+    alts = distinct_alternatives(results, 5)
+    plan.search = {"seconds": round(seconds, 3), "space": args.space, "configurations": searcher.evaluated,
+                   "memory_resolution": f"stage budget / {DP_UNITS} per DP unit, layers rounded up",
+                   "inputs": sources, "baselines": rows,
+                   "alternatives": [{"samples_per_s": round(r.samples_per_s, 3), "plan": strategy_summary(r, W)}
+                                    for r in alts]}
+    report = format_report(plan, best, rows, alts, W, sources, seconds, searcher.evaluated)
+    return plan, report, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from autotune.hardware import HardwareError
+    from autotune.plan import PlanError
+    from backends.deepspeed.config import make_ds_config
+    from model_zoo import ModelInputError
+
+    args = parse_args(argv)
+    try:
+        plan, report, _ = run_search(args)
+        ds_cfg = make_ds_config(plan)
+    except (SearchError, HardwareError, ModelInputError, PlanError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from autotune.plan import write_json_atomic
+    ds_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ds_config.json")
+    try:
+        plan.save(args.out)
+        write_json_atomic(ds_path, ds_cfg)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}; choose a writable --out", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+        print(json.dumps(plan.to_json_dict(), indent=2))
+    else:
+        print(report)
+        print(f"Wrote {args.out} and {ds_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
