@@ -91,6 +91,7 @@ class Searcher:
         self.allow_checkpoint = allow_checkpoint and space != "deepspeed"
         self.max_tp = max_tp or self.world
         self.evaluated = 0
+        self._cost_cache: dict = {}
 
     # ------------------------------------------------------------------ enumeration
     def candidates(self, batches: list[int]) -> list[Candidate]:
@@ -125,7 +126,7 @@ class Searcher:
         if pp == 1:
             return [[L]]
         base = LayerStrategy(cand.tp, cand.tp_consecutive, False)
-        per_layer = [self.cm.layer_cost(self.spec.layer(i), base, setting, 0) for i in range(L)]
+        per_layer = [self.layer_costs(self.spec.layer_order[i], [base], setting, 0)[0] for i in range(L)]
         times = [c.microbatch_s for c in per_layer]
         states = [c.states_bytes for c in per_layer]
         acts = [c.act_bytes / setting.inflight(0) for c in per_layer]  # per in-flight micro-batch
@@ -149,6 +150,7 @@ class Searcher:
     def evaluate(self, cand: Candidate) -> Evaluated | None:
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
                           self.spec.precision, vtp=cand.tp)
+        self._cost_cache = {}  # entries are keyed by the setting: nothing carries over to the next candidate
         strategies = [LayerStrategy(cand.tp, cand.tp_consecutive, False)]
         if self.allow_checkpoint:
             strategies.append(LayerStrategy(cand.tp, cand.tp_consecutive, True))
@@ -168,7 +170,7 @@ class Searcher:
         for k, n in enumerate(division):
             layers = list(range(start, start + n))
             start += n
-            costs = [[self.cm.layer_cost(self.spec.layer(i), s, setting, k) for s in strategies] for i in layers]
+            costs = [self.layer_costs(self.spec.layer_order[i], strategies, setting, k) for i in layers]
             fixed = self.stage_fixed(setting, k, costs)
             free = self.budget - fixed["bytes"]
             if free <= 0:
@@ -195,6 +197,15 @@ class Searcher:
         step = self.cm.pipeline_time(setting, stage_costs, stage_p2p)
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
                          cand.spaces(self.world))
+
+    def layer_costs(self, type_index: int, strategies: list[LayerStrategy], setting: Setting, stage: int) -> list[Cost]:
+        """Costs of one layer type under each strategy; layers of a type on a stage share them (cached)."""
+        key = (type_index, tuple(strategies), setting, setting.inflight(stage))
+        hit = self._cost_cache.get(key)
+        if hit is None:
+            lt = self.spec.layer_types[type_index]
+            hit = self._cost_cache[key] = [self.cm.layer_cost(lt, s, setting, stage) for s in strategies]
+        return hit
 
     def stage_fixed(self, setting: Setting, k: int, costs: list[list[Cost]]) -> dict:
         """Memory of a stage that does not depend on the per-layer choices."""
