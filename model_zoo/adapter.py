@@ -22,13 +22,13 @@ The runtime (backends/, train.py) never knows a family by name. It asks the fami
    Entries that must share a weight across the first and last stage (tied word embeddings) carry
    the same `tie_key` and the same module object; for pp > 1 DeepSpeed keeps one copy per stage
    and all-reduces their gradients (TiedLayerSpec).
-4. `synthetic_batch(config, task, num_samples, seed, step)`: the global batch at a step, made on CPU
+4. `synthetic_batch(config, task, num_samples, seed, step, seq_len)`: the global batch at a step, made on CPU
    from (seed, step) only, so every plan and world size sees the same data. Samples must carry the
    same number of labelled targets each (e.g. a fixed count of masked tokens) so that the mean of
    micro-batch means equals the mean over the whole global batch in any layout.
 5. `split_batch(batch, task)`: (pipeline inputs tuple, labels) from a batch dict; `hf_loss(model,
    batch)` the plain HF loss of the same batch (the single-process reference).
-6. `flops_per_sample(config, task)`: forward+backward model FLOPs per sample, for TFLOP/s metrics.
+6. `flops_per_sample(config, task, seq_len)`: forward+backward model FLOPs per sample, for TFLOP/s metrics.
 """
 from __future__ import annotations
 
@@ -125,8 +125,13 @@ class FamilyAdapter(abc.ABC):
 
     # ------------------------------------------------------------------ data
     @abc.abstractmethod
-    def synthetic_batch(self, config: Any, task: str, num_samples: int, seed: int, step: int) -> Batch:
-        """The global batch of `step`, generated on CPU from (seed, step) only."""
+    def synthetic_batch(self, config: Any, task: str, num_samples: int, seed: int, step: int,
+                        seq_len: int | None = None) -> Batch:
+        """The global batch of `step`, generated on CPU from (seed, step) only.
+
+        `seq_len` is the token count for text families (None: the config's maximum); vision
+        families take the image size from the config and ignore it.
+        """
 
     @abc.abstractmethod
     def split_batch(self, batch: Batch, task: str) -> tuple[Tensors, torch.Tensor]:
@@ -138,7 +143,7 @@ class FamilyAdapter(abc.ABC):
 
     # ------------------------------------------------------------------ metrics
     @abc.abstractmethod
-    def flops_per_sample(self, config: Any, task: str) -> float:
+    def flops_per_sample(self, config: Any, task: str, seq_len: int | None = None) -> float:
         """Forward + backward model FLOPs per sample (2 per multiply-add; backward = 2x forward)."""
 
     def check_task(self, task: str | None) -> str:
