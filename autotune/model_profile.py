@@ -1,0 +1,318 @@
+"""The model profile: measured per-layer times and activation bytes that replace the analytic numbers.
+
+Written by autotune/profile_model.py, read by the cost model through `ModelProfile`. Every accessor
+returns None where the profile has no data, so the cost model falls back to its analytic numbers
+for exactly that entry.
+
+File format (JSON, `schema_version` 1):
+
+    {
+      "schema": "galvatron-ds/model-profile", "schema_version": 1,
+      "model": "bert-large", "family": "bert", "task": "mlm", "precision": "bf16",
+      "device": "NVIDIA H100 80GB HBM3", "device_type": "cuda",
+      "seq_len": 512,                          # tokens per sample (T5: encoder; see "seq_lens")
+      "seq_lens": [512],                       # every length (T5: [encoder, decoder]); [] for vision
+      "batch_sizes": [1, 2, 4, 8, 16, 32],     # per-rank micro-batch sizes that were timed
+      "time_fit": "t_ms(b) = c + m * b, ...",  # the fitted form (below)
+      "fit_error": 0.011,                      # median relative error of all time fits at the profiled b
+      "source": {"command": "...", "date": "2026-11-25", "torch": "...", "transformers": "...", ...},
+      "layer_types": {
+        "bert_enc": {
+          "index": 0, "count": 24, "params": 12596224,
+          "tp": {                              # TP degree -> the layer shape ONE TP rank computes
+            "1": {"heads": 16, "ffn_hidden": 4096, "params": 12596224,
+                  "time_ms": {"fwd": [...], "bwd": [...], "bwd_ckpt": [...]},   # per batch size, median
+                  "fits": {"fwd": {"c": 0.05, "m": 0.61, "median_rel_err": 0.004, "max_rel_err": 0.02},
+                           "bwd": {...}, "bwd_ckpt": {...}},
+                  "act_bytes": 37748736,       # kept for backward, per sample
+                  "ckpt_bytes": 1048576,       # kept per sample when the layer is checkpointed
+                  "act_check": {...}}          # GPU: saved-tensor count vs allocator increase
+          }
+        }
+      },
+      "other": {"first": {"vtp": {"1": {... same time/fit/act fields ..., "params": 31782912}}},
+                "last":  {"vtp": {"1": {...}}}},
+      "vocab_size": 30522,                     # 0 for vision models: vtp does not change their modules
+      "notes": ["..."]
+    }
+
+Times are milliseconds of ONE layer (or one "other" part) on one device for the whole micro-batch
+of b samples: forward, backward, and backward of the checkpointed layer (which re-runs the
+forward). Recompute = fitted bwd_ckpt - fitted bwd. Activation bytes are per sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.plan import write_json_atomic
+
+SCHEMA = "galvatron-ds/model-profile"
+SCHEMA_VERSION = 1
+TIME_KINDS = ("fwd", "bwd", "recompute")
+MEASURED_KINDS = ("fwd", "bwd", "bwd_ckpt")
+TIME_FIT = ("t_ms(b) = c + m * b, least squares in relative error (weights 1/t^2) over the profiled "
+            "per-rank micro-batch sizes b, with c, m >= 0")
+
+
+class ProfileError(ValueError):
+    """A model profile file that cannot be used; the message names the problem and the fix."""
+
+
+# -------------------------------------------------------------------------------------------- fits
+@dataclass(frozen=True)
+class LinearFit:
+    """t(b) = c + m*b: a fixed per-call cost (launches, small-batch inefficiency) plus a per-sample cost."""
+
+    c: float
+    m: float
+    median_rel_err: float = 0.0
+    max_rel_err: float = 0.0
+
+    def __call__(self, b: float) -> float:
+        return self.c + self.m * b
+
+    def to_dict(self) -> dict:
+        return {"c": self.c, "m": self.m, "median_rel_err": self.median_rel_err, "max_rel_err": self.max_rel_err}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearFit":
+        return cls(float(d["c"]), float(d["m"]), float(d.get("median_rel_err", 0.0)),
+                   float(d.get("max_rel_err", 0.0)))
+
+
+def fit_linear(bs: list[float], ts: list[float]) -> LinearFit:
+    """Least squares in relative error (weights 1/t^2) so small batches count as much as large ones;
+    c and m are kept >= 0 (a negative fixed cost or per-sample cost is noise, not physics)."""
+    if not bs:
+        raise ValueError("no points to fit")
+    if len(bs) == 1:
+        return LinearFit(0.0, ts[0] / bs[0])
+    w = [1.0 / (t * t) if t > 0 else 0.0 for t in ts]
+    sw = sum(w)
+    swx = sum(wi * b for wi, b in zip(w, bs))
+    swy = sum(wi * t for wi, t in zip(w, ts))
+    swxx = sum(wi * b * b for wi, b in zip(w, bs))
+    swxy = sum(wi * b * t for wi, b, t in zip(w, bs, ts))
+    det = sw * swxx - swx * swx
+    m = (sw * swxy - swx * swy) / det if det > 0 else 0.0
+    c = (swy - m * swx) / sw if sw > 0 else 0.0
+    if m < 0:
+        c, m = swy / sw, 0.0
+    elif c < 0:
+        c, m = 0.0, swxy / swxx
+    errs = [abs(c + m * b - t) / t for b, t in zip(bs, ts) if t > 0]
+    return LinearFit(c, m, statistics.median(errs) if errs else 0.0, max(errs) if errs else 0.0)
+
+
+# -------------------------------------------------------------------------------------------- entries
+@dataclass
+class Entry:
+    """Measurements of one module shape (a layer at one TP degree, or an "other" part at one vtp)."""
+
+    fits: dict[str, LinearFit] = field(default_factory=dict)   # keys from MEASURED_KINDS
+    act_bytes: int | None = None
+    ckpt_bytes: int | None = None
+    params: int | None = None
+    raw: dict = field(default_factory=dict)                    # everything else in the file, kept as is
+
+    def time_ms(self, b: float, kind: str) -> float | None:
+        if kind == "recompute":
+            if "bwd_ckpt" not in self.fits or "bwd" not in self.fits:
+                return None
+            return max(0.0, self.fits["bwd_ckpt"](b) - self.fits["bwd"](b))
+        fit = self.fits.get(kind)
+        return None if fit is None else fit(b)
+
+    def to_dict(self) -> dict:
+        d = dict(self.raw)
+        d["fits"] = {k: f.to_dict() for k, f in self.fits.items()}
+        for key in ("act_bytes", "ckpt_bytes", "params"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Entry":
+        if not isinstance(d, dict):
+            raise ProfileError(f"{where} must be an object")
+        fits = {}
+        for k, f in (d.get("fits") or {}).items():
+            if k not in MEASURED_KINDS:
+                raise ProfileError(f"{where}.fits has unknown kind '{k}' (known: {', '.join(MEASURED_KINDS)})")
+            try:
+                fits[k] = LinearFit.from_dict(f)
+            except (KeyError, TypeError, ValueError):
+                raise ProfileError(f"{where}.fits.{k} must be {{\"c\": float, \"m\": float, ...}}") from None
+        ints = {}
+        for key in ("act_bytes", "ckpt_bytes", "params"):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or v < 0):
+                raise ProfileError(f"{where}.{key} must be a non-negative number, got {v!r}")
+            ints[key] = None if v is None else int(v)
+        raw = {k: v for k, v in d.items() if k not in ("fits", "act_bytes", "ckpt_bytes", "params")}
+        return cls(fits=fits, raw=raw, **ints)
+
+
+@dataclass
+class LayerTypeProfile:
+    """One layer type: its count and exact parameters, and one Entry per profiled TP degree."""
+
+    name: str
+    index: int
+    count: int
+    params: int | None
+    tp: dict[int, Entry] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "count": self.count, "params": self.params,
+                "tp": {str(t): e.to_dict() for t, e in sorted(self.tp.items())}}
+
+
+# -------------------------------------------------------------------------------------------- profile
+@dataclass
+class ModelProfile:
+    """A measured model profile. The cost model calls the accessors below (None = no data: use analytic)."""
+
+    model: str
+    family: str
+    task: str
+    precision: str
+    device: str
+    device_type: str
+    seq_len: int | None
+    seq_lens: list[int]
+    batch_sizes: list[int]
+    fit_error: float
+    source: dict[str, Any]
+    layer_types: dict[str, LayerTypeProfile]
+    other: dict[str, dict[int, Entry]]          # "first" | "last" -> vtp -> Entry
+    vocab_size: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ accessors for the cost model
+    def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str) -> float | None:
+        """ms of ONE layer of that type on one device for `micro_batch` samples, TP-shard shape, no
+        communication; kind 'fwd', 'bwd' or 'recompute' (the extra backward time when checkpointed)."""
+        e = self._layer_entry(layer_type_name, tp)
+        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind)
+
+    def act_bytes(self, layer_type_name: str, tp: int, checkpoint: bool) -> int | None:
+        """Bytes kept for backward per sample by one layer (its input only when checkpointed)."""
+        e = self._layer_entry(layer_type_name, tp)
+        if e is None:
+            return None
+        return e.ckpt_bytes if checkpoint else e.act_bytes
+
+    def other_time_ms(self, part: str, vtp: int, micro_batch: float, kind: str) -> float | None:
+        """ms of the embeddings (`part`='first') or head + loss ('last') for `micro_batch` samples."""
+        e = self._other_entry(part, vtp)
+        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind)
+
+    def other_act_bytes(self, part: str, vtp: int) -> int | None:
+        e = self._other_entry(part, vtp)
+        return None if e is None else e.act_bytes
+
+    def params(self, layer_type_name: str) -> int | None:
+        """Exact trainable parameters of one full (unsharded) layer of that type."""
+        lt = self.layer_types.get(layer_type_name)
+        return None if lt is None else lt.params
+
+    def tp_degrees(self, layer_type_name: str) -> list[int]:
+        lt = self.layer_types.get(layer_type_name)
+        return sorted(lt.tp) if lt else []
+
+    def _layer_entry(self, name: str, tp: int) -> Entry | None:
+        lt = self.layer_types.get(name)
+        return None if lt is None else lt.tp.get(int(tp))
+
+    def _other_entry(self, part: str, vtp: int) -> Entry | None:
+        per_vtp = self.other.get(part)
+        if not per_vtp:
+            return None
+        if int(vtp) not in per_vtp and self.vocab_size == 0:
+            # Vision models have no vocabulary: the embedding/head modules are the same at any vtp.
+            return per_vtp.get(1)
+        return per_vtp.get(int(vtp))
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "model": self.model, "family": self.family, "task": self.task, "precision": self.precision,
+            "device": self.device, "device_type": self.device_type, "seq_len": self.seq_len,
+            "seq_lens": self.seq_lens, "batch_sizes": self.batch_sizes, "time_fit": TIME_FIT,
+            "fit_error": self.fit_error, "source": self.source, "vocab_size": self.vocab_size,
+            "layer_types": {n: lt.to_dict() for n, lt in self.layer_types.items()},
+            "other": {p: {"vtp": {str(v): e.to_dict() for v, e in sorted(d.items())}} for p, d in self.other.items()},
+            "notes": self.notes,
+        }
+
+    def save(self, path: str) -> None:
+        """Atomic: a temporary file in the same folder, then os.replace (never a half-written profile)."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> "ModelProfile":
+        if not os.path.isfile(path):
+            raise ProfileError(f"model profile {path} does not exist; create it with autotune/profile_model.py "
+                               f"--model NAME --out {path}")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"model profile {path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                               f"regenerate it with autotune/profile_model.py") from None
+        return cls.from_dict(d, origin=f"model profile {path}")
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = "model profile") -> "ModelProfile":
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise ProfileError(f"{origin} is not a model profile (no \"schema\": \"{SCHEMA}\"); "
+                               f"give a file written by autotune/profile_model.py")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ProfileError(f"{origin} has schema_version {d.get('schema_version')!r}, this code reads "
+                               f"{SCHEMA_VERSION}; regenerate it with autotune/profile_model.py")
+        missing = [k for k in ("model", "precision", "device", "layer_types") if k not in d]
+        if missing:
+            raise ProfileError(f"{origin} lacks key(s) {', '.join(missing)}; regenerate it with "
+                               f"autotune/profile_model.py")
+        if not isinstance(d["layer_types"], dict):
+            raise ProfileError(f"{origin}: 'layer_types' must be an object of layer type name -> data")
+        layer_types = {name: _layer_type_from_dict(name, v, origin) for name, v in d["layer_types"].items()}
+        other: dict[str, dict[int, Entry]] = {}
+        for part, v in (d.get("other") or {}).items():
+            if part not in ("first", "last"):
+                raise ProfileError(f"{origin}: other.{part} is unknown; use 'first' (embeddings) or 'last' (head)")
+            other[part] = {_int_key(k, f"{origin}: other.{part}.vtp"): Entry.from_dict(e, f"{origin}: other.{part}.vtp.{k}")
+                           for k, e in ((v or {}).get("vtp") or {}).items()}
+        return cls(model=str(d["model"]), family=str(d.get("family", "")), task=str(d.get("task", "")),
+                   precision=str(d["precision"]), device=str(d["device"]),
+                   device_type=str(d.get("device_type", "")), seq_len=d.get("seq_len"),
+                   seq_lens=list(d.get("seq_lens") or []), batch_sizes=[int(b) for b in d.get("batch_sizes") or []],
+                   fit_error=float(d.get("fit_error", 0.0)), source=dict(d.get("source") or {}),
+                   layer_types=layer_types, other=other, vocab_size=int(d.get("vocab_size") or 0),
+                   notes=list(d.get("notes") or []))
+
+
+def _int_key(k: Any, where: str) -> int:
+    try:
+        v = int(k)
+    except (TypeError, ValueError):
+        raise ProfileError(f"{where} key {k!r} must be a positive integer (a TP degree)") from None
+    if v < 1:
+        raise ProfileError(f"{where} key {k!r} must be a positive integer (a TP degree)")
+    return v
+
+
+def _layer_type_from_dict(name: str, v: Any, origin: str) -> LayerTypeProfile:
+    where = f"{origin}: layer_types.{name}"
+    if not isinstance(v, dict) or not isinstance(v.get("tp"), dict):
+        raise ProfileError(f"{where} must be an object with a 'tp' object (TP degree -> measurements)")
+    tp = {_int_key(k, f"{where}.tp"): Entry.from_dict(e, f"{where}.tp.{k}") for k, e in v["tp"].items()}
+    params = v.get("params")
+    return LayerTypeProfile(name=name, index=int(v.get("index", 0)), count=int(v.get("count", 0)),
+                            params=None if params is None else int(params), tp=tp)
