@@ -83,6 +83,9 @@ class ModelSpec:
     layer_order: tuple[int, ...]   # layer_types index of each layer, in model order
     other: OtherModules
     hf_config: Mapping = field(default_factory=dict, compare=False, repr=False)  # config.to_dict()
+    task: str = ""                 # e.g. "mlm", "text-classification", "seq2seq", "image-classification"
+    seq_lens: tuple[int, ...] = ()  # tokens per sample (T5: encoder, decoder; vision: patches (+CLS) per stage)
+    act_device: str = "cuda"       # device whose attention kernels the activation bytes describe ("cuda"/"cpu")
 
     @property
     def num_layers(self) -> int:
