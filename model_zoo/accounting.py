@@ -116,9 +116,9 @@ def dropout_mask_bytes(device: str, act: int) -> int:
     return 1 if device == "cuda" else act
 
 
-def layernorm_bytes(tokens: int, width: int, act: int) -> int:
-    """nn.LayerNorm saves its input and fp32 mean + rstd per token."""
-    return tokens * width * act + 2 * tokens * FP32
+def layernorm_bytes(tokens: int, width: int, act: int, device: str) -> int:
+    """nn.LayerNorm saves its input and mean + rstd per token (fp32 on CUDA; the input dtype on CPU)."""
+    return tokens * width * act + 2 * tokens * (FP32 if device == "cuda" else act)
 
 
 def sdpa_kernel(device: str, precision: str, has_bias: bool, bias_requires_grad: bool) -> str:
@@ -142,15 +142,18 @@ def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, 
     """Bytes per sample saved by one attention call incl. the projection outputs it consumes.
 
     Counts q, k, v (the projection outputs, or the math kernel's scaled copies) and the attention output
-    (which is the output projection's saved input). The math kernel adds the softmax probabilities; the
-    fused kernels add an fp32 log-sum-exp per query (the memory-efficient one pads it to 32 queries).
+    (which is the output projection's saved input). The math kernel (used here on CPU only) adds the
+    softmax probabilities, and on CPU computes q, k, v and probabilities in fp32 whatever the input
+    dtype; the fused kernels add an fp32 log-sum-exp per query (the memory-efficient one pads it to 32
+    queries).
     `groups` is the number of independent attention problems per sample (Swin: windows).
     `bias_last_dim_align` > 0: the memory-efficient kernel also keeps a per-sample additive bias, padded
     to that alignment in its last dimension (Swin's shifted-window mask, which has a batch dimension).
     """
     qkvo = (2 * q_len + 2 * kv_len) * heads * head_dim * act
     if kernel == "math":
-        extra = heads * q_len * kv_len * act
+        qkvo = (q_len + 2 * kv_len) * heads * head_dim * FP32 + q_len * heads * head_dim * act
+        extra = heads * q_len * kv_len * FP32
     elif kernel == "flash":
         extra = heads * q_len * FP32
     elif kernel == "efficient":

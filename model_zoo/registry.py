@@ -45,6 +45,7 @@ class Preset:
 # (1003) is not a multiple of any TP degree > 1, to exercise vocab padding; heads are divisible by 4.
 _NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
 _NO_DROPOUT_VISION = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_T5_TOKENS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)   # as in google-t5 configs
 
 PRESETS: dict[str, Preset] = {
     "bert-base": Preset("bert", dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12,
@@ -61,16 +62,17 @@ PRESETS: dict[str, Preset] = {
                                      **_NO_DROPOUT_BERT),
                         "mlm", 32, "tiny test model (dropout 0, odd vocab)"),
     "t5-base": Preset("t5", dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
-                                 num_decoder_layers=12, num_heads=12),
+                                 num_decoder_layers=12, num_heads=12, **_T5_TOKENS),
                       "seq2seq", (512, 128), "google-t5/t5-base config"),
     "t5-large": Preset("t5", dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
-                                  num_decoder_layers=24, num_heads=16),
+                                  num_decoder_layers=24, num_heads=16, **_T5_TOKENS),
                        "seq2seq", (512, 128), "google-t5/t5-large config"),
     "t5-3b": Preset("t5", dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=128, d_ff=16384, num_layers=24,
-                               num_decoder_layers=24, num_heads=32),
+                               num_decoder_layers=24, num_heads=32, **_T5_TOKENS),
                     "seq2seq", (512, 128), "google-t5/t5-3b config"),
     "t5-test": Preset("t5", dict(model_type="t5", vocab_size=1003, d_model=64, d_kv=16, d_ff=256, num_layers=2,
-                                 num_decoder_layers=2, num_heads=4, dropout_rate=0.0, classifier_dropout=0.0),
+                                 num_decoder_layers=2, num_heads=4, dropout_rate=0.0, classifier_dropout=0.0,
+                                 **_T5_TOKENS),
                       "seq2seq", (32, 16), "tiny test model (dropout 0, odd vocab)"),
     "vit-base": Preset("vit", dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                    intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000),

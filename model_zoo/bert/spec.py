@@ -56,10 +56,10 @@ def layer_act(config: BertConfig, S: int, precision: str, device: str) -> ActTal
     t.add(S * H * a)                                                         # layer input
     kernel = sdpa_kernel(device, precision, has_bias=False, bias_requires_grad=False)
     t.add(sdpa_bytes(kernel, S, S, h, H // h, a), sharded=True)
-    t.add(layernorm_bytes(S, H, a))                                           # LN1(attn + input)
+    t.add(layernorm_bytes(S, H, a, device))                                           # LN1(attn + input)
     t.add(S * H * a)                                                          # LN1 output = fc1 input
     t.add((activation_extra_saves(config.hidden_act) + 1) * S * F * a, sharded=True)
-    t.add(layernorm_bytes(S, H, a))                                           # LN2(mlp + residual)
+    t.add(layernorm_bytes(S, H, a, device))                                           # LN2(mlp + residual)
     if config.hidden_dropout_prob > 0:
         t.add(2 * S * H * dropout_mask_bytes(device, a))                      # after attn proj and fc2
     return t
@@ -94,7 +94,7 @@ def head_params(config: BertConfig, task: str, vtp: int) -> int:
 
 def embedding_act(config: BertConfig, S: int, a: int, device: str) -> int:
     """Token ids (for the embedding backward) and the embedding LayerNorm; dropout mask if any."""
-    out = S * INT64 + layernorm_bytes(S, config.hidden_size, a)
+    out = S * INT64 + layernorm_bytes(S, config.hidden_size, a, device)
     if config.hidden_dropout_prob > 0:
         out += S * config.hidden_size * dropout_mask_bytes(device, a)
     return out
@@ -110,7 +110,7 @@ def head_act(config: BertConfig, task: str, S: int, a: int, vtp: int, device: st
     H = config.hidden_size
     if task == "mlm":
         V = pad_vocab(config.vocab_size, vtp) // vtp
-        transform = (1 + activation_extra_saves(config.hidden_act)) * S * H * a + layernorm_bytes(S, H, a)
+        transform = (1 + activation_extra_saves(config.hidden_act)) * S * H * a + layernorm_bytes(S, H, a, device)
         return transform + S * H * a + S * V * FP32 + S * INT64
     L = config.num_labels
     out = S * H * a + H * a + L * FP32 + INT64

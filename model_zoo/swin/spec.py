@@ -128,10 +128,10 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
     kernel = sdpa_kernel(device, precision, has_bias=True, bias_requires_grad=True)
     align = MEM_EFF_BIAS_ALIGN if kernel == "efficient" and shifted else 0
     t = ActTally()
-    t.add(layernorm_bytes(st.tokens, C, a))
+    t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.padded_tokens * C * a)
     t.add(sdpa_bytes(kernel, N, N, h, C // h, a, groups=st.windows, bias_last_dim_align=align), sharded=True)
-    t.add(layernorm_bytes(st.tokens, C, a))
+    t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.tokens * C * a)
     t.add((activation_extra_saves(config.hidden_act) + 1) * st.tokens * F * a, sharded=True)
     if config.hidden_dropout_prob > 0:
@@ -141,9 +141,9 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
     return t
 
 
-def merge_act(st: Stage, a: int) -> int:
+def merge_act(st: Stage, a: int, device: str) -> int:
     """Patch merging: LayerNorm over the 2x2-concatenated tokens (input + stats) and its output."""
-    return layernorm_bytes(st.merged_tokens, 4 * st.dim, a) + st.merged_tokens * 4 * st.dim * a
+    return layernorm_bytes(st.merged_tokens, 4 * st.dim, a, device) + st.merged_tokens * 4 * st.dim * a
 
 
 # ---------------------------------------------------------------------------------------------- layer types
@@ -173,7 +173,7 @@ def _layer_type(config: SwinConfig, kind: LayerKind, count: int, precision: str,
     params, flops = block_params(config, st), block_flops(config, st)
     boundary = st.tokens * C * a
     if kind.merge:
-        act.add(merge_act(st, a))
+        act.add(merge_act(st, a, device))
         params, flops = params + merge_params(st), flops + merge_flops(st)
         boundary = st.merged_tokens * 2 * C * a
     name = f"swin_s{st.index}" + ("_sw" if kind.shifted else "") + ("_merge" if kind.merge else "")
@@ -210,16 +210,17 @@ def embedding_act(config: SwinConfig, a: int, device: str) -> int:
     """Pixels (patch conv weight gradient), embedding LayerNorm input + stats, dropout mask if any."""
     ih, iw = _pair(config.image_size)
     st = stages(config)[0]
-    out = config.num_channels * ih * iw * a + layernorm_bytes(st.tokens, st.dim, a)
+    out = config.num_channels * ih * iw * a + layernorm_bytes(st.tokens, st.dim, a, device)
     if config.hidden_dropout_prob > 0:
         out += st.tokens * st.dim * dropout_mask_bytes(device, a)
     return out
 
 
-def head_act(config: SwinConfig, a: int) -> int:
-    """Final LN input + stats | LN output (average-pool input) | pooled (classifier input) | fp32 log-probs | label."""
+def head_act(config: SwinConfig, a: int, device: str) -> int:
+    """Final LN input + stats | pooled features (classifier input; average pooling keeps nothing) | fp32
+    log-probs | label."""
     st = stages(config)[-1]
-    return layernorm_bytes(st.tokens, st.dim, a) + st.tokens * st.dim * a + st.dim * a + config.num_labels * FP32 + INT64
+    return layernorm_bytes(st.tokens, st.dim, a, device) + st.dim * a + config.num_labels * FP32 + INT64
 
 
 def other_modules(config: SwinConfig, precision: str, device: str) -> OtherModules:
@@ -234,7 +235,7 @@ def other_modules(config: SwinConfig, precision: str, device: str) -> OtherModul
         fwd_flops_first=2.0 * first.tokens * config.num_channels * ph * pw * config.embed_dim,
         fwd_flops_last=2.0 * last.dim * config.num_labels,
         act_bytes_first={v: embedding_act(config, a, device) for v in vtps},
-        act_bytes_last={v: head_act(config, a) for v in vtps})
+        act_bytes_last={v: head_act(config, a, device) for v in vtps})
 
 
 # ---------------------------------------------------------------------------------------------- API

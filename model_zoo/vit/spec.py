@@ -62,11 +62,11 @@ def layer_act(config: ViTConfig, S: int, precision: str, device: str) -> ActTall
     H, F, h = config.hidden_size, config.intermediate_size, config.num_attention_heads
     a = PRECISION_BYTES[precision]
     t = ActTally()
-    t.add(layernorm_bytes(S, H, a))
+    t.add(layernorm_bytes(S, H, a, device))
     t.add(S * H * a)
     kernel = sdpa_kernel(device, precision, has_bias=False, bias_requires_grad=False)
     t.add(sdpa_bytes(kernel, S, S, h, _head_dim(config), a), sharded=True)
-    t.add(layernorm_bytes(S, H, a))
+    t.add(layernorm_bytes(S, H, a, device))
     t.add(S * H * a)
     t.add((activation_extra_saves(config.hidden_act) + 1) * S * F * a, sharded=True)
     if config.hidden_dropout_prob > 0:
@@ -108,10 +108,10 @@ def embedding_act(config: ViTConfig, a: int, device: str) -> int:
     return out
 
 
-def head_act(config: ViTConfig, a: int) -> int:
+def head_act(config: ViTConfig, a: int, device: str) -> int:
     """Final LN input + stats | LN output (the classifier reads the CLS row of it) | fp32 log-probs | label."""
     S, H = tokens(config), config.hidden_size
-    return layernorm_bytes(S, H, a) + S * H * a + config.num_labels * FP32 + INT64
+    return layernorm_bytes(S, H, a, device) + S * H * a + config.num_labels * FP32 + INT64
 
 
 def other_modules(config: ViTConfig, precision: str, device: str) -> OtherModules:
@@ -126,7 +126,7 @@ def other_modules(config: ViTConfig, precision: str, device: str) -> OtherModule
         fwd_flops_first=2.0 * num_patches(config) * config.num_channels * ph * pw * H,
         fwd_flops_last=2.0 * H * L,
         act_bytes_first={v: embedding_act(config, a, device) for v in vtps},
-        act_bytes_last={v: head_act(config, a) for v in vtps})
+        act_bytes_last={v: head_act(config, a, device) for v in vtps})
 
 
 # ---------------------------------------------------------------------------------------------- API

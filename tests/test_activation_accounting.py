@@ -1,0 +1,151 @@
+"""Analytic activation bytes (model_zoo/<family>/spec.py) against what autograd really saves.
+
+Reference: model_zoo.accounting.saved_tensors (saved_tensors_hooks, each storage once, weights excluded)
+on the real HF modules, CPU. The specs are built with device="cpu" so that they describe the CPU SDPA
+kernels. Per-layer checks exclude the inputs all layers share (T5 position biases, encoder output),
+which the spec counts once in OtherModules.
+
+Exactness: the per-sample slope (batch 2 minus batch 1) must match exactly. A few tensors have no batch
+dimension (T5's causal-mask condition, Swin's relative position bias): they make batch-2 totals differ
+from 2 x per-sample by well under 2 %, which is also asserted.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from model_zoo import get_model_spec, load_hf_config
+from model_zoo.accounting import saved_tensor_bytes, saved_tensors
+from model_zoo.registry import family_module
+
+TEST_PRESETS = ("bert-test", "t5-test", "vit-test", "swin-test")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _layer_cases():
+    for name in TEST_PRESETS:
+        spec = get_model_spec(name, precision="fp32", device="cpu")
+        for i, lt in enumerate(spec.layer_types):
+            yield pytest.param(name, i, id=f"{name}-{lt.name}")
+
+
+def _measure_layer(config, module, index: int, batch: int, precision: str, seq, ckpt: bool = False) -> int:
+    torch.manual_seed(0)
+    layer = module.make_layer(config, index).to(DTYPES[precision])
+    inputs = module.layer_inputs(config, index, batch, "cpu", DTYPES[precision], seq)
+    shared = module.shared_inputs(config, index, inputs)
+    if ckpt:
+        return saved_tensor_bytes(lambda *x: checkpoint(layer, *x, use_reentrant=False), *inputs,
+                                  exclude=[*shared, *layer.parameters(), *layer.buffers()])
+    return saved_tensor_bytes(layer, *inputs, exclude=shared)
+
+
+def _seq(spec):
+    return spec.seq_lens if spec.family == "t5" else spec.seq_lens[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name,index", list(_layer_cases()))
+def test_layer_act_bytes_match_saved_tensors(name: str, index: int, precision: str):
+    spec = get_model_spec(name, precision=precision, device="cpu")
+    config, module = load_hf_config(name), family_module(load_hf_config(name).model_type)
+    lt = spec.layer_types[index]
+    one = _measure_layer(config, module, index, 1, precision, _seq(spec))
+    two = _measure_layer(config, module, index, 2, precision, _seq(spec))
+    assert two - one == lt.act_bytes[1], f"{lt.name}: per-sample saved {two - one}, spec {lt.act_bytes[1]}"
+    assert abs(two - 2 * lt.act_bytes[1]) <= 0.02 * two
+
+
+@pytest.mark.parametrize("name,index", list(_layer_cases()))
+def test_checkpointed_layer_keeps_only_its_input(name: str, index: int):
+    spec = get_model_spec(name, precision="fp32", device="cpu")
+    config = load_hf_config(name)
+    measured = _measure_layer(config, family_module(config.model_type), index, 2, "fp32", _seq(spec), ckpt=True)
+    assert measured == 2 * spec.layer_types[index].ckpt_bytes
+
+
+# ------------------------------------------------------------------------------------------ whole model
+def _task_model(name: str, spec):
+    from transformers import (BertForMaskedLM, BertForSequenceClassification, SwinForImageClassification,
+                              T5ForConditionalGeneration, ViTForImageClassification)
+    classes = {("bert", "mlm"): BertForMaskedLM, ("bert", "text-classification"): BertForSequenceClassification,
+               ("t5", "seq2seq"): T5ForConditionalGeneration, ("vit", "image-classification"): ViTForImageClassification,
+               ("swin", "image-classification"): SwinForImageClassification}
+    torch.manual_seed(0)
+    return classes[(spec.family, spec.task)](load_hf_config(name)).train()
+
+
+def _batch(spec, config, batch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if spec.family in ("vit", "swin"):
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g),
+                "labels": torch.randint(0, config.num_labels, (batch,), generator=g)}
+    ids = torch.randint(5, config.vocab_size, (batch, spec.seq_lens[0]), generator=g)
+    if spec.family == "t5":
+        return {"input_ids": ids, "labels": torch.randint(5, config.vocab_size, (batch, spec.seq_lens[1]), generator=g)}
+    if spec.task == "mlm":
+        return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=g)}
+
+
+def _model_case_ids():
+    return [("bert-test", "mlm"), ("bert-test", "text-classification"), ("t5-test", None), ("vit-test", None),
+            ("swin-test", None)]
+
+
+@pytest.mark.parametrize("name,task", _model_case_ids(), ids=lambda x: str(x))
+def test_whole_model_act_bytes(name: str, task: str | None):
+    """Layers + other modules (vtp=1) = what the full HF task model saves per sample, loss included."""
+    spec = get_model_spec(name, precision="fp32", task=task, device="cpu")
+    model = _task_model(name, spec)
+    per_batch = {}
+    for b in (1, 2):
+        batch = _batch(spec, model.config, b)
+        per_batch[b] = saved_tensor_bytes(lambda **kw: model(**kw).loss, **batch)
+    expected = sum(spec.layer(i).act_bytes[1] for i in range(spec.num_layers))
+    expected += spec.other.act_bytes_first[1] + spec.other.act_bytes_last[1]
+    assert per_batch[2] - per_batch[1] == expected
+
+
+# ------------------------------------------------------------------------------------------ TP split
+def _shard_config(name: str, tp: int):
+    """A config whose one layer is exactly one Megatron TP rank's shard: heads/tp, ffn/tp, same width."""
+    config = copy.deepcopy(load_hf_config(name))
+    if config.model_type == "t5":
+        config.num_heads //= tp
+        config.d_ff //= tp
+    else:                                               # vit: head_dim kept explicitly
+        config.head_dim = config.hidden_size // config.num_attention_heads
+        config.num_attention_heads //= tp
+        config.intermediate_size //= tp
+    return config
+
+
+@pytest.mark.parametrize("name,index", [("t5-test", 0), ("t5-test", 1), ("vit-test", 0)])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_act_bytes_match_a_sharded_layer(name: str, index: int, tp: int):
+    """act_bytes[tp] = what one rank saves when heads and FFN are split tp ways and the rest replicated."""
+    spec = get_model_spec(name, precision="fp32", device="cpu")
+    config = _shard_config(name, tp)
+    module = family_module(config.model_type)
+    one = _measure_layer(config, module, index, 1, "fp32", _seq(spec))
+    two = _measure_layer(config, module, index, 2, "fp32", _seq(spec))
+    assert two - one == spec.layer_types[index].act_bytes[tp]
+
+
+# ------------------------------------------------------------------------------------------ helper itself
+def test_saved_tensor_bytes_counts_storages_once_and_skips_weights():
+    lin = torch.nn.Linear(8, 8, bias=False)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def fn(t):
+        y = lin(t)                      # saves t (weight excluded)
+        return (y * y).sum() + (t * 2).sum()   # y saved twice (one storage); t*2 saves nothing
+
+    storages, _ = saved_tensors(fn, x, exclude=list(lin.parameters()))
+    assert sorted(s.nbytes for s in storages) == [4 * 8 * 4, 4 * 8 * 4]
+    assert saved_tensor_bytes(fn, x) == 4 * 8 * 4 * 2 + 8 * 8 * 4    # not a module: weight counted
