@@ -39,6 +39,8 @@ def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
         return DPResult(float(cost[np.arange(n), best].sum()), best.tolist(), int(mem_units[np.arange(n), best].sum()))
     if mem_units.min(axis=1).sum() > V:
         return None
+    if switch is None or not switch.any():
+        return _solve_no_switch(cost, mem_units, V)
     inf = math.inf
     f = np.full((V + 1, S), inf)
     for s in range(S):
@@ -52,9 +54,7 @@ def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
             v = mem_units[i, s]
             if v > V:
                 continue
-            prev = f[: V + 1 - v]                     # f[u - v, s'] for u = v..V
-            if switch is not None:
-                prev = prev + switch[i, :, s][None, :]
+            prev = f[: V + 1 - v] + switch[i, :, s][None, :]   # f[u - v, s'] + R for u = v..V
             arg = prev.argmin(axis=1)
             g[v:, s] = prev[np.arange(V + 1 - v), arg] + cost[i, s]
             marks[i, v:, s] = arg
@@ -70,5 +70,34 @@ def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
         prev_s = int(marks[i, u, s])
         u -= int(mem_units[i, s])
         s = prev_s
+    used = int(sum(mem_units[i, c] for i, c in enumerate(choice)))
+    return DPResult(total, choice, used)
+
+
+def _solve_no_switch(cost: np.ndarray, mem_units: np.ndarray, V: int) -> DPResult | None:
+    """Without switch costs the previous layer's best over its strategies is one 1-D array per layer."""
+    n, S = cost.shape
+    inf = math.inf
+    best = np.full(V + 1, inf)       # least time of layers < i within u units (any last strategy)
+    best[0:] = 0.0
+    best_arg = []                    # per layer: the strategy reaching best[u]
+    for i in range(n):
+        g = np.full((V + 1, S), inf)
+        for s in range(S):
+            v = mem_units[i, s]
+            if v <= V:
+                g[v:, s] = best[: V + 1 - v] + cost[i, s]
+        arg = g.argmin(axis=1)
+        best = g[np.arange(V + 1), arg]
+        best_arg.append(arg)
+    if not np.isfinite(best[V]):
+        return None
+    total = float(best[V])
+    choice = [0] * n
+    u = V
+    for i in range(n - 1, -1, -1):
+        s = int(best_arg[i][u])
+        choice[i] = s
+        u -= int(mem_units[i, s])
     used = int(sum(mem_units[i, c] for i, c in enumerate(choice)))
     return DPResult(total, choice, used)

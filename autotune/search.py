@@ -92,6 +92,7 @@ class Searcher:
         self.max_tp = max_tp or self.world
         self.evaluated = 0
         self._cost_cache: dict = {}
+        self._partition_cache: dict = {}
 
     # ------------------------------------------------------------------ enumeration
     def candidates(self, batches: list[int]) -> list[Candidate]:
@@ -121,10 +122,17 @@ class Searcher:
 
     # ------------------------------------------------------------------ partitions
     def partitions(self, cand: Candidate, setting: Setting) -> list[list[int]]:
-        """pp_division candidates: even, balanced for time, balanced for memory."""
+        """pp_division candidates: even, balanced for time, balanced for memory (cached per shape)."""
         pp, L = cand.pp, self.spec.num_layers
         if pp == 1:
             return [[L]]
+        key = (pp, cand.tp, cand.tp_consecutive, cand.zero, setting.micro_batch(cand.tp), min(cand.chunks, pp))
+        if key not in self._partition_cache:
+            self._partition_cache[key] = self._partitions(cand, setting)
+        return self._partition_cache[key]
+
+    def _partitions(self, cand: Candidate, setting: Setting) -> list[list[int]]:
+        pp, L = cand.pp, self.spec.num_layers
         base = LayerStrategy(cand.tp, cand.tp_consecutive, False)
         per_layer = [self.layer_costs(self.spec.layer_order[i], [base], setting, 0)[0] for i in range(L)]
         times = [c.microbatch_s for c in per_layer]
@@ -236,10 +244,19 @@ class Searcher:
         if progress:
             from tqdm import tqdm
             it = tqdm(cands, desc="search", unit="cfg", file=sys.stderr, leave=False)
+        done_pp1: set[tuple] = set()
         for c in it:
+            key = (c.tp, c.tp_consecutive, c.zero, c.global_bsz)
+            if c.pp == 1 and key in done_pp1:
+                continue  # dominated: see below
             r = self.evaluate(c)
             if r is not None:
                 results.append(r)
+                # With pp = 1, more micro-batches only add per-micro-batch costs (every term grows with m at
+                # a fixed batch) and save activation memory; once no layer needs checkpointing, larger
+                # chunk counts cannot be faster. Candidates come in increasing chunk order.
+                if c.pp == 1 and not any(s.checkpoint for s in r.strategies):
+                    done_pp1.add(key)
         results.sort(key=lambda r: r.step_time_s / r.cand.global_bsz)
         return results
 
@@ -293,7 +310,7 @@ def balanced_split(fixed: list[float], scaled: list[float], parts: int, head: fl
 
     lo, hi = 0.0, (sum(fixed) + sum(scaled) * max(scale) + head + tail) * 1.000001 + 1e-12
     best = greedy(hi)
-    for _ in range(60):
+    while hi - lo > 1e-4 * hi:  # 0.01 % of the heaviest stage: far below the cost model's error
         mid = (lo + hi) / 2
         got = greedy(mid)
         if got is not None:
@@ -444,7 +461,8 @@ def run_search(args: argparse.Namespace) -> tuple:
     if mem <= 0:
         raise SearchError(f"--gpu-memory-gb must be positive, got {mem}")
     spec = get_model_spec(args.model, precision=args.precision, seq_len=args.seq_len, task=args.task)
-    profile, sources = None, {"hardware": f"{hw.name} ({'profiled' if 'measured' in str(hw.sources) else 'preset'})"}
+    profiled = any("profile_hardware.py" in str(v) for v in hw.sources.values())
+    profile, sources = None, {"hardware": f"{hw.name} ({'measured' if profiled else 'preset'})"}
     if args.model_profile:
         from autotune.model_profile import ModelProfile
         profile = ModelProfile.load(args.model_profile)

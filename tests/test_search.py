@@ -165,3 +165,29 @@ def test_no_plan_when_memory_too_small():
     lt = syn.layer(params=10 ** 9, act_mb=100)
     spec = syn.spec([lt], [0] * 4)
     assert Searcher(spec, syn.hardware(gpus=2), 2).run([2]) == []
+
+
+def test_dp_solver_with_switch_costs_matches_brute_force():
+    import itertools
+
+    import numpy as np
+    rng = random.Random(2)
+    for _ in range(30):
+        n, S = rng.randint(1, 5), rng.randint(1, 3)
+        cost = np.array([[rng.uniform(0, 10) for _ in range(S)] for _ in range(n)])
+        mem = np.array([[rng.randint(0, 8) for _ in range(S)] for _ in range(n)])
+        switch = np.array([[[rng.uniform(0, 3) for _ in range(S)] for _ in range(S)] for _ in range(n)])
+        switch[0] = 0.0
+        V = rng.randint(0, 30)
+        best = None
+        for combo in itertools.product(range(S), repeat=n):
+            m = sum(mem[i, c] for i, c in enumerate(combo))
+            t = sum(cost[i, c] for i, c in enumerate(combo)) + sum(switch[i, combo[i - 1], combo[i]]
+                                                                  for i in range(1, n))
+            if m <= V and (best is None or t < best - 1e-12):
+                best = t
+        res = solve_stage(cost, mem, V, switch)
+        if best is None:
+            assert res is None
+        else:
+            assert res is not None and res.time_s == pytest.approx(best)
