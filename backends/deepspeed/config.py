@@ -20,8 +20,12 @@ GRADIENT_CLIPPING = 1.0
 
 
 def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, betas=(0.9, 0.999),
-                   eps: float = 1e-8) -> dict:
-    """DeepSpeed JSON for `plan`: batch sizes, ZeRO stage and buckets, precision, clipping, AdamW."""
+                   eps: float = 1e-8, torch_adam: bool = False) -> dict:
+    """DeepSpeed JSON for `plan`: batch sizes, ZeRO stage and buckets, precision, clipping, AdamW.
+
+    `torch_adam` selects torch.optim.AdamW instead of DeepSpeed's FusedAdam, which needs a compiled
+    CUDA/CPU extension (the runtime asks for it on CPU).
+    """
     if plan.world_size is None:
         raise ValueError("plan.world_size must be known to build the DeepSpeed config")
     zero: dict = {"stage": plan.zero_stage}
@@ -42,7 +46,7 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "gradient_clipping": GRADIENT_CLIPPING,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps,
-                                                   "weight_decay": weight_decay}},
+                                                   "weight_decay": weight_decay, **({"torch_adam": True} if torch_adam else {})}},
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": {"enabled": plan.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,

@@ -1,0 +1,126 @@
+"""Plan + layer sequence -> a DeepSpeed engine and one training step over a global batch.
+
+pp = 1: DeepSpeedEngine over the whole sequence (ZeRO 0-3), the Megatron mpu for TP/DP groups,
+        `chunks` micro-batches of gradient accumulation.
+pp > 1: DeepSpeed PipelineEngine over a PipelineModule with the plan's partition (ZeRO 0-1),
+        `chunks` pipeline micro-batches (1F1B).
+Both return the mean loss over the whole global batch (all micro-batches, all DP replicas).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from autotune.plan import Plan
+from backends.deepspeed.config import make_ds_config
+from backends.deepspeed.layers import SequentialWithLoss
+from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm_owners
+from backends.megatron.groups import ParallelGroups
+from backends.megatron.mpu import MegatronMPU
+from model_zoo.adapter import LayerSequence
+
+MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
+
+
+@dataclass
+class StepResult:
+    loss: float                      # mean over the whole global batch
+    grad_norm: float | None          # global gradient 2-norm before clipping
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class TrainEngine:
+    engine: Any                      # deepspeed DeepSpeedEngine or PipelineEngine
+    plan: Plan
+    groups: ParallelGroups
+    ds_config: dict
+
+    @property
+    def pipelined(self) -> bool:
+        return self.plan.pp_deg > 1
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches."""
+        if len(micro_batches) != self.plan.chunks:
+            raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
+        dev = device()
+        moved = [(_to(inp, dev), _to(lab, dev)) for inp, lab in micro_batches]
+        if self.pipelined:
+            loss = self.engine.train_batch(data_iter=iter(moved))
+            return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()))
+        total = torch.zeros((), device=dev, dtype=torch.float32)
+        for inputs, labels in moved:
+            loss = self.engine(inputs, labels)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        total /= len(moved)
+        if self.groups.dp > 1:
+            dist.all_reduce(total, group=self.groups.dp_group)
+            total /= self.groups.dp
+        return StepResult(float(total), _norm(self.engine.get_global_grad_norm()))
+
+    def save(self, save_dir: str, tag: str) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag)
+
+    def destroy(self) -> None:
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+
+
+def _norm(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _record_fp32_grad_norm(engine: Any) -> None:
+    """Keep the gradient norm DeepSpeed computes when clipping without ZeRO or mixed precision.
+
+    On that path DeepSpeedEngine.clip_fp32_gradients discards the norm, so get_global_grad_norm()
+    would return None; the replacement makes the same call and stores the result.
+    """
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _to(x: Any, dev: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(dev, non_blocking=True)
+    return tuple(_to(t, dev) for t in x)
+
+
+def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: float = 1e-4,
+                 weight_decay: float = 0.01, eps: float = 1e-8) -> TrainEngine:
+    """deepspeed.initialize with the config generated from the plan."""
+    os.environ.setdefault("LOCAL_RANK", "0")       # DeepSpeed's PipelineModule insists on it
+    deepspeed.init_distributed(dist_backend=dist.get_backend())   # adopts the existing torch.distributed world
+    mpu = MegatronMPU()
+    ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False, checkpoint_in_cpu=False,
+                      synchronize=False, profile=False)
+    cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=not torch.cuda.is_available())
+    if plan.pp_deg > 1:
+        model = build_pipeline_module(plan, groups, seq)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    else:
+        model = SequentialWithLoss(seq, plan.checkpoint)
+        tag_gradient_norm_owners(model, groups.tp_rank)
+        model.to(device())
+        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), mpu=mpu)
+    if plan.zero_stage == 0 and plan.precision == "fp32":
+        _record_fp32_grad_norm(engine)
+    return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg)

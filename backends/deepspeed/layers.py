@@ -1,0 +1,80 @@
+"""Layer-sequence entries as modules DeepSpeed can run, with per-layer activation checkpointing.
+
+Both the pp=1 model and the PipelineModule are built from these, so a plan's `checkpoint` flags
+mean the same thing with and without pipelining: exactly the flagged Transformer layers recompute
+their forward in backward. Recomputation uses DeepSpeed's checkpoint function, which saves and
+restores the model-parallel RNG tracker as well as the default generators (same dropout masks).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+from torch import nn
+
+from model_zoo.adapter import LayerSequence, PipeEntry
+
+
+class EntryModule(nn.Module):
+    """A PipeEntry as a module: `forward_fn(module, inputs)` or `module(inputs)`."""
+
+    def __init__(self, entry: PipeEntry):
+        super().__init__()
+        self.inner = entry.module
+        self.forward_fn = entry.forward_fn
+
+    def forward(self, inputs: Any) -> Any:
+        return self.forward_fn(self.inner, inputs) if self.forward_fn else self.inner(inputs)
+
+
+class Recompute(nn.Module):
+    """Run `inner` without keeping its activations; recompute them during backward."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, inputs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.inner(inputs)
+        single = torch.is_tensor(inputs)
+        args = (inputs,) if single else tuple(inputs)
+
+        def run(*xs):
+            return self.inner(xs[0] if single else tuple(xs))
+
+        return ds_ckpt.checkpoint(run, *args)
+
+
+def entry_modules(seq: LayerSequence, checkpoint: list[int]) -> list[nn.Module]:
+    """One module per entry; Transformer layer i is wrapped in Recompute when checkpoint[i] is 1."""
+    if len(checkpoint) != seq.num_layers:
+        raise ValueError(f"{len(checkpoint)} checkpoint flags for {seq.num_layers} layers")
+    mods: list[nn.Module] = []
+    for e in seq.embed:
+        mods.append(EntryModule(e) if e.forward_fn else e.module)
+    for e, flag in zip(seq.layers, checkpoint):
+        m = EntryModule(e) if e.forward_fn else e.module
+        mods.append(Recompute(m) if flag else m)
+    for e in seq.head:
+        mods.append(EntryModule(e) if e.forward_fn else e.module)
+    return mods
+
+
+class SequentialWithLoss(nn.Module):
+    """The pp=1 model: the entries in order, closed by the loss (one module for DeepSpeedEngine).
+
+    Tied entries hold the same module object, so the tied weight is one parameter here.
+    """
+
+    def __init__(self, seq: LayerSequence, checkpoint: list[int]):
+        super().__init__()
+        self.entries = nn.ModuleList(entry_modules(seq, checkpoint))
+        self.loss_fn = seq.loss_fn
+
+    def forward(self, inputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        for m in self.entries:
+            x = m(x)
+        return self.loss_fn(x, labels)
