@@ -170,7 +170,9 @@ class Searcher:
         return best
 
     def evaluate_division(self, cand: Candidate, setting: Setting, division: list[int],
-                          strategies: list[LayerStrategy]) -> Evaluated | None:
+                          strategies: list[LayerStrategy], forced: list[int] | None = None) -> Evaluated | None:
+        """Best per-layer choices for one pp_division; with `forced` (strategy index per layer) only
+        predict that assignment, whether or not it fits."""
         self.evaluated += 1
         start = 0
         chosen: list[LayerStrategy] = []
@@ -180,12 +182,13 @@ class Searcher:
             start += n
             costs = [self.layer_costs(self.spec.layer_order[i], strategies, setting, k) for i in layers]
             fixed = self.stage_fixed(setting, k, costs)
-            free = self.budget - fixed["bytes"]
-            if free <= 0:
-                return None
-            res = self.solve(costs, free)
-            if res is None:
-                return None
+            if forced is not None:
+                res = [forced[i] for i in layers]
+            else:
+                free = self.budget - fixed["bytes"]
+                res = self.solve(costs, free) if free > 0 else None
+                if res is None:
+                    return None
             picks = [costs[j][s] for j, s in enumerate(res)]
             chosen += [strategies[s] for s in res]
             total = sum_costs(picks + fixed["others"])
@@ -235,6 +238,19 @@ class Searcher:
         v = np.array([[int(np.ceil((c.states_bytes + c.act_bytes) / unit)) for c in row] for row in costs])
         res = solve_stage(t, v, int(free_bytes // unit))
         return None if res is None else res.choice
+
+    def predict(self, plan) -> Evaluated:
+        """Time and memory of a given plan (uniform TP), fits or not: for dry-run checks and validation."""
+        if not plan.uniform_tp:
+            raise SearchError("predicting per-layer TP plans needs --space layerwise support; "
+                              "use a plan with one TP degree and layout")
+        tp, consec = plan.tp_sizes_enc[0], bool(plan.tp_consecutive_flags[0])
+        cand = Candidate(plan.pp_deg, tp, consec, plan.zero_stage, plan.chunks, plan.global_bsz)
+        setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz, self.spec.precision,
+                          vtp=plan.vtp)
+        self._cost_cache = {}
+        strategies = [LayerStrategy(tp, consec, False), LayerStrategy(tp, consec, True)]
+        return self.evaluate_division(cand, setting, list(plan.pp_division), strategies, forced=list(plan.checkpoint))
 
     # ------------------------------------------------------------------ driver
     def run(self, batches: list[int], progress: bool = False) -> list[Evaluated]:

@@ -191,3 +191,29 @@ def test_dp_solver_with_switch_costs_matches_brute_force():
             assert res is None
         else:
             assert res is not None and res.time_s == pytest.approx(best)
+
+
+def test_predict_given_plan_by_hand():
+    """A B A B with checkpoint 1,1,0,0 (see the golden case): 0.08 + 0.24 + 0.06 + 0.18 = 0.56 s."""
+    from autotune.plan import Plan
+    a = syn.layer("A", 2, params=0, fwd_flops=1e12, act_mb=1000, ckpt_mb=10)
+    b = syn.layer("B", 2, params=0, fwd_flops=3e12, act_mb=1000, ckpt_mb=10)
+    spec = syn.spec([a, b], [0, 1, 0, 1])
+    plan = Plan.uniform(num_layers=4, world_size=1, global_bsz=1, checkpoint=[1, 1, 0, 0])
+    ev = Searcher(spec, syn.hardware(gpus=1), 80).predict(plan)
+    assert ev.step_time_s == pytest.approx(0.56)
+    assert ev.stage_memory[0]["total_mb"] == pytest.approx(10 + 10 + 1000 + 1000 + 1000)
+
+
+def test_memory_check_refuses_and_suggests():
+    from autotune.memory_check import check_plan_memory
+    from autotune.plan import Plan
+    lt = syn.layer(params=0, act_mb=1000, ckpt_mb=10)
+    spec = syn.spec([lt], [0] * 4)
+    plan = Plan.uniform(num_layers=4, world_size=1, global_bsz=4)
+    # micro-batch 4: 4 x 4 x 1000 MB + 4000 MB transient = 20000 MB
+    v = check_plan_memory(plan, spec, gpu_memory_for_budget(12000))
+    assert not v.ok and v.stage_peak_mb[0] == pytest.approx(20000)
+    msg = v.message()
+    assert "--chunks 2" in msg and "--checkpoint 1" in msg and "--force" in msg
+    assert check_plan_memory(plan, spec, gpu_memory_for_budget(20001)).ok
