@@ -1,0 +1,311 @@
+"""Train a Hugging Face BERT/T5/ViT/Swin model under a Galvatron plan on DeepSpeed + Megatron-core.
+
+    deepspeed [--hostfile hosts | --num_gpus N] train.py --galvatron-plan plan.json --model bert-large ...
+    torchrun --nproc_per_node N train.py --galvatron-plan plan.json ...
+    python train.py --model bert-test --steps 10            # one process, one-strategy plan from flags
+
+Without --galvatron-plan the flags --pp --tp --zero-stage --chunks --checkpoint --precision make a
+one-strategy plan (Plan.uniform), which then goes through the same translation layer.
+Bad input (no plan file, plan for another world size, unknown model) ends with one line naming the
+fix and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="preset name (e.g. bert-large), HF config .json, or HF checkpoint folder")
+    p.add_argument("--task", default=None, help="task (bert: mlm|text-classification; t5: seq2seq; vit/swin: "
+                                                "image-classification); default: the family's")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (deterministic from --seed and the step)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--global-batch-size", type=int, default=None, help="default: the plan's global_bsz (8 without a plan)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (text models); default: the preset's")
+    p.add_argument("--metrics-file", default=None, help="JSON lines: one per step, then a summary")
+    p.add_argument("--save-dir", default=None, help="DeepSpeed checkpoint after the last step")
+    p.add_argument("--galvatron-plan", default=None, help="plan.json from autotune/search.py")
+    g = p.add_argument_group("one-strategy plan (used without --galvatron-plan)")
+    g.add_argument("--pp", type=int, default=1)
+    g.add_argument("--tp", type=int, default=1)
+    g.add_argument("--tp-consecutive", type=int, choices=(0, 1), default=1)
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0)
+    g.add_argument("--chunks", type=int, default=1, help="micro-batches per step (gradient accumulation / pipeline)")
+    g.add_argument("--checkpoint", type=int, choices=(0, 1), default=0, help="activation checkpointing of every layer")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="default: the plan's on GPU, fp32 on CPU")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+class BadInput(Exception):
+    """User input that cannot run; the message names the fix."""
+
+
+@dataclass
+class ModelChoice:
+    name: str
+    config: Any
+    family: str
+    task: str
+    seq_len: Any
+    checkpoint_dir: Path | None        # HF checkpoint folder holding weights, if any
+
+
+def resolve_model(name: str, task: str | None, seq_len: int | None) -> ModelChoice:
+    from model_zoo.registry import FAMILIES, PRESETS, ModelInputError, load_hf_config
+    from model_zoo.runtime import get_adapter
+
+    try:
+        config = load_hf_config(name)
+    except ModelInputError as e:
+        raise BadInput(str(e)) from None
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise BadInput(f"model '{name}' has model_type '{config.model_type}'; use a {', '.join(FAMILIES)} config")
+    try:
+        task = get_adapter(family).check_task(task)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if seq_len is None and name in PRESETS:
+        seq_len = PRESETS[name].seq_len
+    path = Path(name).expanduser()
+    has_weights = path.is_dir() and any(path.glob("*.safetensors")) or path.is_dir() and any(path.glob("*.bin"))
+    return ModelChoice(name, config, family, task, seq_len, path if has_weights else None)
+
+
+def make_plan(args: argparse.Namespace, num_layers: int, world_size: int, on_gpu: bool):
+    """The plan to run: loaded and checked against this launch, or one strategy from the flags."""
+    from autotune.plan import Plan, PlanError
+
+    try:
+        if args.galvatron_plan:
+            plan = Plan.load(args.galvatron_plan)
+            plan.validate(world_size=world_size, num_layers=num_layers)
+            if args.global_batch_size and args.global_batch_size != plan.global_bsz:
+                raise PlanError(f"--global-batch-size {args.global_batch_size} differs from the plan's global_bsz "
+                                f"{plan.global_bsz}; drop the flag or search a plan for that batch size")
+        else:
+            if world_size % (args.pp * args.tp):
+                raise PlanError(f"--pp {args.pp} x --tp {args.tp} needs a multiple of {args.pp * args.tp} processes, "
+                                f"{world_size} were launched; change --pp/--tp or the number of processes")
+            plan = Plan.uniform(num_layers=num_layers, world_size=world_size, pp=args.pp, tp=args.tp,
+                                zero_stage=args.zero_stage, chunks=args.chunks, global_bsz=args.global_batch_size or 8,
+                                checkpoint=args.checkpoint, tp_consecutive=args.tp_consecutive,
+                                precision=args.precision or ("bf16" if on_gpu else "fp32"))
+        if args.precision:
+            plan.precision = args.precision
+        elif not on_gpu and plan.precision != "fp32":
+            plan.precision = "fp32"           # CPU runs (tests, debugging) train in fp32
+        from backends.megatron.groups import check_executable
+        check_executable(plan)
+        return plan
+    except PlanError as e:
+        raise BadInput(str(e)) from None
+
+
+def initial_state_dict(adapter, choice: ModelChoice, seed: int) -> dict:
+    """One full state dict every rank starts from: the checkpoint's weights, or a seeded init."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = adapter.build_model(choice.config, choice.task)
+    if choice.checkpoint_dir is not None:
+        model = type(model).from_pretrained(str(choice.checkpoint_dir), config=choice.config)
+    return model.state_dict()
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+
+
+class Metrics:
+    """Rank 0 writes one JSON line per step and a summary; everybody contributes peak memory."""
+
+    def __init__(self, path: str | None, rank: int):
+        self.rank = rank
+        self.file = open(path, "w") if (path and rank == 0) else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def gather_floats(value: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    from backends.deepspeed.engine import device
+
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(x) for x in out]
+
+
+def summarize(plan, groups, records: list[dict], peaks: list[float], flops: float) -> dict:
+    timed = records[1:] or records               # the first step includes warm-up
+    step_time = sum(r["step_time_s"] for r in timed) / len(timed)
+    block = groups.world_size // plan.pp_deg
+    stage_peak = [max(peaks[k * block:(k + 1) * block]) for k in range(plan.pp_deg)]
+    measured = {"step_time_s": step_time, "samples_per_s": plan.global_bsz / step_time,
+                "tflops_per_gpu": flops * plan.global_bsz / step_time / groups.world_size / 1e12,
+                "stage_peak_memory_mb": stage_peak, "rank_peak_memory_mb": peaks,
+                "final_loss": records[-1]["loss"] if records else None}
+    summary = {"summary": True, "plan": plan.describe(), "measured": measured}
+    if plan.predicted:
+        keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb")
+        summary["predicted"] = {k: plan.predicted.get(k) for k in keys if k in plan.predicted}
+    return summary
+
+
+def print_summary(summary: dict, log) -> None:
+    m, p = summary["measured"], summary.get("predicted", {})
+    log(f"plan: {summary['plan']}")
+    rows = [("step time (s)", "step_time_s"), ("samples/s", "samples_per_s"),
+            ("peak memory per stage (MB)", "stage_peak_memory_mb")]
+    for label, key in rows:
+        line = f"  {label:28s} measured {_fmt(m.get(key))}"
+        if key in p:
+            line += f"   predicted {_fmt(p[key])}"
+        log(line)
+    log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
+
+
+def train(args: argparse.Namespace) -> int:
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+        # CPU runs are tests and debugging; intra-op threads that spin-wait on a shared or busy machine
+        # make tiny models 100x slower (torchrun sets the same default)
+        torch.set_num_threads(1)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.data != "synthetic":
+        raise BadInput(f"--data {args.data}: reading data files is not supported yet; use --data synthetic")
+    if args.steps < 1:
+        raise BadInput("--steps must be at least 1")
+    choice = resolve_model(args.model, args.task, args.seq_len)
+    from model_zoo.runtime import get_adapter
+
+    adapter = get_adapter(choice.family)
+    plan = make_plan(args, adapter.num_layers(choice.config), world_size, on_gpu)
+
+    # ---- heavy imports and process groups only once the input is known to be good
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from autotune.plan import write_json_atomic
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import build_engine
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
+    from backends.megatron.random import seed_everything
+
+    init_distributed()
+    groups = build_parallel_groups(plan)
+    seed_everything(args.seed, groups.tp_rank, groups.pp_rank)
+    log = tqdm.write if rank == 0 else (lambda *_: None)
+
+    state = initial_state_dict(adapter, choice, args.seed)
+    model = adapter.build_model(choice.config, choice.task, state)
+    del state
+    adapter.tensor_parallelize(model, choice.task, groups.tp_groups)
+    seq = adapter.layer_sequence(model, choice.task)
+    trainer = build_engine(plan, groups, seq, lr=args.lr, weight_decay=args.weight_decay)
+    if rank == 0:
+        if args.galvatron_plan:
+            cfg_path = Path(args.galvatron_plan).with_suffix(".ds_config.json")
+            write_json_atomic(str(cfg_path), trainer.ds_config)
+        if args.save_dir:
+            write_json_atomic(os.path.join(args.save_dir, "ds_config.json"), trainer.ds_config)
+            plan.save(os.path.join(args.save_dir, "plan.json"))
+    log(f"model {choice.name} ({choice.family}, {choice.task}) | world {groups.world_size} = pp {plan.pp_deg} x "
+        f"tp {groups.tp} x dp {groups.dp} | ZeRO {plan.zero_stage} | chunks {plan.chunks} | micro-batch "
+        f"{plan.micro_batch_size} | {plan.precision} | {plan.describe()}")
+
+    data = SyntheticData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, seq_len=choice.seq_len)
+    flops = adapter.flops_per_sample(choice.config, choice.task, seq_len=choice.seq_len)
+    metrics = Metrics(args.metrics_file, rank)
+    records: list[dict] = []
+    bar = tqdm(total=args.steps, disable=rank != 0, desc="train", dynamic_ncols=True)
+    for step in range(args.steps):
+        micro = data.micro_batches(step)
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = trainer.train_step(micro)
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peaks = gather_floats(peak_memory_mb())
+        rec = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "step_time_s": dt,
+               "samples_per_s": plan.global_bsz / dt,
+               "tflops_per_gpu": flops * plan.global_bsz / dt / groups.world_size / 1e12,
+               "peak_memory_mb": max(peaks)}
+        records.append(rec)
+        metrics.write(rec)
+        bar.set_postfix(loss=f"{result.loss:.4f}", s_per_step=f"{dt:.3f}")
+        bar.update(1)
+        log(f"step {step:5d} | loss {result.loss:.6f} | grad norm {_fmt(result.grad_norm)} | {dt:.3f} s | "
+            f"{rec['samples_per_s']:.1f} samples/s | {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
+            f"peak {rec['peak_memory_mb']:.0f} MB")
+    bar.close()
+    summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
+    metrics.write(summary)
+    metrics.close()
+    if rank == 0:
+        print_summary(summary, log)
+    if args.save_dir:
+        trainer.save(args.save_dir, tag=f"step{args.steps}")
+    trainer.destroy()
+    destroy_parallel_groups()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
