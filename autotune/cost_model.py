@@ -86,12 +86,31 @@ def overlap(comm: float, compute: float, coe: float) -> float:
     return max(comm, compute) + (coe - 1.0) * min(comm, compute)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Correction factors fitted from short real runs (autotune/calibrate.py); identity by default."""
+
+    compute_scale: float = 1.0       # measured / predicted compute time (kernel efficiency)
+    comm_scale: float = 1.0          # measured / predicted communication time
+    step_overhead_s: float = 0.0     # per-step cost the model lacks (launches, Python, logging)
+    activation_scale: float = 1.0    # measured / predicted activation memory
+    memory_offset_mb: float = 0.0    # per-rank memory the model lacks (allocator rounding, workspaces)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Calibration":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known})
+
+
 class CostModel:
     """Predicts time and memory from a ModelSpec, a Hardware description and an optional model profile."""
 
-    def __init__(self, spec: ModelSpec, hw: Hardware, profile=None):
+    def __init__(self, spec: ModelSpec, hw: Hardware, profile=None, calibration: Calibration | None = None):
         self.spec, self.hw, self.profile = spec, hw, profile
         self.act_dtype = PRECISION_BYTES[spec.precision]
+        if calibration is None:
+            calibration = Calibration.from_dict(getattr(profile, "calibration", None))
+        self.cal = calibration
 
     # ------------------------------------------------------------------ collectives
     def allreduce_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
@@ -99,19 +118,20 @@ class CostModel:
         if size <= 1 or nbytes <= 0:
             return 0.0
         bw = self.hw.allreduce_busbw(size, consecutive, stride) * 1e9
-        return self.hw.collective_latency_us * 1e-6 + 2 * (size - 1) / size * nbytes / bw
+        return self.cal.comm_scale * (self.hw.collective_latency_us * 1e-6 + 2 * (size - 1) / size * nbytes / bw)
 
     def gather_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
         """All-gather or reduce-scatter of a `nbytes` full tensor: (n-1)/n of it crosses each link."""
         if size <= 1 or nbytes <= 0:
             return 0.0
         bw = self.hw.allreduce_busbw(size, consecutive, stride) * 1e9
-        return self.hw.collective_latency_us * 1e-6 + (size - 1) / size * nbytes / bw
+        return self.cal.comm_scale * (self.hw.collective_latency_us * 1e-6 + (size - 1) / size * nbytes / bw)
 
     def p2p_s(self, nbytes: float, pp: int, crosses_node: bool) -> float:
         if pp <= 1 or nbytes <= 0:
             return 0.0
-        return self.hw.collective_latency_us * 1e-6 + nbytes / (self.hw.p2p_bw(pp, crosses_node) * 1e9)
+        return self.cal.comm_scale * (self.hw.collective_latency_us * 1e-6
+                                      + nbytes / (self.hw.p2p_bw(pp, crosses_node) * 1e9))
 
     def groups(self, setting: Setting, s: LayerStrategy) -> tuple[tuple[int, bool, int], tuple[int, bool, int]]:
         """(size, consecutive, stride) of the TP group and the DP group of a layer inside its stage."""
@@ -134,9 +154,10 @@ class CostModel:
             bw = prof.layer_time_ms(lt.name, tp, b, "bwd")
             rc = prof.layer_time_ms(lt.name, tp, b, "recompute")
             if f is not None and bw is not None:
-                return f / 1e3, bw / 1e3, (rc if rc is not None else f) / 1e3
+                k = self.cal.compute_scale / 1e3
+                return f * k, bw * k, (rc if rc is not None else f) * k
         # Analytic: TP splits the layer's FLOPs evenly; backward = 2x forward; recompute = 1 forward.
-        fwd = self._analytic_s(lt.fwd_flops * b / tp)
+        fwd = self._analytic_s(lt.fwd_flops * b / tp) * self.cal.compute_scale
         return fwd, 2 * fwd, fwd
 
     def layer_act_bytes(self, lt: LayerType, tp: int, checkpoint: bool) -> float:
@@ -144,8 +165,8 @@ class CostModel:
         if prof is not None:
             v = prof.act_bytes(lt.name, tp, checkpoint)
             if v is not None:
-                return float(v)
-        return float(lt.ckpt_bytes if checkpoint else lt.act_bytes[tp])
+                return float(v) * self.cal.activation_scale
+        return float(lt.ckpt_bytes if checkpoint else lt.act_bytes[tp]) * self.cal.activation_scale
 
     # ------------------------------------------------------------------ memory of model states
     def states_bytes(self, params: float, dp: int, zero: int) -> tuple[float, dict]:
@@ -257,7 +278,8 @@ class CostModel:
         if fwd is None or bwd is None:
             fwd = self._analytic_s(flops * b / vtp) * 1e3
             bwd = 2 * fwd
-        fwd, bwd = fwd / 1e3, bwd / 1e3
+        fwd, bwd = fwd * self.cal.compute_scale / 1e3, bwd * self.cal.compute_scale / 1e3
+        act_per_sample *= self.cal.activation_scale
         dp = setting.dp(vtp)
         shard = params / vtp
         lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
@@ -312,7 +334,7 @@ class CostModel:
         per_mb = [c.microbatch_s / m + p for c, p in zip(stage_costs, stage_p2p_s)]
         body = sum(per_mb) + (m - 1) * max(per_mb)
         tail = max(c.dp_tail_s + c.optimizer_s for c in stage_costs)
-        return body + tail
+        return body + tail + self.cal.step_overhead_s
 
     def budget_bytes(self, gpu_memory_gb: float) -> float:
         """Bytes the caching allocator may hold at peak: device memory less context and fragmentation."""

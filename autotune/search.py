@@ -83,9 +83,10 @@ class SearchError(ValueError):
 
 class Searcher:
     def __init__(self, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, profile=None,
-                 space: str = "uniform", allow_checkpoint: bool = True, max_tp: int | None = None):
+                 space: str = "uniform", allow_checkpoint: bool = True, max_tp: int | None = None,
+                 calibration=None):
         self.spec, self.hw, self.space = spec, hw, space
-        self.cm = CostModel(spec, hw, profile)
+        self.cm = CostModel(spec, hw, profile, calibration)
         self.world = hw.world_size
         self.budget = self.cm.budget_bytes(gpu_memory_gb)
         self.allow_checkpoint = allow_checkpoint and space != "deepspeed"
@@ -197,6 +198,7 @@ class Searcher:
                 "activations_mb": sum(c.act_bytes for c in picks + fixed["others"]) / MB,
                 "zero_buffers_mb": fixed["buffers"] / MB,
                 "transient_mb": fixed["transient"] / MB,
+                "calibration_offset_mb": fixed["offset"] / MB,
             }
             mem["total_mb"] = sum(mem.values())
             stage_mem.append(mem)
@@ -228,8 +230,9 @@ class Searcher:
         stage_params = sum(o.detail["shard_params"] for o in others) + sum(c[0].detail["shard_params"] for c in costs)
         buffers = self.cm.zero_buffer_bytes(setting, stage_params)
         transient = max([c[0].transient_bytes for c in costs] + [o.transient_bytes for o in others])
-        fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient
-        return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient}
+        offset = self.cm.cal.memory_offset_mb * MB  # calibrated per-rank memory the model lacks
+        fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient + offset
+        return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient, "offset": offset}
 
     def solve(self, costs: list[list[Cost]], free_bytes: float) -> list[int] | None:
         n, S = len(costs), len(costs[0])

@@ -1,0 +1,147 @@
+"""Fit the cost model's correction factors from a few short real runs and store them in the profile.
+
+    python autotune/calibrate.py --model bert-large --model-profile profiles/h100/bert-large.json \
+        --hardware 1xH100 --run plan1.json:metrics1.jsonl --run plan2.json:metrics2.jsonl [--check p3:m3 ...]
+
+Each `--run` is a plan and the metrics file train.py wrote for it. The fit (least squares of relative
+errors) gives: compute_scale and step_overhead_s from step times (comm_scale too when the runs
+communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
+raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
+factors go into the profile's "calibration" block, which CostModel applies on every later search.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autotune.cost_model import Calibration  # noqa: E402
+from autotune.plan import Plan, write_json_atomic  # noqa: E402
+
+
+def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float, list[dict]]:
+    from autotune.search import Searcher
+
+    ev = Searcher(spec, hw, hw.gpu_memory_gb, profile=profile, calibration=cal).predict(plan)
+    return ev.step_time_s, ev.stage_memory
+
+
+def fit_time(runs, predict) -> tuple[float, float, float]:
+    """(compute_scale, comm_scale, step_overhead_s) minimising squared relative step-time error."""
+    measured = [r["measured"]["step_time_s"] for r in runs]
+    comm_grid = [1.0]
+    if any(r["has_comm"] for r in runs):
+        comm_grid = [0.5 + 0.05 * i for i in range(51)]
+    best = None
+    for b in comm_grid:
+        for i in range(301):
+            a = 0.4 + 0.01 * i
+            preds = [predict(r, Calibration(compute_scale=a, comm_scale=b))[0] for r in runs]
+            w = [1 / m ** 2 for m in measured]
+            d = sum(wi * (m - p) for wi, m, p in zip(w, measured, preds)) / sum(w) if len(runs) > 1 else 0.0
+            err = sum(((p + d - m) / m) ** 2 for p, m in zip(preds, measured))
+            if best is None or err < best[0]:
+                best = (err, a, b, d)
+    return best[1], best[2], best[3]
+
+
+def fit_memory(runs, predict) -> tuple[float, float]:
+    """(activation_scale, memory_offset_mb): least squares over every stage of every run, then the
+    offset raised until no calibration stage is under-predicted."""
+    pts = []  # (activation part, rest, measured)
+    for r in runs:
+        _, mem = predict(r, Calibration())
+        for m, meas in zip(mem, r["measured"]["stage_peak_memory_mb"]):
+            act = m["activations_mb"] + m["transient_mb"]
+            pts.append((act, m["total_mb"] - act, meas))
+    if len({round(p[0], 3) for p in pts}) >= 2:
+        # measured - rest = s * act + o: ordinary least squares in (s, o)
+        xs = [p[0] for p in pts]
+        ys = [p[2] - p[1] for p in pts]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        s = max(0.5, min(2.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)) if var else 1.0
+        o = my - s * mx
+    else:
+        s, o = 1.0, statistics.fmean(p[2] - p[0] - p[1] for p in pts)
+    o += max(0.0, max(p[2] - (s * p[0] + p[1] + o) for p in pts))
+    return s, o
+
+
+def errors(runs, predict, cal: Calibration) -> dict:
+    t, m = [], []
+    for r in runs:
+        step, mem = predict(r, cal)
+        t.append((step - r["measured"]["step_time_s"]) / r["measured"]["step_time_s"])
+        for s, meas in zip(mem, r["measured"]["stage_peak_memory_mb"]):
+            m.append((s["total_mb"] - meas) / meas)
+    return {"step_time_median_abs": statistics.median(abs(x) for x in t), "step_time_max_abs": max(abs(x) for x in t),
+            "memory_median_abs": statistics.median(abs(x) for x in m), "memory_min_signed": min(m)}
+
+
+def load_run(pair: str) -> dict:
+    from autotune.validate import read_summary
+
+    plan_path, _, metrics_path = pair.partition(":")
+    if not metrics_path:
+        raise ValueError(f"--run {pair!r}: give PLAN.json:METRICS.jsonl")
+    plan = Plan.load(plan_path)
+    return {"plan": plan, "measured": read_summary(metrics_path), "name": plan.describe(),
+            "has_comm": plan.world_size > 1}
+
+
+def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict]) -> dict:
+    def predict(r, cal):
+        return predict_run(r["plan"], spec, hw, profile, cal)
+
+    a, b, d = fit_time(fit_runs, predict)
+    s, o = fit_memory(fit_runs, predict)
+    cal = Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d, activation_scale=s, memory_offset_mb=o)
+    out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
+    for label, runs in (("fit", fit_runs), ("check", check_runs)):
+        if runs:
+            out[f"{label}_error_before"] = errors(runs, predict, Calibration())
+            out[f"{label}_error_after"] = errors(runs, predict, cal)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--task", default=None)
+    ap.add_argument("--model-profile", required=True, help="profile to read and to write the calibration into")
+    ap.add_argument("--hardware", default="1xH100")
+    ap.add_argument("--run", action="append", required=True, help="PLAN.json:METRICS.jsonl (fitted)")
+    ap.add_argument("--check", action="append", default=[], help="PLAN.json:METRICS.jsonl (scored only)")
+    args = ap.parse_args(argv)
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    try:
+        fit_runs = [load_run(p) for p in args.run]
+        check_runs = [load_run(p) for p in args.check]
+        profile = ModelProfile.load(args.model_profile)
+        hw = load_hardware(args.hardware).with_layout(fit_runs[0]["plan"].world_size)
+        spec = get_model_spec(args.model, precision=fit_runs[0]["plan"].precision, task=args.task)
+        result = calibrate(spec, hw, profile, fit_runs, check_runs)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(args.model_profile) as f:
+        raw = json.load(f)
+    raw["calibration"] = result
+    write_json_atomic(args.model_profile, raw)
+    for k, v in result.items():
+        print(f"{k:<22} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

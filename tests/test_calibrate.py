@@ -1,0 +1,45 @@
+"""Calibration recovers known correction factors from runs generated with them."""
+import pytest
+
+from autotune.calibrate import calibrate, predict_run
+from autotune.cost_model import Calibration
+from autotune.plan import Plan
+from tests import synthetic as syn
+
+
+def make_runs(spec, hw, truth: Calibration, plans):
+    runs = []
+    for p in plans:
+        step, mem = predict_run(p, spec, hw, None, truth)
+        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
+                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    return runs
+
+
+def test_recovers_factors():
+    lt = syn.layer(params=1_000_000, fwd_flops=1e11, act_mb=100, ckpt_mb=5)
+    spec = syn.spec([lt], [0] * 6)
+    hw = syn.hardware(gpus=1)
+    truth = Calibration(compute_scale=1.3, step_overhead_s=0.01, activation_scale=1.1, memory_offset_mb=200)
+    plans = [Plan.uniform(num_layers=6, world_size=1, global_bsz=b, chunks=c, checkpoint=k)
+             for b, c, k in ((4, 1, 0), (8, 2, 0), (8, 1, 1))]
+    held_out = [Plan.uniform(num_layers=6, world_size=1, global_bsz=16, chunks=4, checkpoint=[1, 1, 0, 0, 0, 0])]
+    out = calibrate(spec, hw, None, make_runs(spec, hw, truth, plans), make_runs(spec, hw, truth, held_out))
+    assert out["compute_scale"] == pytest.approx(1.3, abs=0.006)
+    assert out["step_overhead_s"] == pytest.approx(0.01, abs=2e-3)
+    assert out["activation_scale"] == pytest.approx(1.1, rel=1e-6)
+    assert out["memory_offset_mb"] == pytest.approx(200, abs=1e-3)
+    assert out["check_error_before"]["step_time_median_abs"] > 0.2
+    assert out["check_error_after"]["step_time_median_abs"] < 0.01
+    assert out["check_error_after"]["memory_median_abs"] < 1e-6
+
+
+def test_offset_never_under_predicts_calibration_runs():
+    lt = syn.layer(params=1_000_000, fwd_flops=1e11, act_mb=100, ckpt_mb=5)
+    spec = syn.spec([lt], [0] * 4)
+    hw = syn.hardware(gpus=1)
+    plans = [Plan.uniform(num_layers=4, world_size=1, global_bsz=b) for b in (2, 4)]
+    runs = make_runs(spec, hw, Calibration(), plans)
+    runs[0]["measured"]["stage_peak_memory_mb"][0] += 300   # noise the linear fit cannot follow
+    out = calibrate(spec, hw, None, runs, [])
+    assert out["fit_error_after"]["memory_min_signed"] >= -1e-9
