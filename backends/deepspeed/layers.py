@@ -4,6 +4,10 @@ Both the pp=1 model and the PipelineModule are built from these, so a plan's `ch
 mean the same thing with and without pipelining: exactly the flagged Transformer layers recompute
 their forward in backward. Recomputation uses DeepSpeed's checkpoint function, which saves and
 restores the model-parallel RNG tracker as well as the default generators (same dropout masks).
+Pipeline stages use its non-reentrant variant: DeepSpeed's pipeline runs one backward call per float
+tensor a stage sends on (T5 sends several), and only the non-reentrant variant (which keeps the
+recomputed activations until the graph is freed) survives a second call; the reentrant one is kept
+for pp = 1, where ZeRO-3's parameter gathering needs it.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ class EntryModule(nn.Module):
 class Recompute(nn.Module):
     """Run `inner` without keeping its activations; recompute them during backward."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, reentrant: bool = True):
         super().__init__()
         self.inner = inner
+        self.reentrant = reentrant
 
     def forward(self, inputs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -41,10 +46,17 @@ class Recompute(nn.Module):
         single = torch.is_tensor(inputs)
         args = (inputs,) if single else tuple(inputs)
 
-        def run(*xs):
-            return self.inner(xs[0] if single else tuple(xs))
+        returned_tuple: list[bool] = []
 
-        return ds_ckpt.checkpoint(run, *args)
+        def run(*xs):
+            out = self.inner(xs[0] if single else tuple(xs))
+            returned_tuple.append(isinstance(out, tuple))
+            return out
+
+        ckpt = ds_ckpt.checkpoint if self.reentrant else ds_ckpt.non_reentrant_checkpoint
+        out = ckpt(run, *args)
+        # DeepSpeed's checkpoint hands back a 1-tuple's element bare; the next entry expects the tuple
+        return (out,) if returned_tuple[0] and torch.is_tensor(out) else out
 
 
 def entry_modules(seq: LayerSequence, checkpoint: list[int]) -> list[nn.Module]:

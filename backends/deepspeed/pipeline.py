@@ -64,7 +64,7 @@ def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence
             if e.forward_fn:
                 module = EntryModule(e)
             if plan.checkpoint[layer_i]:
-                module = Recompute(module)
+                module = Recompute(module, reentrant=False)
             layer_i += 1
         if e.tie_key:
             specs.append(TiedLayerSpec(e.tie_key, _Prebuilt, module, forward_fn=e.forward_fn,
