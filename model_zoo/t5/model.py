@@ -90,7 +90,7 @@ class EncoderLayer(nn.Module):
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         hidden, position_bias, _ = self.block(hidden, attention_mask=mask, position_bias=bias[0] if bias else None)
         if self.end is None:
-            return hidden, attention_mask, dec, position_bias
+            return hidden, attention_mask, dec, position_bias.contiguous()    # contiguous: p2p sends need it
         return self.end(hidden), attention_mask, dec
 
 
@@ -114,7 +114,7 @@ class DecoderLayer(nn.Module):
                                               encoder_hidden_states=enc_out, encoder_attention_mask=cross)
         if self.last:
             return hidden
-        return hidden, attention_mask, enc_out, position_bias
+        return hidden, attention_mask, enc_out, position_bias.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- TP
