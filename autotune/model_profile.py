@@ -22,7 +22,7 @@ File format (JSON, `schema_version` 1):
           "tp": {                              # TP degree -> the layer shape ONE TP rank computes
             "1": {"heads": 16, "ffn_hidden": 4096, "params": 12596224,
                   "time_ms": {"fwd": [...], "bwd": [...], "bwd_ckpt": [...]},   # per batch size, median
-                  "fits": {"fwd": {"c": 0.05, "m": 0.61, "median_rel_err": 0.004, "max_rel_err": 0.02},
+                  "fits": {"fwd": {"c": 0.05, "m": 0.61, "floor": 0.0, "median_rel_err": 0.004, ...},
                            "bwd": {...}, "bwd_ckpt": {...}},
                   "act_bytes": 37748736,       # kept for backward, per sample
                   "ckpt_bytes": 1048576,       # kept per sample when the layer is checkpointed
@@ -36,7 +36,7 @@ File format (JSON, `schema_version` 1):
       "notes": ["..."]
     }
 
-Times are milliseconds of ONE layer (or one "other" part) on one device for the whole micro-batch
+Fits: t_ms(b) = max(floor, c + m*b) (floor 0 for most entries: a plain line). Times are milliseconds of ONE layer (or one "other" part) on one device for the whole micro-batch
 of b samples: forward, backward, and backward of the checkpointed layer (which re-runs the
 forward). Recompute = fitted bwd_ckpt - fitted bwd. Activation bytes are per sample.
 """
@@ -54,8 +54,9 @@ SCHEMA = "galvatron-ds/model-profile"
 SCHEMA_VERSION = 1
 TIME_KINDS = ("fwd", "bwd", "recompute")
 MEASURED_KINDS = ("fwd", "bwd", "bwd_ckpt")
-TIME_FIT = ("t_ms(b) = c + m * b, least squares in relative error (weights 1/t^2) over the profiled "
-            "per-rank micro-batch sizes b, with c, m >= 0")
+TIME_FIT = ("t_ms(b) = max(floor, c + m * b): least squares in relative error (weights 1/t^2) over the "
+            "profiled per-rank micro-batch sizes b, c, m >= 0; floor > 0 only where the smallest batches are "
+            "launch-bound and the floor lowers the median error by a third")
 
 
 class ProfileError(ValueError):
@@ -64,33 +65,33 @@ class ProfileError(ValueError):
 
 # -------------------------------------------------------------------------------------------- fits
 @dataclass(frozen=True)
-class LinearFit:
-    """t(b) = c + m*b: a fixed per-call cost (launches, small-batch inefficiency) plus a per-sample cost."""
+class TimeFit:
+    """t(b) = max(floor, c + m*b): a per-sample cost m, a fixed per-call cost c, and a floor for small
+    batches where the layer is bound by kernel launches rather than by the GPU (floor 0 = plain line)."""
 
     c: float
     m: float
+    floor: float = 0.0
     median_rel_err: float = 0.0
     max_rel_err: float = 0.0
 
     def __call__(self, b: float) -> float:
-        return self.c + self.m * b
+        return max(self.floor, self.c + self.m * b)
 
     def to_dict(self) -> dict:
-        return {"c": self.c, "m": self.m, "median_rel_err": self.median_rel_err, "max_rel_err": self.max_rel_err}
+        return {"c": self.c, "m": self.m, "floor": self.floor, "median_rel_err": self.median_rel_err,
+                "max_rel_err": self.max_rel_err}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LinearFit":
-        return cls(float(d["c"]), float(d["m"]), float(d.get("median_rel_err", 0.0)),
+    def from_dict(cls, d: dict) -> "TimeFit":
+        return cls(float(d["c"]), float(d["m"]), float(d.get("floor", 0.0)), float(d.get("median_rel_err", 0.0)),
                    float(d.get("max_rel_err", 0.0)))
 
 
-def fit_linear(bs: list[float], ts: list[float]) -> LinearFit:
-    """Least squares in relative error (weights 1/t^2) so small batches count as much as large ones;
-    c and m are kept >= 0 (a negative fixed cost or per-sample cost is noise, not physics)."""
-    if not bs:
-        raise ValueError("no points to fit")
+def _line(bs: list[float], ts: list[float]) -> tuple[float, float]:
+    """Least squares c + m*b in relative error (weights 1/t^2), with c, m >= 0."""
     if len(bs) == 1:
-        return LinearFit(0.0, ts[0] / bs[0])
+        return 0.0, ts[0] / bs[0]
     w = [1.0 / (t * t) if t > 0 else 0.0 for t in ts]
     sw = sum(w)
     swx = sum(wi * b for wi, b in zip(w, bs))
@@ -101,11 +102,35 @@ def fit_linear(bs: list[float], ts: list[float]) -> LinearFit:
     m = (sw * swxy - swx * swy) / det if det > 0 else 0.0
     c = (swy - m * swx) / sw if sw > 0 else 0.0
     if m < 0:
-        c, m = swy / sw, 0.0
-    elif c < 0:
-        c, m = 0.0, swxy / swxx
-    errs = [abs(c + m * b - t) / t for b, t in zip(bs, ts) if t > 0]
-    return LinearFit(c, m, statistics.median(errs) if errs else 0.0, max(errs) if errs else 0.0)
+        return swy / sw, 0.0
+    if c < 0:
+        return 0.0, swxy / swxx
+    return c, m
+
+
+def _errors(fit: TimeFit, bs: list[float], ts: list[float]) -> list[float]:
+    return [abs(fit(b) - t) / t for b, t in zip(bs, ts) if t > 0]
+
+
+def fit_time(bs: list[float], ts: list[float]) -> TimeFit:
+    """The line c + m*b, or max(floor, line) when the smallest batches sit on a launch-bound floor and that
+    lowers the median relative error by more than a third (the extra parameter must earn its place)."""
+    if not bs:
+        raise ValueError("no points to fit")
+    pts = sorted(zip(bs, ts))
+    bs, ts = [p[0] for p in pts], [p[1] for p in pts]
+    c, m = _line(bs, ts)
+    best = TimeFit(c, m)
+    best_err = statistics.median(_errors(best, bs, ts))
+    for k in range(1, len(bs) - 1):          # the first k points on the floor, a line through the rest
+        c, m = _line(bs[k:], ts[k:])
+        floor = statistics.median(ts[:k])
+        cand = TimeFit(c, m, floor)
+        err = statistics.median(_errors(cand, bs, ts))
+        if err < best_err * 2 / 3:
+            best, best_err = cand, err
+    errs = _errors(best, bs, ts)
+    return TimeFit(best.c, best.m, best.floor, statistics.median(errs), max(errs))
 
 
 # -------------------------------------------------------------------------------------------- entries
@@ -113,7 +138,7 @@ def fit_linear(bs: list[float], ts: list[float]) -> LinearFit:
 class Entry:
     """Measurements of one module shape (a layer at one TP degree, or an "other" part at one vtp)."""
 
-    fits: dict[str, LinearFit] = field(default_factory=dict)   # keys from MEASURED_KINDS
+    fits: dict[str, TimeFit] = field(default_factory=dict)   # keys from MEASURED_KINDS
     act_bytes: int | None = None
     ckpt_bytes: int | None = None
     params: int | None = None
@@ -144,9 +169,10 @@ class Entry:
             if k not in MEASURED_KINDS:
                 raise ProfileError(f"{where}.fits has unknown kind '{k}' (known: {', '.join(MEASURED_KINDS)})")
             try:
-                fits[k] = LinearFit.from_dict(f)
+                fits[k] = TimeFit.from_dict(f)
             except (KeyError, TypeError, ValueError):
-                raise ProfileError(f"{where}.fits.{k} must be {{\"c\": float, \"m\": float, ...}}") from None
+                raise ProfileError(f"{where}.fits.{k} must be {{\"c\": float, \"m\": float, ...}}; regenerate "
+                                   f"the profile with autotune/profile_model.py") from None
         ints = {}
         for key in ("act_bytes", "ckpt_bytes", "params"):
             v = d.get(key)

@@ -1,0 +1,858 @@
+"""Model profiler: per layer type, forward / backward / recompute time against micro-batch size for
+each TP shard shape, exact parameters and activation bytes; the same for embeddings and head + loss.
+
+    python autotune/profile_model.py --model bert-large --device cuda --precision bf16 \
+        --batch-sizes 1,2,4,8,16,32 --tp 1,2,4,8 --out profiles/h100/bert-large.json
+
+How (and why this way):
+  * Layers come from model_zoo (`make_layer`, `layer_inputs`, `shared_inputs` of the family's spec.py),
+    so the profiler runs exactly the HF module the runtime runs. Weights are cast to the training
+    precision (DeepSpeed bf16 keeps bf16 weights; no autocast).
+  * TP: the layer one TP rank computes (heads/tp heads of the full head size, ffn/tp) is built on one
+    device from a sharded config: the family's `tp_shard_config(config, type_index, tp)` when spec.py
+    has one, else the HF config with num_attention_heads/tp, head_dim kept and the FFN width/tp. The
+    result is checked against the Megatron shape (every Linear split by tp along exactly one side);
+    a layer whose config cannot express its shard is skipped with a note, never profiled wrongly.
+    The TP collectives are not timed here: the cost model takes them from the hardware profile.
+  * Time: CUDA events on GPU, wall clock on CPU; warm-up, then the median of the repetitions. Backward
+    of the checkpointed layer (torch.utils.checkpoint, non-reentrant) is timed too: recompute =
+    bwd_ckpt - bwd. Fits t_ms(b) = c + m*b (see autotune/model_profile.py).
+  * Activations: saved-tensor accounting (model_zoo/accounting.py) per sample, from the slope between
+    two batch sizes; inputs shared by all layers (masks, position bias, encoder output) are excluded
+    and charged to the embeddings instead. On GPU the allocator's increase over the forward is recorded
+    next to it as a cross-check.
+  * Embeddings ("first") and head + loss ("last"): model_zoo has no hook to build them alone, so they are
+    measured generically inside the HF task model (AutoModelFor<task>.from_config): forward / backward
+    hooks on the Transformer layers split the step into before-the-layers, layers, and after-the-layers.
+    Anything between layers that no profiled layer type contains (T5's encoder norm and decoder
+    embedding) and shared layer inputs (T5's encoder output) are charged to "last", as the analytic
+    model_zoo description does; Swin's patch merging is part of its "*_merge" layer types.
+    Vocab TP for text models: the task model is built with the padded V/vtp vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import importlib
+import inspect
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError,
+                                    fit_time)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FFN_KEYS = ("intermediate_size", "d_ff", "ffn_dim", "n_inner")   # HF names of the MLP width
+MLM_SHARE = 0.15
+# Where modules between Transformer layers that no layer type contains (T5: encoder final norm, decoder
+# embedding) and inputs shared by all layers (T5: the encoder output) are charged: "last", as the
+# analytic description in model_zoo/t5/spec.py does, so profile and analytic numbers add up the same way.
+BETWEEN_PART = "last"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line with exit code 2."""
+
+
+class ShardError(ValueError):
+    """A layer whose TP shard cannot be built from its config."""
+
+
+# ============================================================================================ options
+@dataclass
+class Options:
+    device: torch.device
+    precision: str
+    batch_sizes: list[int]
+    tps: list[int]
+    warmup: int
+    reps: int
+    other_reps: int
+    act_batches: tuple[int, int]
+    check_batch: int
+    seq_len: Any
+    do_other: bool
+    layer_types: list[str] | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"{flag} '{text}' must be comma-separated positive integers, e.g. 1,2,4,8") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"{flag} '{text}' must be comma-separated positive integers, e.g. 1,2,4,8")
+    return sorted(set(vals))
+
+
+def _seq_len(text: str | None) -> Any:
+    """None, one length, or (encoder, decoder) for T5."""
+    if text is None:
+        return None
+    parts = _int_list(text, "--seq-len") if "," not in text else [int(x) for x in text.split(",") if x.strip()]
+    if len(parts) > 2 or any(v < 1 for v in parts):
+        raise UsageError(f"--seq-len '{text}' takes one positive length, or encoder,decoder for T5 (e.g. 512,128)")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="preset name (model_zoo/registry.py), HF config .json or checkpoint folder")
+    p.add_argument("--task", default=None, help="task (default: the preset's / family's default)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--precision", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--seq-len", default=None, help="tokens per sample (T5: encoder,decoder); default: preset")
+    p.add_argument("--batch-sizes", default=None, help="per-rank micro-batch sizes (default GPU 1..32, CPU 1,2,4,8)")
+    p.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes are profiled (default 1,2,4,8)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median; default GPU 10, CPU 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first (default GPU 3, CPU 1)")
+    p.add_argument("--layer-types", default=None, help="only these layer type names, comma-separated")
+    p.add_argument("--skip-other", action="store_true", help="do not profile embeddings and head")
+    p.add_argument("--refit", metavar="PROFILE", default=None,
+                   help="re-fit the raw times of an existing profile (no measuring) and write --out")
+    p.add_argument("--out", required=True, help="profile JSON to write (atomically)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad input before any work, with the fix in the message."""
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; give a file name such as {args.out}/profile.json")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out folder {folder} does not exist; create it or choose another path")
+    if args.refit:
+        return
+    if not args.model:
+        raise UsageError("--model is required: a preset (e.g. bert-large) or an HF config/checkpoint path")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no GPU; run on a GPU machine or pass --device cpu")
+    for flag in ("reps", "warmup"):
+        v = getattr(args, flag)
+        if v is not None and v < (1 if flag == "reps" else 0):
+            raise UsageError(f"--{flag} {v} must be >= {1 if flag == 'reps' else 0}")
+    if args.batch_sizes:
+        _int_list(args.batch_sizes, "--batch-sizes")
+    _int_list(args.tp, "--tp")
+    _seq_len(args.seq_len)
+
+
+def make_options(args: argparse.Namespace) -> Options:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    bs = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else ([1, 2, 4, 8, 16, 32] if cuda
+                                                                                 else [1, 2, 4, 8])
+    return Options(device=device, precision=precision, batch_sizes=bs, tps=_int_list(args.tp, "--tp"),
+                   warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
+                   reps=args.reps or (10 if cuda else 3), other_reps=max(1, (args.reps or (10 if cuda else 3)) // 2),
+                   act_batches=(4, 8), check_batch=8, seq_len=_seq_len(args.seq_len), do_other=not args.skip_other,
+                   layer_types=args.layer_types.split(",") if args.layer_types else None)
+
+
+# ============================================================================================ timing
+class Clock:
+    """Marks points in the device's stream order: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def mark(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The hidden states a layer hands to the next one (HF layers return a tensor or a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output hidden states in a {type(out).__name__}")
+
+
+def as_leaves(inputs: tuple) -> tuple:
+    """Inputs as graph leaves with their requires_grad flag kept, so repeated backwards stay independent."""
+    return tuple(x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _clear_grads(module: nn.Module, inputs: tuple) -> None:
+    module.zero_grad(set_to_none=True)
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            x.grad = None
+
+
+def time_layer_once(module: nn.Module, inputs: tuple, grad: torch.Tensor, clock: Clock,
+                    ckpt: bool) -> tuple[float, float]:
+    """(forward ms, backward ms) of one call; with ckpt the forward runs under activation checkpointing."""
+    _clear_grads(module, inputs)
+    clock.sync()
+    a = clock.mark()
+    out = checkpoint(module, *inputs, use_reentrant=False) if ckpt else module(*inputs)
+    b = clock.mark()
+    first_tensor(out).backward(grad)
+    c = clock.mark()
+    clock.sync()
+    return clock.ms(a, b), clock.ms(b, c)
+
+
+def time_layer(module: nn.Module, inputs: tuple, opts: Options) -> dict[str, float]:
+    """Median fwd, bwd and bwd_ckpt ms of a layer at one batch size."""
+    clock = Clock(opts.device)
+    grad = torch.randn_like(first_tensor(module(*inputs)))
+    for _ in range(opts.warmup):
+        time_layer_once(module, inputs, grad, clock, False)
+        time_layer_once(module, inputs, grad, clock, True)
+    fwd, bwd, bwd_ckpt = [], [], []
+    for _ in range(opts.reps):
+        f, b = time_layer_once(module, inputs, grad, clock, False)
+        _, bc = time_layer_once(module, inputs, grad, clock, True)
+        fwd.append(f)
+        bwd.append(b)
+        bwd_ckpt.append(bc)
+    _clear_grads(module, inputs)
+    return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd), "bwd_ckpt": statistics.median(bwd_ckpt)}
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ============================================================================================ activations
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def saved_bytes(module: nn.Module, inputs: tuple, exclude: Iterable[torch.Tensor], ckpt: bool) -> int:
+    """Bytes autograd keeps for backward in one forward of `module` (model_zoo/accounting.py)."""
+    from model_zoo.accounting import saved_tensor_bytes
+    skip = list(exclude) + list(module.parameters()) + list(module.buffers())
+    fn = (lambda *a: checkpoint(module, *a, use_reentrant=False)) if ckpt else module
+    with torch.random.fork_rng(devices=[module_device(module)] if module_device(module).type == "cuda" else []):
+        return saved_tensor_bytes(fn, *inputs, exclude=skip)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def per_sample(b1: int, v1: int, b2: int, v2: int) -> tuple[int, int]:
+    """(bytes per sample, fixed bytes) from two batch sizes: shared tables do not scale with the batch."""
+    slope = (v2 - v1) / (b2 - b1)
+    return int(round(slope)), int(round(v1 - slope * b1))
+
+
+def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> dict:
+    """GPU cross-check at one batch size: saved-tensor bytes of storages created in the forward vs the
+    allocator's increase over the forward (minus outputs that nothing saved)."""
+    from model_zoo.accounting import saved_tensors
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    storages, out = saved_tensors(module, *inputs, exclude=tensors)
+    torch.cuda.synchronize(device)
+    after = torch.cuda.memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    saved_new = sum(s.nbytes for s in storages)
+    saved_keys = _saved_keys(module, inputs, tensors)
+    input_keys = {_key(t) for t in tensors}
+    outs = [out] if isinstance(out, torch.Tensor) else [o for o in (out or ()) if isinstance(o, torch.Tensor)]
+    seen, unsaved_out = set(), 0
+    for o in outs:
+        k = _key(o)
+        if k not in saved_keys and k not in input_keys and k not in seen:
+            seen.add(k)
+            unsaved_out += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
+    alloc = after - before - unsaved_out
+    del out
+    return {"saved_bytes": saved_new, "allocator_bytes": alloc, "allocator_peak_bytes": peak - before,
+            "unsaved_output_bytes": unsaved_out, "rel_diff": (alloc - saved_new) / saved_new if saved_new else 0.0}
+
+
+def _saved_keys(module: nn.Module, inputs: tuple, exclude: list[torch.Tensor]) -> set:
+    from model_zoo.accounting import _storage_key  # same key as the accounting uses
+    keys: set = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        keys.add(_storage_key(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*inputs)
+    del out
+    return keys
+
+
+# ============================================================================================ layers
+@dataclass
+class LayerJob:
+    """One layer type at one TP degree: how to build it and its inputs."""
+
+    type_name: str
+    type_index: int
+    tp: int
+    config: Any
+    heads: int
+    ffn: int | None
+
+
+def family_spec(family: str):
+    """model_zoo/<family>/spec.py: make_layer, layer_inputs, shared_inputs (and optionally tp_shard_config)."""
+    return importlib.import_module(f"model_zoo.{family}.spec")
+
+
+def ffn_width(config: Any) -> tuple[str, int] | None:
+    for k in FFN_KEYS:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v > 0:
+            return k, v
+    return None
+
+
+def shard_config(spec_mod, config: Any, type_index: int, tp: int) -> Any:
+    """The config whose layer is one TP rank's shard: heads/tp heads of the same size, ffn/tp."""
+    if tp == 1:
+        return config
+    hook = getattr(spec_mod, "tp_shard_config", None)
+    if hook is not None:
+        return hook(config, type_index, tp)
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise ShardError("its config has per-stage head lists, which a config copy cannot shard")
+    ffn = ffn_width(config)
+    if heads % tp or ffn is None or ffn[1] % tp:
+        raise ShardError(f"heads {heads} or FFN width {ffn and ffn[1]} is not divisible by {tp}")
+    cfg = copy.deepcopy(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cfg.num_attention_heads = heads // tp
+    cfg.head_dim = head_dim
+    setattr(cfg, ffn[0], ffn[1] // tp)
+    return cfg
+
+
+def check_megatron_shard(full: nn.Module, shard: nn.Module, tp: int) -> None:
+    """Every Linear of the shard must be the full one split by tp along exactly one side (column- or
+    row-parallel), as Megatron TP splits it; anything else means the config did not express the shard."""
+    full_lin = {n: m for n, m in full.named_modules() if isinstance(m, nn.Linear)}
+    shard_lin = {n: m for n, m in shard.named_modules() if isinstance(m, nn.Linear)}
+    if full_lin.keys() != shard_lin.keys():
+        raise ShardError("the shard has different Linear modules than the full layer")
+    for n, f in full_lin.items():
+        s = shard_lin[n]
+        col = (s.out_features * tp, s.in_features) == (f.out_features, f.in_features)
+        row = (s.out_features, s.in_features * tp) == (f.out_features, f.in_features)
+        if not (col or row):
+            raise ShardError(f"Linear '{n}' is {s.in_features}->{s.out_features} in the shard, not the full "
+                             f"{f.in_features}->{f.out_features} split by {tp} on one side")
+
+
+def build_layer(spec_mod, job: LayerJob, opts: Options) -> nn.Module:
+    return spec_mod.make_layer(job.config, job.type_index).to(device=opts.device, dtype=opts.dtype).train()
+
+
+def make_inputs(spec_mod, job: LayerJob, batch: int, opts: Options) -> tuple:
+    kw = {"seq_len": opts.seq_len} if "seq_len" in inspect.signature(spec_mod.layer_inputs).parameters else {}
+    return as_leaves(spec_mod.layer_inputs(job.config, job.type_index, batch, opts.device, opts.dtype, **kw))
+
+
+def shared_of(spec_mod, job: LayerJob, inputs: tuple) -> tuple:
+    fn = getattr(spec_mod, "shared_inputs", None)
+    if fn is None:  # the documented convention: input 0 is the layer's own hidden state
+        return tuple(x for x in inputs[1:] if isinstance(x, torch.Tensor))
+    return tuple(fn(job.config, job.type_index, inputs))
+
+
+def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") -> dict:
+    """Times at every batch size, activation bytes, parameters (and the GPU allocator check)."""
+    layer = build_layer(spec_mod, job, opts)
+    params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    times: dict[str, list[float]] = {k: [] for k in MEASURED_KINDS}
+    done, notes = [], []
+    for b in opts.batch_sizes:
+        try:
+            t = time_layer(layer, make_inputs(spec_mod, job, b, opts), opts)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            notes.append(f"batch {b} and larger: out of memory")
+            _free(opts)
+            progress.step(len(opts.batch_sizes) - len(done))
+            break
+        for k in MEASURED_KINDS:
+            times[k].append(t[k])
+        done.append(b)
+        progress.step(1, f"{job.type_name} tp={job.tp} b={b}")
+    entry: dict = {"heads": job.heads, "ffn_hidden": job.ffn, "params": params, "batch_sizes": done,
+                   "time_ms": times, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
+    act, ckpt = {}, {}
+    for b in opts.act_batches:
+        x = make_inputs(spec_mod, job, b, opts)
+        shared = shared_of(spec_mod, job, x)
+        act[b] = saved_bytes(layer, x, shared, ckpt=False)
+        ckpt[b] = saved_bytes(layer, x, shared, ckpt=True)
+    b1, b2 = opts.act_batches
+    entry["act_bytes"], entry["act_fixed_bytes"] = per_sample(b1, act[b1], b2, act[b2])
+    entry["ckpt_bytes"], _ = per_sample(b1, ckpt[b1], b2, ckpt[b2])
+    entry["act_measured"] = {"method": "model_zoo/accounting.py saved_tensor_bytes, slope between batch sizes "
+                                       f"{b1} and {b2}; shared inputs excluded", "bytes": {str(k): v for k, v in act.items()}}
+    if opts.cuda:
+        x = make_inputs(spec_mod, job, opts.check_batch, opts)
+        entry["act_check"] = {"batch": opts.check_batch, **allocator_check(layer, x, opts.device)}
+    if notes:
+        entry["notes"] = notes
+    del layer
+    _free(opts)
+    return entry
+
+
+def _free(opts: Options) -> None:
+    if opts.cuda:
+        torch.cuda.synchronize(opts.device)
+        torch.cuda.empty_cache()
+
+
+# ============================================================================================ other modules
+def task_model_class(task: str):
+    """HF Auto class of a task (task names as model_zoo/registry.py defines them)."""
+    import transformers as tf
+    classes = {"mlm": tf.AutoModelForMaskedLM, "text-classification": tf.AutoModelForSequenceClassification,
+               "seq2seq": tf.AutoModelForSeq2SeqLM, "image-classification": tf.AutoModelForImageClassification}
+    if task not in classes:
+        raise ProfileError(f"task '{task}' has no HF task model here; use --skip-other or one of {', '.join(classes)}")
+    return classes[task]
+
+
+def task_batch(config: Any, task: str, seq_lens: tuple[int, ...], b: int, device: torch.device,
+               dtype: torch.dtype, vocab: int) -> dict:
+    """A random batch for the HF task model (MLM labels on 15 % of the tokens, as the runtime masks)."""
+    g = torch.Generator().manual_seed(1234 + b)
+    if task == "image-classification":
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        px = torch.randn(b, config.num_channels, size, size, generator=g)
+        return {"pixel_values": px.to(device=device, dtype=dtype),
+                "labels": torch.randint(0, max(1, config.num_labels), (b,), generator=g).to(device)}
+    S = seq_lens[0]
+    ids = torch.randint(0, vocab, (b, S), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "mlm":
+        keep = torch.rand(b, S, generator=g).argsort(1)[:, : max(1, round(MLM_SHARE * S))]
+        picked = torch.zeros(b, S, dtype=torch.bool).scatter_(1, keep, True)
+        batch["labels"] = ids.masked_fill(~picked, -100)
+    elif task == "seq2seq":
+        batch["labels"] = torch.randint(0, vocab, (b, seq_lens[1]), generator=g)
+    else:
+        batch["labels"] = torch.randint(0, max(1, config.num_labels), (b,), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class LayerHooks:
+    """Forward/backward hooks on every Transformer layer: where the layers start and end in time, and
+    which saved storage belongs to which region (first = before the layers, between, last = after)."""
+
+    def __init__(self, layers: list[nn.Module], clock: Clock):
+        self.layers, self.clock = layers, clock
+        self.marks: list[tuple[str, Any]] = []
+        self.region = "first"
+        self.shared_keys: set = set()
+        self.posts = 0
+        self.handles = []
+        for m in layers:
+            self.handles += [m.register_forward_pre_hook(self._pre, with_kwargs=True),
+                             m.register_forward_hook(self._post),
+                             m.register_full_backward_pre_hook(lambda *a: self.marks.append(("bpre", self.clock.mark()))),
+                             m.register_full_backward_hook(lambda *a: self.marks.append(("bpost", self.clock.mark())))]
+
+    def _pre(self, module, args, kwargs):
+        self.marks.append(("pre", self.clock.mark()))
+        tensors = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not args and kwargs:  # called with keywords only: the hidden state is the first keyword
+            tensors = tensors[1:]
+        self.shared_keys |= {_key(t) for t in tensors}
+        self.region = "layer"
+
+    def _post(self, module, args, out):
+        self.marks.append(("post", self.clock.mark()))
+        self.posts += 1
+        self.region = "last" if self.posts == len(self.layers) else "between"
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def reset(self) -> None:
+        self.marks, self.region, self.shared_keys, self.posts = [], "first", set(), 0
+
+
+def split_times(marks: list[tuple[str, Any]], start: Any, fwd_end: Any, bwd_end: Any, clock: Clock) -> dict:
+    """first/last forward and backward ms from the layer marks, and the time between layers on its own."""
+    pre = [m for k, m in marks if k == "pre"]
+    post = [m for k, m in marks if k == "post"]
+    bpre = [m for k, m in marks if k == "bpre"]
+    bpost = [m for k, m in marks if k == "bpost"]
+    f_layers = sum(clock.ms(a, b) for a, b in zip(pre, post))
+    f_between = clock.ms(pre[0], post[-1]) - f_layers
+    b_layers = sum(clock.ms(a, b) for a, b in zip(bpre, bpost))
+    b_between = clock.ms(bpre[0], bpost[-1]) - b_layers
+    return {"first_fwd": clock.ms(start, pre[0]), "last_fwd": clock.ms(post[-1], fwd_end),
+            "last_bwd": clock.ms(fwd_end, bpre[0]), "first_bwd": clock.ms(bpost[-1], bwd_end),
+            "between_fwd": f_between, "between_bwd": b_between, "layers_fwd": f_layers, "layers_bwd": b_layers}
+
+
+@dataclass
+class OtherContext:
+    model: nn.Module
+    layers: list[nn.Module]
+    task: str
+    seq_lens: tuple[int, ...]
+    vocab: int
+    between_is_other: bool = True   # False when the profiled layer types already include what sits between layers
+
+
+def find_layers(model: nn.Module, layer_classes: set[type], expected: int) -> list[nn.Module]:
+    """The model's Transformer layers: modules of the classes make_layer builds, in model order."""
+    found = [m for m in model.modules() if type(m) in layer_classes]
+    if len(found) != expected:
+        raise ProfileError(f"found {len(found)} layers of {sorted(c.__name__ for c in layer_classes)} in the HF task "
+                           f"model, expected {expected}; profile with --skip-other")
+    return found
+
+
+def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> dict:
+    """One timed training step of the task model, split into first / layers / last."""
+    clock = hooks.clock
+    batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
+    ctx.model.zero_grad(set_to_none=True)
+    hooks.reset()
+    clock.sync()
+    start = clock.mark()
+    loss = ctx.model(**batch).loss
+    fwd_end = clock.mark()
+    loss.backward()
+    bwd_end = clock.mark()
+    clock.sync()
+    t = split_times(hooks.marks, start, fwd_end, bwd_end, clock)
+    if ctx.between_is_other:
+        t[f"{BETWEEN_PART}_fwd"] += t["between_fwd"]
+        t[f"{BETWEEN_PART}_bwd"] += t["between_bwd"]
+    return t
+
+
+def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> dict[str, int]:
+    """Saved bytes per region (first / layers / last) in one forward, each storage counted once where
+    it is first saved; storages a layer saves from its shared inputs count for "first"."""
+    params = {_key(t) for t in list(ctx.model.parameters()) + list(ctx.model.buffers())}
+    batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
+    found: dict[tuple, tuple[str, int]] = {}
+    hooks.reset()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        k = _key(t)
+        if k not in params and k not in found:
+            region = hooks.region
+            if region == "layer" and k in hooks.shared_keys:
+                region = "between"   # a layer saving an input all layers share (T5's encoder output)
+            found[k] = (region, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ctx.model(**batch).loss
+    del loss
+    out = {"first": 0, "layer": 0, "last": 0, "between": 0}
+    for region, n in found.values():
+        out[region] += n
+    out[BETWEEN_PART if ctx.between_is_other else "layer"] += out.pop("between")
+    return out
+
+
+def profile_other(spec, config: Any, spec_mod, opts: Options, vtps: list[int], progress: "Progress",
+                  layer_act_total: int | None) -> tuple[dict, list[str]]:
+    """Embeddings and head + loss at every vtp (text models) from the HF task model with layer hooks."""
+    from model_zoo.base import pad_vocab
+    classes = {type(spec_mod.make_layer(config, i)) for i in range(len(spec.layer_types))}
+    vocab = int(getattr(config, "vocab_size", 0) or 0) if spec.other.vocab_size else 0
+    result: dict = {"first": {}, "last": {}}
+    notes: list[str] = []
+    for vtp in (vtps if vocab else [1]):
+        ctx = build_task_model(spec, config, opts, classes, pad_vocab(vocab, vtp) // vtp if vocab else 0)
+        hooks = LayerHooks(ctx.layers, Clock(opts.device))
+        try:
+            per_part = _other_times(ctx, opts, hooks, progress, vtp, notes)
+            b1, b2 = opts.act_batches
+            a1, a2 = other_act(ctx, b1, opts, hooks), other_act(ctx, b2, opts, hooks)
+            for part in ("first", "last"):
+                e = per_part[part]
+                e["act_bytes"], e["act_fixed_bytes"] = per_sample(b1, a1[part], b2, a2[part])
+                e["act_measured"] = {"method": "saved storages per region of one task-model forward, slope between "
+                                               f"batch sizes {b1} and {b2}", "bytes": {str(b1): a1[part], str(b2): a2[part]}}
+                result[part][vtp] = e
+            in_model_layers = per_sample(b1, a1["layer"], b2, a2["layer"])[0]
+            result["first"][vtp]["in_model_layer_act_bytes"] = in_model_layers
+            if layer_act_total and vtp == 1:
+                notes.append(f"layers inside the HF task model keep {in_model_layers} B/sample; the isolated layers "
+                             f"sum to {layer_act_total} B/sample ({(in_model_layers - layer_act_total) / layer_act_total:+.2%})")
+        finally:
+            hooks.remove()
+            del ctx, hooks
+            _free(opts)
+    return result, notes
+
+
+def build_task_model(spec, config: Any, opts: Options, classes: set[type], vocab: int) -> OtherContext:
+    """The HF task model at the profiled precision; for text models with the vocabulary one vtp rank holds
+    (padded V / vtp rows: the shape of a vocab-parallel embedding and LM head shard)."""
+    cfg = copy.deepcopy(config)
+    if vocab:
+        cfg.vocab_size = vocab
+    with torch.device(opts.device):
+        model = task_model_class(spec.task).from_config(cfg)
+    model = model.to(dtype=opts.dtype).train()
+    present = {type(m) for m in model.modules()}
+    return OtherContext(model, find_layers(model, classes & present, spec.num_layers), spec.task, tuple(spec.seq_lens),
+                        vocab, between_is_other=classes <= present)
+
+
+def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: "Progress", vtp: int,
+                 notes: list[str]) -> dict:
+    points: dict[str, list[float]] = {"first_fwd": [], "first_bwd": [], "last_fwd": [], "last_bwd": [],
+                                      "between_fwd": [], "between_bwd": []}
+    done = []
+    for b in opts.batch_sizes:
+        try:
+            for _ in range(max(1, opts.warmup)):
+                other_step(ctx, b, opts, hooks)
+            runs = [other_step(ctx, b, opts, hooks) for _ in range(opts.other_reps)]
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            notes.append(f"other modules (vtp={vtp}): batch {b} and larger out of memory in the whole task model")
+            ctx.model.zero_grad(set_to_none=True)
+            _free(opts)
+            progress.step(len(opts.batch_sizes) - len(done))
+            break
+        for k in points:
+            points[k].append(statistics.median(r[k] for r in runs))
+        done.append(b)
+        progress.step(1, f"other vtp={vtp} b={b}")
+    out = {}
+    for part in ("first", "last"):
+        times = {"fwd": points[f"{part}_fwd"], "bwd": points[f"{part}_bwd"]}
+        e = {"batch_sizes": done, "time_ms": times, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items()}}
+        if part == BETWEEN_PART:
+            e["between_layers_ms"] = {"fwd": points["between_fwd"], "bwd": points["between_bwd"],
+                                      "included": ctx.between_is_other}
+        out[part] = e
+    return out
+
+
+# ============================================================================================ driver
+class Progress:
+    """tqdm bar over all (layer type, tp, batch size) and (vtp, batch size) points."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="pt", file=sys.stderr)
+
+    def step(self, n: int = 1, what: str = "") -> None:
+        if what:
+            self.bar.set_postfix_str(what)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def layer_jobs(spec, config: Any, spec_mod, opts: Options, notes: list[str]) -> list[LayerJob]:
+    """Every (layer type, TP degree) to profile; TP shards that cannot be built are skipped with a note."""
+    jobs = []
+    for i, lt in enumerate(spec.layer_types):
+        if opts.layer_types and lt.name not in opts.layer_types:
+            continue
+        full = spec_mod.make_layer(config, i)
+        for tp in opts.tps:
+            if not lt.tp_ok(tp):
+                notes.append(f"{lt.name}: tp={tp} skipped (heads {lt.heads} or FFN {lt.ffn_hidden} not divisible)")
+                continue
+            try:
+                cfg = shard_config(spec_mod, config, i, tp)
+                if tp > 1:
+                    check_megatron_shard(full, spec_mod.make_layer(cfg, i), tp)
+            except ShardError as e:
+                notes.append(f"{lt.name}: tp={tp} not profiled: {e}; model_zoo/{spec.family}/spec.py can add "
+                             f"tp_shard_config(config, type_index, tp) to build the shard")
+                continue
+            jobs.append(LayerJob(lt.name, i, tp, cfg, lt.heads // tp, lt.ffn_hidden // tp if lt.ffn_hidden else None))
+    return jobs
+
+
+def source_info(opts: Options, seconds: float) -> dict:
+    import transformers
+    return {"command": " ".join(["python", "autotune/profile_model.py"] + sys.argv[1:]),
+            "date": _dt.date.today().isoformat(), "host": socket.gethostname(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(seconds, 1),
+            "timing": ("CUDA events" if opts.cuda else "wall clock") + f", {opts.warmup} warm-up, median of "
+                      f"{opts.reps} (layers) / {opts.other_reps} (task model) repetitions"}
+
+
+def device_name(opts: Options) -> str:
+    if opts.cuda:
+        return torch.cuda.get_device_name(opts.device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def pooled_fit_error(profile: ModelProfile) -> float:
+    """Median relative error over every fitted point of every time fit."""
+    errs = []
+    entries = [e for lt in profile.layer_types.values() for e in lt.tp.values()]
+    entries += [e for per in profile.other.values() for e in per.values()]
+    for e in entries:
+        bs = e.raw.get("batch_sizes", [])
+        for kind, fit in e.fits.items():
+            for b, t in zip(bs, e.raw.get("time_ms", {}).get(kind, [])):
+                if t > 0:
+                    errs.append(abs(fit(b) - t) / t)
+    return statistics.median(errs) if errs else 0.0
+
+
+def refit(profile: ModelProfile) -> ModelProfile:
+    """Re-fit every entry from its raw times (after a change of the fit, without measuring again)."""
+    entries = [e for lt in profile.layer_types.values() for e in lt.tp.values()]
+    entries += [e for per in profile.other.values() for e in per.values()]
+    for e in entries:
+        bs = e.raw.get("batch_sizes", [])
+        e.fits = {k: fit_time(bs, v) for k, v in e.raw.get("time_ms", {}).items() if bs and k in MEASURED_KINDS}
+    profile.fit_error = pooled_fit_error(profile)
+    return profile
+
+
+def layer_seq_len(model: str, given: Any) -> Any:
+    """The sequence length layer_inputs must use: as get_model_spec resolves it (given, else the preset's)."""
+    from model_zoo.registry import PRESETS
+    if given is not None or model not in PRESETS:
+        return given
+    return PRESETS[model].seq_len
+
+
+def run(args: argparse.Namespace) -> ModelProfile:
+    from model_zoo.registry import get_model_spec, load_hf_config
+    t0 = time.time()
+    opts = make_options(args)
+    torch.manual_seed(0)
+    if not opts.cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:  # bad model names, tasks and sequence lengths are the user's to fix: one line, exit code 2
+        config = load_hf_config(args.model)
+        spec = get_model_spec(args.model, opts.precision, opts.seq_len, args.task, device=opts.device.type)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    spec_mod = family_spec(spec.family)
+    opts.seq_len = layer_seq_len(args.model, opts.seq_len)
+    notes: list[str] = []
+    jobs = layer_jobs(spec, config, spec_mod, opts, notes)
+    vtps = opts.tps if spec.other.vocab_size else [1]
+    total = len(jobs) * len(opts.batch_sizes) + (len(vtps) * len(opts.batch_sizes) if opts.do_other else 0)
+    progress = Progress(total, f"profile {args.model}")
+    layer_types: dict[str, LayerTypeProfile] = {}
+    try:
+        for job in jobs:
+            lt = spec.layer_types[job.type_index]
+            ltp = layer_types.setdefault(lt.name, LayerTypeProfile(lt.name, job.type_index, lt.count, None))
+            e = profile_layer(spec_mod, job, opts, progress)
+            ltp.tp[job.tp] = Entry.from_dict(e, f"{lt.name} tp={job.tp}")
+            if job.tp == 1:
+                ltp.params = e["params"]
+        other: dict = {}
+        if opts.do_other:
+            total_act = None
+            if all(1 in layer_types.get(lt.name, LayerTypeProfile("", 0, 0, None)).tp for lt in spec.layer_types):
+                total_act = sum(layer_types[spec.layer(i).name].tp[1].act_bytes or 0 for i in range(spec.num_layers))
+            raw, other_notes = profile_other(spec, config, spec_mod, opts, vtps, progress, total_act)
+            notes += other_notes
+            other = {p: {v: Entry.from_dict(e, f"other.{p}.vtp.{v}") for v, e in d.items()} for p, d in raw.items()}
+            notes.append("embeddings/head measured inside the HF task model with layer hooks (model_zoo has no hook "
+                         f"to build them alone); modules between layers (T5's encoder norm + decoder embedding) and "
+                         f"saved inputs shared by all layers (T5's encoder output) are charged to '{BETWEEN_PART}' "
+                         "unless a profiled layer type contains them (Swin's patch merging: its *_merge types)")
+    finally:
+        progress.close()
+    profile = ModelProfile(model=str(args.model), family=spec.family, task=spec.task, precision=opts.precision,
+                           device=device_name(opts), device_type=opts.device.type, seq_len=spec.seq_lens[0] if spec.seq_lens else None,
+                           seq_lens=list(spec.seq_lens), batch_sizes=opts.batch_sizes, fit_error=0.0,
+                           source=source_info(opts, time.time() - t0), layer_types=layer_types, other=other,
+                           vocab_size=int(spec.other.vocab_size), notes=notes)
+    profile.fit_error = pooled_fit_error(profile)
+    return profile
+
+
+def summary(p: ModelProfile) -> str:
+    lines = [f"{p.model} ({p.precision}, {p.device}): median fit error {p.fit_error:.2%}"]
+    for name, lt in p.layer_types.items():
+        for tp, e in sorted(lt.tp.items()):
+            b = 8
+            lines.append(f"  {name} tp={tp}: fwd {e.time_ms(b, 'fwd'):.3f} bwd {e.time_ms(b, 'bwd'):.3f} "
+                         f"recompute {e.time_ms(b, 'recompute'):.3f} ms at b={b}; act {e.act_bytes} B/sample, "
+                         f"ckpt {e.ckpt_bytes} B/sample" +
+                         (f"; allocator check {e.raw['act_check']['rel_diff']:+.2%}" if "act_check" in e.raw else ""))
+    for part, per in p.other.items():
+        for v, e in sorted(per.items()):
+            lines.append(f"  other {part} vtp={v}: fwd {e.time_ms(8, 'fwd'):.3f} bwd {e.time_ms(8, 'bwd'):.3f} ms at "
+                         f"b=8; act {e.act_bytes} B/sample")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.refit:
+            profile = refit(ModelProfile.load(args.refit))
+        else:
+            profile = run(args)
+    except (UsageError, ProfileError) as e:
+        print(f"profile_model: error: {e}", file=sys.stderr)
+        return 2
+    profile.save(args.out)
+    print(summary(profile))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
