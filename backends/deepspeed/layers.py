@@ -21,14 +21,21 @@ from model_zoo.adapter import LayerSequence, PipeEntry
 
 
 class EntryModule(nn.Module):
-    """A PipeEntry as a module: `forward_fn(module, inputs)` or `module(inputs)`."""
+    """A PipeEntry as a module: `forward_fn(module, inputs)` or `module(inputs)`.
 
-    def __init__(self, entry: PipeEntry):
+    Layer entries take a tuple, but DeepSpeed's pipeline hands a stage a received 1-tuple as a bare
+    tensor (and so does its TP-partitioned activation transfer); `tuple_inputs` wraps it back.
+    """
+
+    def __init__(self, entry: PipeEntry, tuple_inputs: bool = False):
         super().__init__()
         self.inner = entry.module
         self.forward_fn = entry.forward_fn
+        self.tuple_inputs = tuple_inputs
 
     def forward(self, inputs: Any) -> Any:
+        if self.tuple_inputs and torch.is_tensor(inputs):
+            inputs = (inputs,)
         return self.forward_fn(self.inner, inputs) if self.forward_fn else self.inner(inputs)
 
 
@@ -67,7 +74,7 @@ def entry_modules(seq: LayerSequence, checkpoint: list[int]) -> list[nn.Module]:
     for e in seq.embed:
         mods.append(EntryModule(e) if e.forward_fn else e.module)
     for e, flag in zip(seq.layers, checkpoint):
-        m = EntryModule(e) if e.forward_fn else e.module
+        m = EntryModule(e, tuple_inputs=True)
         mods.append(Recompute(m) if flag else m)
     for e in seq.head:
         mods.append(EntryModule(e) if e.forward_fn else e.module)

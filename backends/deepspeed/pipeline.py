@@ -61,8 +61,7 @@ def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence
     for e in seq.entries:
         module = e.module
         if e.kind == "layer":
-            if e.forward_fn:
-                module = EntryModule(e)
+            module = EntryModule(e, tuple_inputs=True)
             if plan.checkpoint[layer_i]:
                 module = Recompute(module, reentrant=False)
             layer_i += 1

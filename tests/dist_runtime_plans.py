@@ -1,0 +1,110 @@
+"""Train several plans in one launch (one process per rank) and record losses next to a reference.
+
+Process start-up dominates on CPU, so one launch runs many plans: for each case the Megatron
+groups are rebuilt, the model is rebuilt from the same full state dict, and a DeepSpeed engine
+trains `--steps` steps on the deterministic synthetic data. Rank 0 also trains the plain HF model
+(single process, fp32, torch AdamW with the same hyper-parameters, clipping at 1.0) on the same
+global batches. Usage (under tests/dist_launcher.run_ranks or torchrun):
+
+    python tests/dist_runtime_plans.py --cases '[{"model": "bert-test", "plan": {"tp": 2}}]' --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from autotune.plan import Plan  # noqa: E402
+from backends.data import SyntheticData  # noqa: E402
+from backends.deepspeed.config import GRADIENT_CLIPPING  # noqa: E402
+from backends.deepspeed.engine import build_engine  # noqa: E402
+from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed  # noqa: E402
+from backends.megatron.random import seed_everything  # noqa: E402
+from model_zoo.registry import FAMILIES, PRESETS, load_hf_config  # noqa: E402
+from model_zoo.runtime import get_adapter  # noqa: E402
+
+SEED = 1234
+DATA_SEED = 7
+
+
+def reference(adapter, config, task, state, args, seq_len) -> dict:
+    """The plain HF model trained on the whole global batch in one process."""
+    model = adapter.build_model(config, task, state)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.eps)
+    losses, norms = [], []
+    for step in range(args.steps):
+        batch = adapter.synthetic_batch(config, task, args.global_batch, DATA_SEED, step, seq_len=seq_len)
+        loss = adapter.hf_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)))
+        opt.step()
+        losses.append(float(loss))
+    return {"loss": losses, "grad_norm": norms}
+
+
+def run_case(adapter, config, task, state, plan: Plan, args, seq_len) -> dict:
+    groups = build_parallel_groups(plan)
+    seed_everything(SEED, groups.tp_rank, groups.pp_rank)
+    model = adapter.build_model(config, task, state)
+    adapter.tensor_parallelize(model, task, groups.tp_groups)
+    trainer = build_engine(plan, groups, adapter.layer_sequence(model, task), lr=args.lr,
+                           weight_decay=args.weight_decay, eps=args.eps)
+    data = SyntheticData(adapter, config, task, plan, groups.dp_rank, DATA_SEED, seq_len=seq_len)
+    results = [trainer.train_step(data.micro_batches(step)) for step in range(args.steps)]
+    trainer.destroy()
+    destroy_parallel_groups()
+    return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", required=True, help="JSON list of {model, task?, plan: Plan.uniform kwargs}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--eps", type=float, default=1e-8)
+    args = p.parse_args()
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cases = json.loads(args.cases)
+    out: dict = {"world_size": world, "cases": [], "reference": {}}
+    models: dict = {}
+    for case in cases:
+        name = case["model"]
+        config = load_hf_config(name)
+        adapter = get_adapter(FAMILIES[config.model_type])
+        task = adapter.check_task(case.get("task"))
+        seq_len = PRESETS[name].seq_len if name in PRESETS else None
+        key = f"{name}/{task}"
+        if key not in models:
+            torch.manual_seed(SEED)
+            state = adapter.build_model(config, task).state_dict()      # the one full state dict
+            models[key] = state
+            if rank == 0:
+                out["reference"][key] = reference(adapter, config, task, state, args, seq_len)
+        kw = dict(case["plan"])
+        plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=world, global_bsz=args.global_batch,
+                            precision="fp32", **kw)
+        res = run_case(adapter, config, task, models[key], plan, args, seq_len)
+        every = [None] * world
+        dist.all_gather_object(every, res["loss"])
+        out["cases"].append({"key": key, "plan": kw, "describe": plan.describe(), **res, "loss_by_rank": every})
+        if rank == 0:
+            print(f"{key} {kw}: loss {res['loss']}", flush=True)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
