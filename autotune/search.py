@@ -9,6 +9,9 @@ TP degree is one for the whole model and the DP chooses per-layer activation che
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
+import math
 import os
 import sys
 import time
@@ -156,7 +159,7 @@ class Searcher:
         return out
 
     # ------------------------------------------------------------------ evaluate one candidate
-    def evaluate(self, cand: Candidate) -> Evaluated | None:
+    def evaluate(self, cand: Candidate, bound: float = math.inf) -> Evaluated | None:
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
                           self.spec.precision, vtp=cand.tp)
         self._cost_cache = {}  # entries are keyed by the setting: nothing carries over to the next candidate
@@ -165,24 +168,35 @@ class Searcher:
             strategies.append(LayerStrategy(cand.tp, cand.tp_consecutive, True))
         best = None
         for division in self.partitions(cand, setting):
-            res = self.evaluate_division(cand, setting, division, strategies)
+            res = self.evaluate_division(cand, setting, division, strategies, bound=bound)
             if res is not None and (best is None or res.step_time_s < best.step_time_s):
                 best = res
+                bound = min(bound, res.step_time_s / cand.global_bsz)
         return best
 
     def evaluate_division(self, cand: Candidate, setting: Setting, division: list[int],
-                          strategies: list[LayerStrategy], forced: list[int] | None = None) -> Evaluated | None:
+                          strategies: list[LayerStrategy], forced: list[int] | None = None,
+                          bound: float = math.inf) -> Evaluated | None:
         """Best per-layer choices for one pp_division; with `forced` (strategy index per layer) only
-        predict that assignment, whether or not it fits."""
+        predict that assignment, whether or not it fits. Returns None when nothing fits, or when even
+        the fastest choice per layer (memory ignored) cannot beat `bound` seconds per sample."""
         self.evaluated += 1
-        start = 0
-        chosen: list[LayerStrategy] = []
-        stage_costs, stage_mem, stage_p2p = [], [], []
+        stages, start = [], 0
         for k, n in enumerate(division):
             layers = list(range(start, start + n))
             start += n
             costs = [self.layer_costs(self.spec.layer_order[i], strategies, setting, k) for i in layers]
-            fixed = self.stage_fixed(setting, k, costs)
+            p2p = self.cm.p2p_stage_s(setting, k, self.spec.layer(layers[0]).boundary_bytes,
+                                      self.spec.layer(layers[-1]).boundary_bytes, setting.micro_batch(cand.tp))
+            stages.append((layers, costs, self.stage_fixed(setting, k, costs), p2p))
+        if forced is None and bound < math.inf:
+            fastest = [sum_costs([min(row, key=lambda c: c.time_s) for row in costs] + fixed["others"])
+                       for _, costs, fixed, _ in stages]
+            if self.cm.pipeline_time(setting, fastest, [st[3] for st in stages]) / cand.global_bsz >= bound:
+                return None
+        chosen: list[LayerStrategy] = []
+        stage_costs, stage_mem = [], []
+        for layers, costs, fixed, _ in stages:
             if forced is not None:
                 res = [forced[i] for i in layers]
             else:
@@ -192,9 +206,8 @@ class Searcher:
                     return None
             picks = [costs[j][s] for j, s in enumerate(res)]
             chosen += [strategies[s] for s in res]
-            total = sum_costs(picks + fixed["others"])
             mem = {
-                "model_states_mb": (sum(c.states_bytes for c in picks + fixed["others"])) / MB,
+                "model_states_mb": sum(c.states_bytes for c in picks + fixed["others"]) / MB,
                 "activations_mb": sum(c.act_bytes for c in picks + fixed["others"]) / MB,
                 "zero_buffers_mb": fixed["buffers"] / MB,
                 "transient_mb": fixed["transient"] / MB,
@@ -202,12 +215,8 @@ class Searcher:
             }
             mem["total_mb"] = sum(mem.values())
             stage_mem.append(mem)
-            stage_costs.append(total)
-            lt_in = self.spec.layer(layers[0])
-            lt_out = self.spec.layer(layers[-1])
-            stage_p2p.append(self.cm.p2p_stage_s(setting, k, lt_in.boundary_bytes, lt_out.boundary_bytes,
-                                                 setting.micro_batch(cand.tp)))
-        step = self.cm.pipeline_time(setting, stage_costs, stage_p2p)
+            stage_costs.append(sum_costs(picks + fixed["others"]))
+        step = self.cm.pipeline_time(setting, stage_costs, [st[3] for st in stages])
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
                          cand.spaces(self.world))
 
@@ -256,7 +265,7 @@ class Searcher:
         return self.evaluate_division(cand, setting, list(plan.pp_division), strategies, forced=list(plan.checkpoint))
 
     # ------------------------------------------------------------------ driver
-    def run(self, batches: list[int], progress: bool = False) -> list[Evaluated]:
+    def run(self, batches: list[int], progress: bool = False, prune: bool = True) -> list[Evaluated]:
         cands = self.candidates(batches)
         results = []
         it = cands
@@ -264,13 +273,15 @@ class Searcher:
             from tqdm import tqdm
             it = tqdm(cands, desc="search", unit="cfg", file=sys.stderr, leave=False)
         done_pp1: set[tuple] = set()
+        inc = Incumbents(self.world)
         for c in it:
             key = (c.tp, c.tp_consecutive, c.zero, c.global_bsz)
             if c.pp == 1 and key in done_pp1:
                 continue  # dominated: see below
-            r = self.evaluate(c)
+            r = self.evaluate(c, inc.bound(c) if prune else math.inf)
             if r is not None:
                 results.append(r)
+                inc.add(r)
                 # With pp = 1, more micro-batches only add per-micro-batch costs (every term grows with m at
                 # a fixed batch) and save activation memory; once no layer needs checkpointing, larger
                 # chunk counts cannot be faster. Candidates come in increasing chunk order.
@@ -278,6 +289,34 @@ class Searcher:
                     done_pp1.add(key)
         results.sort(key=lambda r: r.step_time_s / r.cand.global_bsz)
         return results
+
+
+class Incumbents:
+    """Branch and bound: the time per sample a candidate must beat to matter for the report.
+
+    A candidate matters if it could be among the best 6 distinct plans (the plan and its 5
+    alternatives) or the best of one of its restricted spaces; otherwise its DP is skipped.
+    """
+
+    def __init__(self, world: int, keep: int = 6):
+        self.world, self.keep = world, keep
+        self.by_key: dict[tuple, float] = {}
+        self.space_best: dict[str, float] = {}
+
+    def bound(self, cand: Candidate) -> float:
+        vals = sorted(self.by_key.values())
+        out = vals[self.keep - 1] if len(vals) >= self.keep else math.inf
+        for sp in cand.spaces(self.world) - {"uniform"}:
+            out = max(out, self.space_best.get(sp, math.inf))
+        return out
+
+    def add(self, ev: Evaluated) -> None:
+        t = ev.step_time_s / ev.cand.global_bsz
+        c = ev.cand
+        key = (c.pp, c.tp, c.tp_consecutive, c.zero, c.global_bsz)
+        self.by_key[key] = min(self.by_key.get(key, math.inf), t)
+        for sp in ev.spaces:
+            self.space_best[sp] = min(self.space_best.get(sp, math.inf), t)
 
 
 def sum_costs(costs: list[Cost]) -> Cost:
@@ -306,22 +345,24 @@ def balanced_split(fixed: list[float], scaled: list[float], parts: int, head: fl
     if parts > n:
         return None
     scale = stage_scale or [1.0] * parts
+    weights = [[fixed[i] + scaled[i] * scale[k] + (tail if i == n - 1 else 0.0) for i in range(n)]
+               for k in range(parts)]
+    prefix = [list(itertools.accumulate(w, initial=0.0)) for w in weights]
 
     def greedy(limit: float) -> list[int] | None:
-        sizes, cur, cnt = [], head, 0
-        for i in range(n):
-            k = min(len(sizes), parts - 1)
-            x = fixed[i] + scaled[i] * scale[k] + (tail if i == n - 1 else 0.0)
-            if cnt and cur + x > limit:
-                sizes.append(cnt)
-                k = min(len(sizes), parts - 1)
-                cur, cnt = 0.0, 0
-                x = fixed[i] + scaled[i] * scale[k] + (tail if i == n - 1 else 0.0)
-            cur += x
-            cnt += 1
-            if cur > limit or len(sizes) >= parts:
+        """Fill stage k with as many layers as fit (prefix sums + bisection); None if `limit` is too low."""
+        sizes, i = [], 0
+        for k in range(parts):
+            room = limit - (head if k == 0 else 0.0)
+            j = bisect.bisect_right(prefix[k], prefix[k][i] + room) - 1
+            if j <= i:
                 return None
-        sizes.append(cnt)
+            sizes.append(j - i)
+            i = j
+            if i == n:
+                break
+        if i < n:
+            return None
         while len(sizes) < parts:  # splitting a stage never makes a stage heavier
             j = max(range(len(sizes)), key=lambda q: sizes[q])
             sizes[j:j + 1] = [sizes[j] - 1, 1]

@@ -217,3 +217,19 @@ def test_memory_check_refuses_and_suggests():
     msg = v.message()
     assert "--chunks 2" in msg and "--checkpoint 1" in msg and "--force" in msg
     assert check_plan_memory(plan, spec, gpu_memory_for_budget(20001)).ok
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_branch_and_bound_keeps_best_and_baselines(seed):
+    """Pruning must not change the best plan, nor the best plan of any restricted space."""
+    from autotune.search import baseline_rows
+    rng = random.Random(100 + seed)
+    spec, hw, mem, bsz = random_case(rng)
+    full = Searcher(spec, hw, mem).run([bsz], prune=False)
+    pruned = Searcher(spec, hw, mem).run([bsz])
+    assert bool(full) == bool(pruned)
+    if full:
+        assert pruned[0].step_time_s == pytest.approx(full[0].step_time_s)
+        W = hw.world_size
+        assert [r["samples_per_s"] for r in baseline_rows(pruned, pruned[0], W)] == \
+            [r["samples_per_s"] for r in baseline_rows(full, full[0], W)]
