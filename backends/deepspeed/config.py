@@ -49,6 +49,10 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
                                                    "weight_decay": weight_decay, **({"torch_adam": True} if torch_adam else {})}},
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": {"enabled": plan.precision == "fp16", "initial_scale_power": 16},
+        # Stages send whole activations (what the cost model charges). DeepSpeed's default splits the
+        # first sent tensor over the TP group, which only works when a stage sends exactly one tensor that
+        # needs a gradient and the next stage takes a tuple of more than one (T5 sends several; ViT/Swin one).
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
