@@ -121,31 +121,49 @@ def layernorm_bytes(tokens: int, width: int, act: int, device: str) -> int:
     return tokens * width * act + 2 * tokens * (FP32 if device == "cuda" else act)
 
 
-def sdpa_kernel(device: str, precision: str, has_bias: bool, bias_requires_grad: bool) -> str:
-    """The kernel torch's scaled_dot_product_attention picks for HF's call.
+def sdpa_kernel(device: str, precision: str, bias_requires_grad: bool, dropout: float = 0.0) -> str:
+    """The kernel torch's scaled_dot_product_attention picks for HF's call (as seen with torch 2.11-2.13).
 
-    CPU: its flash kernel unless the additive mask needs a gradient (T5 position bias, Swin relative
-    position bias), which only the math kernel supports. CUDA: flash for bf16/fp16 without a mask,
-    memory-efficient otherwise (fp32, or any additive mask/bias).
+    CPU: its flash kernel unless an additive mask needs a gradient (T5 position bias, Swin relative
+    position bias) or attention dropout is on, which only the math kernel supports. CUDA:
+    memory-efficient for fp32 or a mask that needs a gradient; otherwise flash, or cuDNN when a mask is
+    given (both keep the same tensors).
     """
     if device == "cpu":
-        return "math" if bias_requires_grad else "flash"
-    return "efficient" if has_bias or precision == "fp32" else "flash"
+        return "math" if bias_requires_grad or dropout > 0 else "flash"
+    return "efficient" if bias_requires_grad or precision == "fp32" else "flash"
 
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+# The CUDA memory-efficient SDPA kernel pads an additive mask's last dimension to this many elements.
+MEM_EFF_BIAS_ALIGN = 16
+# CUDA's fused SDPA kernels keep a philox seed and offset (two int64 scalars) per call for backward.
+SDPA_RNG_STATE_BYTES = 16
+
+
+def sdpa_fixed_bytes(device: str) -> int:
+    """Bytes one attention call saves per micro-batch whatever its size (RNG state on CUDA, none on CPU)."""
+    return SDPA_RNG_STATE_BYTES if device == "cuda" else 0
+
+
+def efficient_bias_bytes(heads: int, q_len: int, kv_len: int, act: int) -> int:
+    """A mask the memory-efficient kernel keeps: a padded (or already aligned) copy, last dim to 16."""
+    return heads * q_len * round_up(kv_len, MEM_EFF_BIAS_ALIGN) * act
+
+
 def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, act: int, groups: int = 1,
-               bias_last_dim_align: int = 0) -> int:
+               bias_last_dim_align: int = 0, dropout: float = 0.0) -> int:
     """Bytes per sample saved by one attention call incl. the projection outputs it consumes.
 
     Counts q, k, v (the projection outputs, or the math kernel's scaled copies) and the attention output
     (which is the output projection's saved input). The math kernel (used here on CPU only) adds the
     softmax probabilities, and on CPU computes q, k, v and probabilities in fp32 whatever the input
     dtype; the fused kernels add an fp32 log-sum-exp per query (the memory-efficient one pads it to 32
-    queries).
+    queries). Attention dropout costs the fused kernels nothing (they regenerate it from the RNG state);
+    the math kernel keeps its fp32 mask and the dropped probabilities.
     `groups` is the number of independent attention problems per sample (Swin: windows).
     `bias_last_dim_align` > 0: the memory-efficient kernel also keeps a per-sample additive bias, padded
     to that alignment in its last dimension (Swin's shifted-window mask, which has a batch dimension).
@@ -153,7 +171,7 @@ def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, 
     qkvo = (2 * q_len + 2 * kv_len) * heads * head_dim * act
     if kernel == "math":
         qkvo = (q_len + 2 * kv_len) * heads * head_dim * FP32 + q_len * heads * head_dim * act
-        extra = heads * q_len * kv_len * FP32
+        extra = heads * q_len * kv_len * FP32 * (3 if dropout > 0 else 1)
     elif kernel == "flash":
         extra = heads * q_len * FP32
     elif kernel == "efficient":

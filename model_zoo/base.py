@@ -44,6 +44,9 @@ class LayerType:
     tp_allreduce_bytes: int      # bytes of ONE TP all-reduce of the layer output per sample (S*H*dtype)
     tp_allreduces_fwd: int       # TP all-reduces in forward (2 self-attn + MLP; 3 with cross-attention)
     boundary_bytes: int          # bytes per sample sent to the next layer / pipeline stage (p2p)
+    # TP degree -> bytes saved for backward once per micro-batch whatever its size (tensors without a
+    # batch dimension: T5 position-bias copies, causal masks, Swin relative-position bias, SDPA RNG seeds)
+    act_fixed_bytes: Mapping[int, int] = field(default_factory=dict)
 
     def tp_ok(self, tp: int) -> bool:
         """TP must divide the heads of the layer (heads per partition)."""

@@ -13,7 +13,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from model_zoo.accounting import (FP32, INT64, ActTally, activation_extra_saves, dropout_mask_bytes, layernorm_bytes,
-                                  sdpa_bytes, sdpa_kernel, tp_degrees, vtp_degrees)
+                                  sdpa_bytes, sdpa_fixed_bytes, sdpa_kernel, tp_degrees, vtp_degrees)
 from model_zoo.base import PRECISION_BYTES, LayerType, ModelSpec, OtherModules, pad_vocab
 
 TASKS = ("mlm", "text-classification")
@@ -54,8 +54,9 @@ def layer_act(config: BertConfig, S: int, precision: str, device: str) -> ActTal
     a = PRECISION_BYTES[precision]
     t = ActTally()
     t.add(S * H * a)                                                         # layer input
-    kernel = sdpa_kernel(device, precision, has_bias=False, bias_requires_grad=False)
-    t.add(sdpa_bytes(kernel, S, S, h, H // h, a), sharded=True)
+    p = config.attention_probs_dropout_prob
+    kernel = sdpa_kernel(device, precision, bias_requires_grad=False, dropout=p)
+    t.add(sdpa_bytes(kernel, S, S, h, H // h, a, dropout=p), sharded=True)
     t.add(layernorm_bytes(S, H, a, device))                                           # LN1(attn + input)
     t.add(S * H * a)                                                          # LN1 output = fc1 input
     t.add((activation_extra_saves(config.hidden_act) + 1) * S * F * a, sharded=True)
@@ -73,7 +74,8 @@ def layer_type(config: BertConfig, S: int, precision: str, device: str) -> Layer
         name="bert_enc", count=config.num_hidden_layers, seq_len=S, hidden=H, heads=h, ffn_hidden=F,
         params=layer_params(config), fwd_flops=layer_flops(S, H, F),
         act_bytes={tp: act.at_tp(tp) for tp in tp_degrees(h, F)},
-        ckpt_bytes=S * H * a, tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=2, boundary_bytes=S * H * a)
+        ckpt_bytes=S * H * a, tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=2, boundary_bytes=S * H * a,
+        act_fixed_bytes={tp: sdpa_fixed_bytes(device) for tp in tp_degrees(h, F)})
 
 
 # ---------------------------------------------------------------------------------------------- other

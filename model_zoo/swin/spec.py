@@ -26,13 +26,12 @@ from torch import nn
 from transformers import SwinConfig
 from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging
 
-from model_zoo.accounting import (FP32, INT64, ActTally, activation_extra_saves, dropout_mask_bytes, layernorm_bytes,
-                                  sdpa_bytes, sdpa_kernel, tp_degrees, vtp_degrees)
+from model_zoo.accounting import (FP32, INT64, MEM_EFF_BIAS_ALIGN, ActTally, activation_extra_saves,
+                                  dropout_mask_bytes, efficient_bias_bytes, layernorm_bytes, sdpa_bytes,
+                                  sdpa_fixed_bytes, sdpa_kernel, tp_degrees, vtp_degrees)
 from model_zoo.base import PRECISION_BYTES, LayerType, ModelSpec, OtherModules
 
 TASKS = ("image-classification",)
-# The CUDA memory-efficient SDPA kernel pads an additive mask's last dimension to this many elements.
-MEM_EFF_BIAS_ALIGN = 16
 
 
 def _pair(x) -> tuple[int, int]:
@@ -125,12 +124,14 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
     """
     C, F, h, N = st.dim, ffn_width(config, st), st.heads, st.window * st.window
     a = PRECISION_BYTES[precision]
-    kernel = sdpa_kernel(device, precision, has_bias=True, bias_requires_grad=True)
+    p = config.attention_probs_dropout_prob
+    kernel = sdpa_kernel(device, precision, bias_requires_grad=True, dropout=p)
     align = MEM_EFF_BIAS_ALIGN if kernel == "efficient" and shifted else 0
     t = ActTally()
     t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.padded_tokens * C * a)
-    t.add(sdpa_bytes(kernel, N, N, h, C // h, a, groups=st.windows, bias_last_dim_align=align), sharded=True)
+    t.add(sdpa_bytes(kernel, N, N, h, C // h, a, groups=st.windows, bias_last_dim_align=align, dropout=p),
+          sharded=True)
     t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.tokens * C * a)
     t.add((activation_extra_saves(config.hidden_act) + 1) * st.tokens * F * a, sharded=True)
@@ -138,6 +139,17 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
         t.add((st.padded_tokens + st.tokens) * C * dropout_mask_bytes(device, a))
     if config.drop_path_rate > 0:
         t.add(a)
+    return t
+
+
+def block_fixed(st: Stage, shifted: bool, precision: str, device: str) -> ActTally:
+    """Saved once per micro-batch: CUDA's memory-efficient kernel keeps the unshifted layer's relative
+    position bias (1, heads, N, N, last dim padded to 16) and its RNG state; the CPU math kernel nothing."""
+    t = ActTally()
+    if sdpa_kernel(device, precision, bias_requires_grad=True) == "efficient" and not shifted:
+        N = st.window * st.window
+        t.add(efficient_bias_bytes(st.heads, N, N, PRECISION_BYTES[precision]), sharded=True)
+    t.add(sdpa_fixed_bytes(device))
     return t
 
 
@@ -177,10 +189,12 @@ def _layer_type(config: SwinConfig, kind: LayerKind, count: int, precision: str,
         params, flops = params + merge_params(st), flops + merge_flops(st)
         boundary = st.merged_tokens * 2 * C * a
     name = f"swin_s{st.index}" + ("_sw" if kind.shifted else "") + ("_merge" if kind.merge else "")
+    fixed = block_fixed(st, kind.shifted, precision, device)
+    tps = tp_degrees(st.heads, F)
     return LayerType(name=name, count=count, seq_len=st.tokens, hidden=C, heads=st.heads, ffn_hidden=F,
-                     params=params, fwd_flops=flops, act_bytes={tp: act.at_tp(tp) for tp in tp_degrees(st.heads, F)},
+                     params=params, fwd_flops=flops, act_bytes={tp: act.at_tp(tp) for tp in tps},
                      ckpt_bytes=st.tokens * C * a, tp_allreduce_bytes=st.tokens * C * a, tp_allreduces_fwd=2,
-                     boundary_bytes=boundary)
+                     boundary_bytes=boundary, act_fixed_bytes={tp: fixed.at_tp(tp) for tp in tps})
 
 
 def layer_types(config: SwinConfig, precision: str, device: str) -> tuple[tuple[LayerType, ...], tuple[int, ...]]:

@@ -20,8 +20,9 @@ import torch
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
-from model_zoo.accounting import (FP32, INT64, ActTally, activation_extra_saves, dropout_mask_bytes, sdpa_bytes,
-                                  sdpa_kernel, tp_degrees, vtp_degrees)
+from model_zoo.accounting import (FP32, INT64, MEM_EFF_BIAS_ALIGN, ActTally, activation_extra_saves,
+                                  dropout_mask_bytes, efficient_bias_bytes, sdpa_bytes, sdpa_fixed_bytes, sdpa_kernel,
+                                  tp_degrees, vtp_degrees)
 from model_zoo.base import PRECISION_BYTES, LayerType, ModelSpec, OtherModules, pad_vocab
 
 TASKS = ("seq2seq",)
@@ -63,9 +64,9 @@ def ffn_bytes(config: T5Config, S: int, a: int, device: str) -> int:
     return out
 
 
-def attention_kernel(device: str, precision: str, bias_requires_grad: bool) -> str:
+def attention_kernel(config: T5Config, device: str, precision: str, bias_requires_grad: bool) -> str:
     """T5 always passes its position bias as an SDPA mask; it needs a gradient in self-attention only."""
-    return sdpa_kernel(device, precision, has_bias=True, bias_requires_grad=bias_requires_grad)
+    return sdpa_kernel(device, precision, bias_requires_grad=bias_requires_grad, dropout=config.dropout_rate)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -108,10 +109,40 @@ def layer_act(config: T5Config, type_index: int, enc: int, dec: int, precision: 
             t.add(S * H * dropout_mask_bytes(device, a))
         if precision == "fp16":
             t.add(S * H * a)                                                  # clamp input
-    t.add(sdpa_bytes(attention_kernel(device, precision, True), S, S, h, dk, a), sharded=True)
+    p = config.dropout_rate
+    t.add(sdpa_bytes(attention_kernel(config, device, precision, True), S, S, h, dk, a, dropout=p), sharded=True)
     if type_index == DECODER:
-        t.add(sdpa_bytes(attention_kernel(device, precision, False), dec, enc, h, dk, a), sharded=True)
+        kernel = attention_kernel(config, device, precision, False)
+        t.add(sdpa_bytes(kernel, dec, enc, h, dk, a, dropout=p), sharded=True)
     t.add(ffn_bytes(config, S, a, device), sharded=True)
+    return t
+
+
+def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision: str, device: str) -> ActTally:
+    """Saved once per micro-batch (no batch dimension), as HF's T5 runs.
+
+    Self-attention: HF hands SDPA a contiguous copy of the (permuted) position bias per layer, and the
+    decoder a causal torch.where of it (whose bool condition is kept); CUDA's memory-efficient kernel
+    keeps that mask. Cross-attention: the zero bias is shared (counted nowhere: no batch dimension);
+    the fp32 memory-efficient kernel keeps a padded copy when the encoder length is not 16-aligned.
+    Every CUDA attention call keeps its RNG seed and offset. fp16: each clamp keeps its bounds (two fp32
+    scalars).
+    """
+    a = PRECISION_BYTES[precision]
+    h = config.num_heads
+    S = enc if type_index == ENCODER else dec
+    t = ActTally()
+    if precision == "fp16":
+        t.add((3 if type_index == DECODER else 2) * 2 * FP32)
+    if type_index == DECODER:
+        t.add(dec * dec)                                                      # causal condition (bool)
+    if attention_kernel(config, device, precision, True) == "efficient":
+        t.add(efficient_bias_bytes(h, S, S, a), sharded=True)
+    t.add(sdpa_fixed_bytes(device))
+    if type_index == DECODER:
+        if attention_kernel(config, device, precision, False) == "efficient" and enc % MEM_EFF_BIAS_ALIGN:
+            t.add(efficient_bias_bytes(h, dec, enc, a), sharded=True)
+        t.add(sdpa_fixed_bytes(device))
     return t
 
 
@@ -120,15 +151,17 @@ def layer_type(config: T5Config, type_index: int, enc: int, dec: int, precision:
     H, h = config.d_model, config.num_heads
     S = enc if type_index == ENCODER else dec
     act = layer_act(config, type_index, enc, dec, precision, device)
+    fixed = layer_fixed(config, type_index, enc, dec, precision, device)
+    tps = tp_degrees(h, config.d_ff)
     return LayerType(
         name="t5_enc" if type_index == ENCODER else "t5_dec",
         count=config.num_layers if type_index == ENCODER else config.num_decoder_layers,
         seq_len=S, hidden=H, heads=h, ffn_hidden=config.d_ff,
         params=layer_params(config, type_index), fwd_flops=layer_flops(config, type_index, enc, dec),
-        act_bytes={tp: act.at_tp(tp) for tp in tp_degrees(h, config.d_ff)},
+        act_bytes={tp: act.at_tp(tp) for tp in tps},
         ckpt_bytes=S * H * a,                                   # the hidden stream; shared inputs counted once
         tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=3 if type_index == DECODER else 2,
-        boundary_bytes=(enc + dec) * H * a)
+        boundary_bytes=(enc + dec) * H * a, act_fixed_bytes={tp: fixed.at_tp(tp) for tp in tps})
 
 
 # ---------------------------------------------------------------------------------------------- other
