@@ -1,0 +1,81 @@
+"""train.py end to end: one process, a plan file on 2 ranks, and the exit-2 errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autotune.plan import Plan
+from tests.dist_launcher import REPO, run_ranks
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _records(path) -> tuple[list[dict], dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    return [r for r in lines if not r.get("summary")], lines[-1]
+
+
+def test_single_process_writes_metrics(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    r = _train("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics),
+               "--save-dir", str(tmp_path / "ckpt"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps, summary = _records(metrics)
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        assert s["loss"] > 0 and s["grad_norm"] > 0 and s["step_time_s"] > 0 and s["peak_memory_mb"] > 0
+        assert s["samples_per_s"] > 0 and s["tflops_per_gpu"] > 0
+    assert summary["summary"] and summary["measured"]["stage_peak_memory_mb"]
+    assert (tmp_path / "ckpt" / "ds_config.json").is_file() and (tmp_path / "ckpt" / "step3").is_dir()
+
+
+@pytest.mark.distributed
+def test_plan_file_on_two_ranks(tmp_path):
+    """A Galvatron-style plan (pp 2, per-layer checkpointing, a predicted block) run by train.py."""
+    plan = Plan.uniform(num_layers=4, world_size=2, pp=2, chunks=2, global_bsz=8, checkpoint=[1, 0, 0, 1],
+                        precision="bf16", model={"name": "vit-test"})
+    plan.predicted = {"step_time_s": 0.5, "samples_per_s": 16.0, "stage_peak_memory_mb": [100.0, 120.0]}
+    plan_path = tmp_path / "plan.json"
+    plan.save(str(plan_path))
+    metrics = tmp_path / "m.jsonl"
+    out = run_ranks(REPO / "train.py", 2, ["--model", "vit-test", "--galvatron-plan", str(plan_path), "--steps", "2",
+                                           "--metrics-file", str(metrics)], timeout=300)
+    steps, summary = _records(metrics)
+    assert [s["step"] for s in steps] == [0, 1] and all(s["loss"] > 0 for s in steps)
+    assert summary["predicted"]["stage_peak_memory_mb"] == [100.0, 120.0]
+    assert len(summary["measured"]["stage_peak_memory_mb"]) == 2
+    assert "predicted" in out[0]                     # the side-by-side table on rank 0's stdout
+    ds_cfg = json.loads((tmp_path / "plan.ds_config.json").read_text())
+    assert ds_cfg["gradient_accumulation_steps"] == 2 and ds_cfg["bf16"]["enabled"] is False   # CPU runs fp32
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--model", "bert-test", "--galvatron-plan", "/nonexistent/plan.json"], "does not exist"),
+    (["--model", "bert-test", "--task", "seq2seq"], "not supported"),
+    (["--model", "bert-test", "--pp", "2"], "processes"),
+    (["--model", "bert-test", "--data", "/some/file.txt"], "not supported yet"),
+])
+def test_bad_input_exits_2(args, needle):
+    r = _train(*args, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+
+
+def test_plan_for_other_world_size_exits_2(tmp_path):
+    plan = Plan.uniform(num_layers=4, world_size=4, tp=2, global_bsz=8, precision="fp32")
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    r = _train("--model", "bert-test", "--galvatron-plan", str(path), timeout=120)
+    assert r.returncode == 2
+    assert "world_size=4" in r.stderr and "launch 4 processes" in r.stderr
