@@ -1,0 +1,126 @@
+"""Predicted against measured for a one-GPU sweep, with calibration on a few configurations per model.
+
+    python scripts/sweep_report.py --sweep profiles/h100/sweep.jsonl --profiles profiles/h100 \
+        --hardware 1xH100 --calibrate 3 --out docs/single_gpu_sweep.md
+
+For each model: calibrate on the first `--calibrate` successful configurations (they are then not
+scored), predict every other configuration with the calibrated model profile, and tabulate the
+step-time and peak-memory errors. Writes a Markdown table (and a JSON file beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autotune.calibrate import calibrate, predict_run  # noqa: E402
+from autotune.cost_model import Calibration  # noqa: E402
+from autotune.plan import Plan, write_json_atomic  # noqa: E402
+
+
+def load(path: str) -> dict[str, list[dict]]:
+    by_model: dict[str, list[dict]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                by_model.setdefault(r["model"], []).append(r)
+    return by_model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sweep", required=True)
+    ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
+    ap.add_argument("--hardware", default="1xH100")
+    ap.add_argument("--calibrate", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    hw = load_hardware(args.hardware)
+    rows, summary = [], {}
+    for model, recs in load(args.sweep).items():
+        ok = [r for r in recs if "measured" in r]
+        for r in ok:
+            r["plan_obj"] = Plan.from_dict(r["plan"])
+            r["name"] = r["plan_obj"].describe()
+            r["has_comm"] = False
+        profile = None
+        ppath = os.path.join(args.profiles, f"{model}.json") if args.profiles else None
+        if ppath and os.path.exists(ppath):
+            profile = ModelProfile.load(ppath)
+        precisions = {r["plan_obj"].precision for r in ok}
+        cal_by_prec = {}
+        for prec in precisions:
+            group = [r for r in ok if r["plan_obj"].precision == prec]
+            spec = get_model_spec(model, precision=prec)
+            fit = group[: args.calibrate]
+            runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False}
+                    for r in fit]
+            result = calibrate(spec, hw, profile, runs, [])
+            cal_by_prec[prec] = (spec, Calibration.from_dict(result), {id(r) for r in fit}, result)
+        for r in recs:
+            cfg = r["config"]
+            if "measured" not in r:
+                rows.append({"model": model, **cfg, "status": r.get("error", "failed")})
+                continue
+            spec, cal, fitted, _ = cal_by_prec[r["plan_obj"].precision]
+            step0, mem0 = predict_run(r["plan_obj"], spec, hw, profile, Calibration())
+            step, mem = predict_run(r["plan_obj"], spec, hw, profile, cal)
+            meas_t = r["measured"]["step_time_s"]
+            meas_m = r["measured"]["stage_peak_memory_mb"][0]
+            rows.append({"model": model, **cfg, "status": "calibration" if id(r) in fitted else "scored",
+                         "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
+                         "time_err": (step - meas_t) / meas_t,
+                         "measured_mb": meas_m, "predicted_mb": mem[0]["total_mb"],
+                         "mem_err": (mem[0]["total_mb"] - meas_m) / meas_m,
+                         "samples_per_s": r["measured"]["samples_per_s"],
+                         "tflops": r["measured"].get("tflops_per_gpu")})
+        scored = [x for x in rows if x["model"] == model and x.get("status") == "scored"]
+        if scored:
+            summary[model] = {
+                "scored": len(scored),
+                "time_median_abs_err": statistics.median(abs(x["time_err"]) for x in scored),
+                "time_max_abs_err": max(abs(x["time_err"]) for x in scored),
+                "mem_median_abs_err": statistics.median(abs(x["mem_err"]) for x in scored),
+                "mem_worst_under": min(x["mem_err"] for x in scored),
+                "calibration": {p: v[3] for p, v in cal_by_prec.items()},
+            }
+    lines = [f"# One-GPU sweep: predicted against measured ({hw.name})", "",
+             f"Command: `python scripts/sweep_report.py --sweep {args.sweep} --profiles {args.profiles} "
+             f"--hardware {args.hardware} --calibrate {args.calibrate} --out {args.out}`", "",
+             "| model | scored | step time median abs err | max abs err | peak memory median abs err | worst under-prediction |",
+             "|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lines.append(f"| {m} | {s['scored']} | {s['time_median_abs_err']:.1%} | {s['time_max_abs_err']:.1%} | "
+                     f"{s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} |")
+    lines += ["", "| model | bsz | chunks | ckpt | ZeRO | prec | role | measured s | predicted s | err | "
+              "measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 15]
+    for x in rows:
+        if "measured_s" not in x:
+            lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | "
+                         f"{x['precision']} | {x['status']} |" + " |" * 8)
+            continue
+        lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | {x['precision']} | "
+                     f"{x['status']} | {x['measured_s']:.4f} | {x['predicted_s']:.4f} | {x['time_err']:+.1%} | "
+                     f"{x['measured_mb']:.0f} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
+                     f"{x['samples_per_s']:.1f} | {x['tflops'] or 0:.1f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, args.out)
+    write_json_atomic(os.path.splitext(args.out)[0] + ".json", {"summary": summary, "rows": rows})
+    print("\n".join(lines[:6 + len(summary)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Measure many one-GPU configurations of train.py in one process (for the predicted-vs-measured sweep).
+
+    python scripts/sweep_single_gpu.py --models bert-large,vit-large --steps 6 --out runs/sweep.jsonl
+
+For each model it runs a fixed list of plans (micro-batch, chunks, checkpointing of the first k
+layers, ZeRO stage, precision), each for `--steps` steps through train.py's own code path, and
+appends one JSON line per configuration: the plan, the measured summary (step time without the
+first step, peak allocated memory) or the error (out of memory). Predictions are made afterwards,
+on any machine, by scripts/sweep_report.py, so the GPU time goes to measuring only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Anchor batch sizes (shared/reference/anchors.md) and a sequence of configurations around them.
+ANCHORS = {"bert-large": 32, "vit-large": 64, "swin-base": 64, "t5-large": 16}
+
+
+def configs(model: str, num_layers: int) -> list[dict]:
+    """About 20 plans per model: batch x chunks x checkpointed prefix x ZeRO stage x precision."""
+    b = ANCHORS.get(model, 16)
+    half = num_layers // 2
+    out = [dict(bsz=b, chunks=1, ckpt=0, zero=0, precision="bf16")]           # the anchor itself
+    out += [dict(bsz=b // 2, chunks=1, ckpt=0, zero=0, precision="bf16"),
+            dict(bsz=b // 4, chunks=1, ckpt=0, zero=0, precision="bf16"),
+            dict(bsz=2 * b, chunks=2, ckpt=0, zero=0, precision="bf16"),
+            dict(bsz=b, chunks=2, ckpt=0, zero=0, precision="bf16"),
+            dict(bsz=b, chunks=4, ckpt=0, zero=0, precision="bf16")]
+    out += [dict(bsz=b, chunks=1, ckpt=k, zero=0, precision="bf16") for k in (half // 2, half, num_layers)]
+    out += [dict(bsz=2 * b, chunks=1, ckpt=num_layers, zero=0, precision="bf16"),
+            dict(bsz=2 * b, chunks=1, ckpt=half, zero=0, precision="bf16")]
+    out += [dict(bsz=b, chunks=1, ckpt=0, zero=z, precision="bf16") for z in (1, 2, 3)]
+    out += [dict(bsz=b, chunks=2, ckpt=0, zero=2, precision="bf16"),
+            dict(bsz=b, chunks=1, ckpt=half, zero=3, precision="bf16")]
+    out += [dict(bsz=b // 2, chunks=1, ckpt=0, zero=0, precision="fp32"),
+            dict(bsz=b // 2, chunks=1, ckpt=half, zero=0, precision="fp32"),
+            dict(bsz=b // 2, chunks=1, ckpt=0, zero=1, precision="fp32"),
+            dict(bsz=b // 4, chunks=2, ckpt=0, zero=2, precision="fp32")]
+    return out
+
+
+def run_one(model: str, cfg: dict, steps: int, num_layers: int) -> dict:
+    import torch
+
+    import train
+    from autotune.plan import Plan
+
+    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=cfg["bsz"], chunks=cfg["chunks"],
+                        zero_stage=cfg["zero"], precision=cfg["precision"],
+                        checkpoint=[1] * cfg["ckpt"] + [0] * (num_layers - cfg["ckpt"]), model={"name": model})
+    tmp = tempfile.mkdtemp()
+    plan_path, metrics = os.path.join(tmp, "plan.json"), os.path.join(tmp, "m.jsonl")
+    plan.save(plan_path)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    rec = {"model": model, "config": cfg, "plan": plan.to_json_dict()}
+    try:
+        rc = train.main(["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps),
+                         "--metrics-file", metrics])
+        rec["rc"] = rc
+        with open(metrics) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+        rec["steps"] = [x for x in lines if not x.get("summary")]
+        rec["measured"] = [x for x in lines if x.get("summary")][-1]["measured"]
+    except torch.cuda.OutOfMemoryError as e:
+        rec["error"] = f"out of memory: {str(e).splitlines()[0]}"
+    except Exception as e:  # noqa: BLE001 - a sweep records failures and goes on
+        rec["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        _cleanup()
+    rec["wall_s"] = time.time() - t0
+    return rec
+
+
+def _cleanup() -> None:
+    import torch
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state
+        parallel_state.destroy_model_parallel()
+    except Exception:  # noqa: BLE001
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="bert-large,vit-large,swin-base,t5-large")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--limit", type=int, default=None, help="at most this many configurations per model")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    from model_zoo import get_model_spec
+
+    for model in args.models.split(","):
+        n = get_model_spec(model).num_layers
+        for cfg in configs(model, n)[: args.limit]:
+            rec = run_one(model, cfg, args.steps, n)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            m = rec.get("measured") or {}
+            print(f"[sweep] {model} {cfg} -> {m.get('step_time_s', rec.get('error'))} s, "
+                  f"peak {m.get('stage_peak_memory_mb')} MB, {m.get('samples_per_s')} samples/s "
+                  f"({rec['wall_s']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
