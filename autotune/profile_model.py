@@ -493,6 +493,7 @@ class LayerHooks:
         self.marks: list[tuple[str, Any]] = []
         self.region = "first"
         self.shared_keys: set = set()
+        self.shared_refs: list[torch.Tensor] = []
         self.posts = 0
         self.handles = []
         for m in layers:
@@ -507,6 +508,7 @@ class LayerHooks:
         if not args and kwargs:  # called with keywords only: the hidden state is the first keyword
             tensors = tensors[1:]
         self.shared_keys |= {_key(t) for t in tensors}
+        self.shared_refs += tensors   # alive until reset, so no later tensor can reuse a recorded address
         self.region = "layer"
 
     def _post(self, module, args, out):
@@ -519,7 +521,7 @@ class LayerHooks:
             h.remove()
 
     def reset(self) -> None:
-        self.marks, self.region, self.shared_keys, self.posts = [], "first", set(), 0
+        self.marks, self.region, self.shared_keys, self.shared_refs, self.posts = [], "first", set(), [], 0
 
 
 def split_times(marks: list[tuple[str, Any]], start: Any, fwd_end: Any, bwd_end: Any, clock: Clock) -> dict:
@@ -570,9 +572,9 @@ def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> d
     bwd_end = clock.mark()
     clock.sync()
     t = split_times(hooks.marks, start, fwd_end, bwd_end, clock)
-    if ctx.between_is_other:
-        t[f"{BETWEEN_PART}_fwd"] += t["between_fwd"]
-        t[f"{BETWEEN_PART}_bwd"] += t["between_bwd"]
+    part = BETWEEN_PART if ctx.between_is_other else "layers"
+    t[f"{part}_fwd"] += t["between_fwd"]
+    t[f"{part}_bwd"] += t["between_bwd"]
     return t
 
 
@@ -582,11 +584,13 @@ def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> di
     params = {_key(t) for t in list(ctx.model.parameters()) + list(ctx.model.buffers())}
     batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
     found: dict[tuple, tuple[str, int]] = {}
+    keep: list[torch.Tensor] = []   # a freed storage's address could be reused and then missed
     hooks.reset()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         k = _key(t)
         if k not in params and k not in found:
+            keep.append(t)
             region = hooks.region
             if region == "layer" and k in hooks.shared_keys:
                 region = "between"   # a layer saving an input all layers share (T5's encoder output)
@@ -596,6 +600,7 @@ def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> di
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = ctx.model(**batch).loss
     del loss
+    keep.clear()
     out = {"first": 0, "layer": 0, "last": 0, "between": 0}
     for region, n in found.values():
         out[region] += n
@@ -644,7 +649,7 @@ def build_task_model(spec, config: Any, opts: Options, classes: set[type], vocab
         cfg.vocab_size = vocab
     with torch.device(opts.device):
         model = task_model_class(spec.task).from_config(cfg)
-    model = model.to(dtype=opts.dtype).train()
+    model = model.to(device=opts.device, dtype=opts.dtype).train()
     present = {type(m) for m in model.modules()}
     return OtherContext(model, find_layers(model, classes & present, spec.num_layers), spec.task, tuple(spec.seq_lens),
                         vocab, between_is_other=classes <= present)
@@ -653,7 +658,7 @@ def build_task_model(spec, config: Any, opts: Options, classes: set[type], vocab
 def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: "Progress", vtp: int,
                  notes: list[str]) -> dict:
     points: dict[str, list[float]] = {"first_fwd": [], "first_bwd": [], "last_fwd": [], "last_bwd": [],
-                                      "between_fwd": [], "between_bwd": []}
+                                      "between_fwd": [], "between_bwd": [], "layers_fwd": [], "layers_bwd": []}
     done = []
     for b in opts.batch_sizes:
         try:
@@ -676,6 +681,8 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
     for part in ("first", "last"):
         times = {"fwd": points[f"{part}_fwd"], "bwd": points[f"{part}_bwd"]}
         e = {"batch_sizes": done, "time_ms": times, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items()}}
+        if part == "first":   # all layers as they run inside the task model: a check of the isolated timings
+            e["in_model_layers_ms"] = {"fwd": points["layers_fwd"], "bwd": points["layers_bwd"]}
         if part == BETWEEN_PART:
             e["between_layers_ms"] = {"fwd": points["between_fwd"], "bwd": points["between_bwd"],
                                       "included": ctx.between_is_other}
@@ -819,7 +826,25 @@ def run(args: argparse.Namespace) -> ModelProfile:
                            source=source_info(opts, time.time() - t0), layer_types=layer_types, other=other,
                            vocab_size=int(spec.other.vocab_size), notes=notes)
     profile.fit_error = pooled_fit_error(profile)
+    profile.notes += layer_time_check(profile, spec)
     return profile
+
+
+def layer_time_check(p: ModelProfile, spec) -> list[str]:
+    """Sum of the isolated tp=1 layer fits over the model's layers vs the layers timed inside the task model."""
+    first = p.other.get("first", {}).get(1)
+    if first is None or not all(1 in p.layer_types.get(lt.name, LayerTypeProfile("", 0, 0, None)).tp
+                                for lt in spec.layer_types):
+        return []
+    out = []
+    bs = first.raw.get("batch_sizes", [])
+    for kind in ("fwd", "bwd"):
+        pairs = []
+        for b, t in zip(bs, first.raw["in_model_layers_ms"][kind]):
+            iso = sum(p.layer_time_ms(spec.layer(i).name, 1, b, kind) for i in range(spec.num_layers))
+            pairs.append(f"b={b}: {iso:.2f} vs {t:.2f} ms ({(iso - t) / t:+.1%})")
+        out.append(f"{kind} of all layers, isolated-layer fits vs timed inside the task model: " + "; ".join(pairs))
+    return out
 
 
 def summary(p: ModelProfile) -> str:
