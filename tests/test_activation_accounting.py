@@ -73,10 +73,10 @@ def _real_cases():
                 yield pytest.param(name, i, id=f"{name}-{lt.name}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,precision", [("cpu", "fp32")] + [("cuda", p) for p in ("bf16", "fp32")
+                                                                   if "cuda" in DEVICES])
 @pytest.mark.parametrize("name,index", list(_real_cases()))
-def test_real_size_layers(name: str, index: int, device: str):
-    precision = "bf16" if device == "cuda" else "fp32"
+def test_real_size_layers(name: str, index: int, device: str, precision: str):
     spec = get_model_spec(name, precision=precision, device=device)
     config = load_hf_config(name)
     module = family_module(config.model_type)

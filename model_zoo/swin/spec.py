@@ -144,7 +144,7 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
 
 def block_fixed(st: Stage, shifted: bool, precision: str, device: str) -> ActTally:
     """Saved once per micro-batch: CUDA's memory-efficient kernel keeps the unshifted layer's relative
-    position bias (1, heads, N, N, last dim padded to 16) and its RNG state; the CPU math kernel nothing."""
+    position bias (1, heads, N, N, last dim padded to 8) and its RNG state; the CPU math kernel nothing."""
     t = ActTally()
     if sdpa_kernel(device, precision, bias_requires_grad=True) == "efficient" and not shifted:
         N = st.window * st.window

@@ -124,7 +124,7 @@ def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision
     Self-attention: HF hands SDPA a contiguous copy of the (permuted) position bias per layer, and the
     decoder a causal torch.where of it (whose bool condition is kept); CUDA's memory-efficient kernel
     keeps that mask. Cross-attention: the zero bias is shared (counted nowhere: no batch dimension);
-    the fp32 memory-efficient kernel keeps a padded copy when the encoder length is not 16-aligned.
+    the fp32 memory-efficient kernel keeps a padded copy when the encoder length is not 8-aligned.
     Every CUDA attention call keeps its RNG seed and offset. fp16: each clamp keeps its bounds (two fp32
     scalars).
     """
