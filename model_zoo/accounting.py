@@ -79,9 +79,6 @@ INT64 = 8   # token ids kept by embedding lookups and losses
 # "gelu_new" (T5 v1.1) saves input, tanh output, 0.5*x and 1+tanh (4 tensors).
 ACTIVATION_EXTRA_SAVES = {"relu": 0, "gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "gelu_new": 4}
 
-DEVICES = ("cuda", "cpu")
-
-
 @dataclass
 class ActTally:
     """Bytes per sample saved for backward, split into what Megatron TP replicates and what it shards.

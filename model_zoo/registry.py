@@ -102,7 +102,8 @@ PRESETS: dict[str, Preset] = {
     "swin-test": Preset("swin", dict(model_type="swin", embed_dim=32, depths=[2, 2], num_heads=[4, 8], window_size=4,
                                      image_size=32, patch_size=2, num_labels=10, drop_path_rate=0.0,
                                      **_NO_DROPOUT_VISION),
-                        "image-classification", None, "tiny test model (dropout 0, 32 px, shifted windows in both stages)"),
+                        "image-classification", None,
+                        "tiny test model (dropout 0, 32 px, shifted windows in both stages)"),
 }
 
 

@@ -99,7 +99,8 @@ def _task_model(name: str, spec):
     from transformers import (BertForMaskedLM, BertForSequenceClassification, SwinForImageClassification,
                               T5ForConditionalGeneration, ViTForImageClassification)
     classes = {("bert", "mlm"): BertForMaskedLM, ("bert", "text-classification"): BertForSequenceClassification,
-               ("t5", "seq2seq"): T5ForConditionalGeneration, ("vit", "image-classification"): ViTForImageClassification,
+               ("t5", "seq2seq"): T5ForConditionalGeneration,
+               ("vit", "image-classification"): ViTForImageClassification,
                ("swin", "image-classification"): SwinForImageClassification}
     torch.manual_seed(0)
     return classes[(spec.family, spec.task)](load_hf_config(name)).train()

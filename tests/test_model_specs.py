@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (AutoConfig, BertForMaskedLM, BertForSequenceClassification, SwinForImageClassification,
+from transformers import (BertForMaskedLM, BertForSequenceClassification, SwinForImageClassification,
                           T5ForConditionalGeneration, ViTForImageClassification)
 
 from model_zoo import FAMILIES, PRESETS, ModelInputError, get_model_spec, load_hf_config
@@ -20,7 +20,8 @@ from model_zoo.registry import family_module
 from model_zoo.swin.spec import layer_kinds
 
 TASK_CLASSES = {("bert", "mlm"): BertForMaskedLM, ("bert", "text-classification"): BertForSequenceClassification,
-                ("t5", "seq2seq"): T5ForConditionalGeneration, ("vit", "image-classification"): ViTForImageClassification,
+                ("t5", "seq2seq"): T5ForConditionalGeneration,
+                ("vit", "image-classification"): ViTForImageClassification,
                 ("swin", "image-classification"): SwinForImageClassification}
 TEST_PRESETS = ("bert-test", "t5-test", "vit-test", "swin-test")
 

@@ -86,7 +86,7 @@ def embedding_params(config: BertConfig, vtp: int) -> int:
 
 
 def head_params(config: BertConfig, task: str, vtp: int) -> int:
-    """mlm: transform dense + LN, tied decoder weight (listed in tied_params too), vocab bias; cls: pooler + classifier."""
+    """mlm: transform dense + LN, tied decoder weight (also in tied_params), vocab bias; cls: pooler + classifier."""
     H = config.hidden_size
     if task == "mlm":
         V = pad_vocab(config.vocab_size, vtp)

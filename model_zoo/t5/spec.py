@@ -7,8 +7,10 @@ Task: "seq2seq" (T5ForConditionalGeneration). Conventions that make the layers i
 - The first stage embeds both the encoder and the decoder tokens (one shared, tied embedding), so every
   stage boundary carries both streams: (S_enc + S_dec) * d_model values per sample.
 - Tensors every decoder layer reads but none owns are counted once in OtherModules (last stage): the
-  encoder output (cross-attention keys/values input). The position biases and the causal mask have no
-  batch dimension (one per micro-batch, not per sample) and are not in the per-sample numbers.
+  encoder output (cross-attention keys/values input). With decoder layers on several pipeline stages
+  each of those stages holds its own copy; the spec cannot say so and counts it once.
+- Tensors without a batch dimension (per-layer position-bias copies, the causal mask, SDPA RNG state)
+  are in LayerType.act_fixed_bytes (once per micro-batch), not in the per-sample act_bytes.
 - The encoder's final norm is counted with the last stage's other modules (its d_model weights; its
   activations are those of the encoder output it produces).
 """
@@ -171,7 +173,8 @@ def _lm_head_tied(config: T5Config) -> bool:
 
 def first_params(config: T5Config, vtp: int) -> int:
     """Shared embedding (padded vocab) and both relative-attention-bias tables (buckets x heads)."""
-    return pad_vocab(config.vocab_size, vtp) * config.d_model + 2 * config.relative_attention_num_buckets * config.num_heads
+    tables = 2 * config.relative_attention_num_buckets * config.num_heads
+    return pad_vocab(config.vocab_size, vtp) * config.d_model + tables
 
 
 def last_params(config: T5Config, vtp: int) -> int:
