@@ -64,7 +64,9 @@ def run_case(adapter, config, task, state, plan: Plan, args, seq_len) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", required=True, help="JSON list of {model, task?, plan: Plan.uniform kwargs}")
+    p.add_argument("--cases", required=True,
+                   help="JSON list of {model, task?, seq_len?, plan: Plan.uniform kwargs}; model: a preset or an HF "
+                        "config path; seq_len (default: the preset's) e.g. [32, 16] for T5")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=8)
@@ -82,8 +84,8 @@ def main() -> None:
         config = load_hf_config(name)
         adapter = get_adapter(FAMILIES[config.model_type])
         task = adapter.check_task(case.get("task"))
-        seq_len = PRESETS[name].seq_len if name in PRESETS else None
-        key = f"{name}/{task}"
+        seq_len = case.get("seq_len") or (PRESETS[name].seq_len if name in PRESETS else None)
+        key = f"{name}/{task}" + (f"/{case['seq_len']}" if case.get("seq_len") else "")
         if key not in models:
             torch.manual_seed(SEED)
             state = adapter.build_model(config, task).state_dict()      # the one full state dict
