@@ -21,7 +21,9 @@ The runtime (backends/, train.py) never knows a family by name. It asks the fami
    The sequence ends in `loss_fn(head_output, labels) -> scalar` (mean over the micro-batch).
    Entries that must share a weight across the first and last stage (tied word embeddings) carry
    the same `tie_key` and the same module object; for pp > 1 DeepSpeed keeps one copy per stage
-   and all-reduces their gradients (TiedLayerSpec).
+   and all-reduces their gradients (TiedLayerSpec). Give the first occurrence no `forward_fn`
+   (the module's own forward is its first use): DeepSpeed checkpoints a pipeline layer only when it
+   is a module, not a function.
 4. `synthetic_batch(config, task, num_samples, seed, step, seq_len)`: the global batch at a step, made on CPU
    from (seed, step) only, so every plan and world size sees the same data. Samples must carry the
    same number of labelled targets each (e.g. a fixed count of masked tokens) so that the mean of

@@ -7,7 +7,7 @@ DeepSpeed's pipeline grid is given the same rank layout as Megatron-core's paral
 """
 from __future__ import annotations
 
-import torch.distributed as dist
+import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import nn
@@ -48,6 +48,12 @@ class PlanPipelineModule(PipelineModule):
     def __init__(self, layers: list, parts: list[int], **kwargs):
         self._plan_parts = list(parts)
         super().__init__(layers, partition_method="plan", **kwargs)
+
+    def _synchronize_tied_weights(self) -> None:
+        # DeepSpeed broadcasts the tied weights in place; outside no_grad autograd records the
+        # broadcast on the parameter (warning "c10d::broadcast_ ... autograd kernel was not registered").
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
 
     def _partition_layers(self, method: str = "plan") -> None:
         self.parts = list(self._plan_parts)

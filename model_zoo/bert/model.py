@@ -26,16 +26,39 @@ TASK_CLASSES = {"mlm": BertForMaskedLM, "text-classification": BertForSequenceCl
 
 
 # ---------------------------------------------------------------------------------------------- entries
-def embed_words(word_embeddings: nn.Module, inputs: tuple) -> tuple:
-    input_ids, token_type_ids, attention_mask = inputs
-    return word_embeddings(input_ids), token_type_ids, attention_mask
-
-
-def lm_logits(decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits without bias from the decoder weight (the word embedding when tied)."""
+def _logits(decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits without bias from a [vocab, hidden] weight (vocab-parallel when TP-sharded)."""
     if isinstance(decoder, VocabEmbedding):
         return vocab_parallel_logits(hidden, decoder, None)
     return F.linear(hidden, decoder.weight)
+
+
+class WordEmbed(nn.Module):
+    """The word embedding as its own entry; with a tied MLM decoder it is the module both stages share."""
+
+    def __init__(self, word_embeddings: nn.Module):
+        super().__init__()
+        self.word_embeddings = word_embeddings
+
+    def forward(self, inputs: tuple) -> tuple:
+        input_ids, token_type_ids, attention_mask = inputs
+        return self.word_embeddings(input_ids), token_type_ids, attention_mask
+
+
+def tied_lm_logits(embed: WordEmbed, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLM decoder's use of the tied word embedding (its second place, on the last stage)."""
+    return _logits(embed.word_embeddings, hidden)
+
+
+class LMDecoder(nn.Module):
+    """An untied MLM decoder weight."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _logits(self.decoder, hidden)
 
 
 class EmbedRest(nn.Module):
@@ -134,19 +157,23 @@ class BertAdapter(FamilyAdapter):
         words = emb.word_embeddings
         del emb.word_embeddings            # now its own entry; BertEmbeddings is called with inputs_embeds
         layers = [PipeEntry(LayerEntry(layer, config), "layer") for layer in model.bert.encoder.layer]
+        word_embed = WordEmbed(words)
         if task == "mlm":
             preds = model.cls.predictions
             tied = preds.decoder.weight is words.weight
-            decoder = words if tied else preds.decoder
             bias = preds.decoder.bias if isinstance(preds.decoder, nn.Linear) else preds.bias
-            key = "word_embeddings" if tied else None
-            embed = [PipeEntry(words, "embed", tie_key=key, forward_fn=embed_words)]
-            head = [PipeEntry(MLMTransform(preds.transform), "head"),
-                    PipeEntry(decoder, "head", tie_key=key, forward_fn=lm_logits),
-                    PipeEntry(AddBias(bias), "head")]
-            loss_fn = _mlm_loss(decoder, config.vocab_size)
+            if tied:
+                embed = [PipeEntry(word_embed, "embed", tie_key="word_embeddings",
+                                   tied_weight_attr="word_embeddings.weight")]
+                logits = PipeEntry(word_embed, "head", tie_key="word_embeddings", forward_fn=tied_lm_logits,
+                                   tied_weight_attr="word_embeddings.weight")
+            else:
+                embed = [PipeEntry(word_embed, "embed")]
+                logits = PipeEntry(LMDecoder(preds.decoder), "head")
+            head = [PipeEntry(MLMTransform(preds.transform), "head"), logits, PipeEntry(AddBias(bias), "head")]
+            loss_fn = _mlm_loss(words if tied else preds.decoder, config.vocab_size)
         else:
-            embed = [PipeEntry(words, "embed", forward_fn=embed_words)]
+            embed = [PipeEntry(word_embed, "embed")]
             head = [PipeEntry(ClassifierHead(model.bert.pooler, model.dropout, model.classifier), "head")]
             loss_fn = classification_loss(config.num_labels)
         embed.append(PipeEntry(EmbedRest(emb), "embed"))
