@@ -150,6 +150,21 @@ def family_module(model_type: str):
     return importlib.import_module(f"model_zoo.{FAMILIES[model_type]}")
 
 
+# HF architecture names (config.architectures of a checkpoint) -> the task they were saved for.
+ARCHITECTURE_TASKS = {"BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
+                      "BertForSequenceClassification": "text-classification"}
+
+
+def default_task(config: PretrainedConfig, preset: Preset | None) -> str:
+    """The preset's task, else the one the checkpoint's architecture was saved for, else the family's."""
+    if preset is not None:
+        return preset.task
+    for arch in getattr(config, "architectures", None) or ():
+        if arch in ARCHITECTURE_TASKS:
+            return ARCHITECTURE_TASKS[arch]
+    return TASKS[FAMILIES[config.model_type]][1]
+
+
 def _check_task(family: str, task: str | None, default: str) -> str:
     tasks, _ = TASKS[family]
     task = task or default
@@ -181,7 +196,7 @@ def get_model_spec(name_or_path: str | Path, precision: str = "bf16", seq_len: i
     module = family_module(config.model_type)
     family = FAMILIES[config.model_type]
     preset = PRESETS.get(str(name_or_path))
-    task = _check_task(family, task, preset.task if preset else TASKS[family][1])
+    task = _check_task(family, task, default_task(config, preset))
     if seq_len is None and preset is not None:
         seq_len = preset.seq_len
     return module.describe(config, precision, seq_len, task, name=str(name_or_path), device=device)

@@ -173,6 +173,8 @@ def test_load_from_config_file_and_checkpoint_folder(tmp_path):
         assert spec.layer_types == reference.layer_types
         assert spec.other == reference.other
         assert spec.family == "bert" and spec.task == "mlm"
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+    assert get_model_spec(tmp_path / "cls").task == "text-classification"     # from config.architectures
 
 
 def test_seq_len_overrides():
