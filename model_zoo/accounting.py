@@ -1,8 +1,10 @@
-"""Measure the activation memory a forward pass keeps for backward.
+"""Activation memory kept for backward: a measurement and the analytic pieces the family specs use.
 
-Used by the activation-accounting tests (to check the analytic formulas in model_zoo/<family>/spec.py)
-and by the model profiler. It counts what autograd *saves* (via `saved_tensors_hooks`), not what the
-allocator holds, so it works the same on CPU, CUDA and the meta device.
+`saved_tensor_bytes` / `saved_tensors` measure what autograd *saves* (via `saved_tensors_hooks`), not
+what the allocator holds, so they work the same on CPU and CUDA (not on the meta device: its storages
+have no addresses). The activation-accounting tests use them to check model_zoo/<family>/spec.py, and
+the model profiler can reuse them. The rest of this file holds the shared formulas (LayerNorm, SDPA
+kernels, dropout masks, TP split) so that every family counts the same piece the same way.
 """
 from __future__ import annotations
 
