@@ -256,6 +256,20 @@ class CostModel:
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
                             **states_detail})
 
+    def redistribution_s(self, lt: LayerType, prev: LayerStrategy, nxt: LayerStrategy, setting: Setting) -> float:
+        """Per-step cost of re-laying out the activation between two layers with different TP layouts.
+
+        Galvatron's relocation: split along the batch over the smaller TP group (free), all-gather over
+        the larger one (forward when TP grows, backward when it shrinks); one all-gather of the larger
+        group's micro-batch per micro-batch. A layout change at equal TP is charged the same gather.
+        """
+        if (prev.tp, prev.tp_consecutive) == (nxt.tp, nxt.tp_consecutive):
+            return 0.0
+        big = nxt if nxt.tp >= prev.tp else prev
+        (tp, consec, stride), _ = self.groups(setting, big)
+        b = setting.micro_batch(big.tp)
+        return setting.chunks * self.gather_s(lt.boundary_bytes * b, tp, consec, stride)
+
     # ------------------------------------------------------------------ embeddings and heads
     def other_cost(self, part: str, setting: Setting, stage: int, vtp: int) -> Cost:
         """Embeddings (`part`='first') or head + loss ('last'); with pp=1 both sit on stage 0."""

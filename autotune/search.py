@@ -27,7 +27,7 @@ from autotune.dp import solve_stage
 from autotune.hardware import Hardware
 from model_zoo.base import ModelSpec, pow2_upto
 
-SPACES = ("uniform", "dp", "zero3", "tp", "pp", "3d", "deepspeed")
+SPACES = ("uniform", "layerwise", "dp", "zero3", "tp", "pp", "3d", "deepspeed")
 BASELINE_SPACES = ("dp", "zero3", "tp", "pp", "3d")
 MAX_CHUNKS = 128
 # DP memory resolution: the stage budget is cut into this many units (see autotune/dp.py).
@@ -39,15 +39,22 @@ class Candidate:
     """One point of the outer search: everything but the per-layer choices."""
 
     pp: int
-    tp: int
+    tp: int                  # 0: chosen per layer by the DP (layer-wise space)
     tp_consecutive: bool
     zero: int
     chunks: int
     global_bsz: int
+    vtp: int = 0             # TP of embeddings and heads; 0: the layers' TP
+
+    @property
+    def layerwise(self) -> bool:
+        return self.tp == 0
 
     def spaces(self, world: int) -> set[str]:
         """Restricted spaces (Galvatron's baselines) this candidate belongs to."""
-        out = {"uniform"}
+        if self.layerwise:
+            return {"layerwise"}
+        out = {"uniform", "layerwise"}
         dp = world // self.pp // self.tp
         if self.pp == 1 and self.tp == 1 and self.zero == 0:
             out.add("dp")
@@ -122,7 +129,48 @@ class Searcher:
                                 c = Candidate(pp, tp, consec, zero, chunks, B)
                                 if self.space in c.spaces(W):
                                     out.append(c)
+        if self.space == "layerwise":
+            out += self.layerwise_candidates(batches)  # after the uniform ones: their bounds prune these
         return out
+
+    def layerwise_candidates(self, batches: list[int]) -> list[Candidate]:
+        """TP chosen per layer; ZeRO <= 2 (the runtime averages replicated gradients per layer group)."""
+        W, L = self.world, self.spec.num_layers
+        out = []
+        for B in batches:
+            for pp in pow2_upto(min(W, L)):
+                per_stage = W // pp
+                if W % pp or len(self.layer_tps(pp)) < 2 or B % per_stage:
+                    continue
+                local = B // per_stage
+                # Vocabulary TP pays for text heads; vision heads are tiny, so they keep vtp = 1.
+                cap = min(per_stage, self.max_tp, 8) if self.spec.other.vocab_size else 1
+                vtps = [t for t in pow2_upto(cap) if t in self.spec.other.params_first]
+                for chunks in (c for c in range(1, min(local, MAX_CHUNKS) + 1) if local % c == 0):
+                    for zero in ([0, 1] if pp > 1 else [0, 1, 2]):
+                        for vtp in vtps:
+                            out.append(Candidate(pp, 0, True, zero, chunks, B, vtp))
+        return out
+
+    def layer_tps(self, pp: int) -> list[int]:
+        """TP degrees some layer type accepts inside a stage of W/pp ranks."""
+        cap = min(self.world // pp, self.max_tp)
+        return [t for t in pow2_upto(cap) if any(lt.tp_ok(t) for lt in self.spec.layer_types)]
+
+    def layerwise_strategies(self, pp: int) -> tuple[list[LayerStrategy], np.ndarray]:
+        """Every (TP, layout, checkpoint) of a stage, and the layout group of each (for the DP)."""
+        per_stage = self.world // pp
+        layouts = []
+        for t in self.layer_tps(pp):
+            layouts.append((t, True))
+            if 1 < t < per_stage:
+                layouts.append((t, False))
+        strategies, groups = [], []
+        for g, (t, consec) in enumerate(layouts):
+            for ck in ([False, True] if self.allow_checkpoint else [False]):
+                strategies.append(LayerStrategy(t, consec, ck))
+                groups.append(g)
+        return strategies, np.array(groups)
 
     # ------------------------------------------------------------------ partitions
     def partitions(self, cand: Candidate, setting: Setting) -> list[list[int]]:
@@ -130,14 +178,14 @@ class Searcher:
         pp, L = cand.pp, self.spec.num_layers
         if pp == 1:
             return [[L]]
-        key = (pp, cand.tp, cand.tp_consecutive, cand.zero, setting.micro_batch(cand.tp), min(cand.chunks, pp))
+        key = (pp, cand.tp, cand.tp_consecutive, cand.zero, setting.micro_batch(cand.tp or 1), min(cand.chunks, pp))
         if key not in self._partition_cache:
             self._partition_cache[key] = self._partitions(cand, setting)
         return self._partition_cache[key]
 
     def _partitions(self, cand: Candidate, setting: Setting) -> list[list[int]]:
         pp, L = cand.pp, self.spec.num_layers
-        base = LayerStrategy(cand.tp, cand.tp_consecutive, False)
+        base = LayerStrategy(cand.tp or 1, cand.tp_consecutive, False)
         per_layer = [self.layer_costs(self.spec.layer_order[i], [base], setting, 0)[0] for i in range(L)]
         times = [c.microbatch_s for c in per_layer]
         states = [c.states_bytes for c in per_layer]
@@ -161,14 +209,18 @@ class Searcher:
     # ------------------------------------------------------------------ evaluate one candidate
     def evaluate(self, cand: Candidate, bound: float = math.inf) -> Evaluated | None:
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
-                          self.spec.precision, vtp=cand.tp)
+                          self.spec.precision, vtp=cand.vtp or cand.tp)
         self._cost_cache = {}  # entries are keyed by the setting: nothing carries over to the next candidate
-        strategies = [LayerStrategy(cand.tp, cand.tp_consecutive, False)]
-        if self.allow_checkpoint:
-            strategies.append(LayerStrategy(cand.tp, cand.tp_consecutive, True))
+        groups = None
+        if cand.layerwise:
+            strategies, groups = self.layerwise_strategies(cand.pp)
+        else:
+            strategies = [LayerStrategy(cand.tp, cand.tp_consecutive, False)]
+            if self.allow_checkpoint:
+                strategies.append(LayerStrategy(cand.tp, cand.tp_consecutive, True))
         best = None
         for division in self.partitions(cand, setting):
-            res = self.evaluate_division(cand, setting, division, strategies, bound=bound)
+            res = self.evaluate_division(cand, setting, division, strategies, bound=bound, groups=groups)
             if res is not None and (best is None or res.step_time_s < best.step_time_s):
                 best = res
                 bound = min(bound, res.step_time_s / cand.global_bsz)
@@ -176,7 +228,7 @@ class Searcher:
 
     def evaluate_division(self, cand: Candidate, setting: Setting, division: list[int],
                           strategies: list[LayerStrategy], forced: list[int] | None = None,
-                          bound: float = math.inf) -> Evaluated | None:
+                          bound: float = math.inf, groups: np.ndarray | None = None) -> Evaluated | None:
         """Best per-layer choices for one pp_division; with `forced` (strategy index per layer) only
         predict that assignment, whether or not it fits. Returns None when nothing fits, or when even
         the fastest choice per layer (memory ignored) cannot beat `bound` seconds per sample."""
@@ -187,7 +239,8 @@ class Searcher:
             start += n
             costs = [self.layer_costs(self.spec.layer_order[i], strategies, setting, k) for i in layers]
             p2p = self.cm.p2p_stage_s(setting, k, self.spec.layer(layers[0]).boundary_bytes,
-                                      self.spec.layer(layers[-1]).boundary_bytes, setting.micro_batch(cand.tp))
+                                      self.spec.layer(layers[-1]).boundary_bytes,
+                                      setting.micro_batch(cand.tp or min(s.tp for s in strategies)))
             stages.append((layers, costs, self.stage_fixed(setting, k, costs), p2p))
         if forced is None and bound < math.inf:
             fastest = [sum_costs([min(row, key=lambda c: c.time_s) for row in costs] + fixed["others"])
@@ -201,7 +254,8 @@ class Searcher:
                 res = [forced[i] for i in layers]
             else:
                 free = self.budget - fixed["bytes"]
-                res = self.solve(costs, free) if free > 0 else None
+                switch = self.switch_costs(layers, strategies, groups, setting) if groups is not None else None
+                res = self.solve(costs, free, switch, groups) if free > 0 else None
                 if res is None:
                     return None
             picks = [costs[j][s] for j, s in enumerate(res)]
@@ -215,7 +269,10 @@ class Searcher:
             }
             mem["total_mb"] = sum(mem.values())
             stage_mem.append(mem)
-            stage_costs.append(sum_costs(picks + fixed["others"]))
+            total = sum_costs(picks + fixed["others"])
+            total.compute_s += sum(self.cm.redistribution_s(self.spec.layer(layers[j]), strategies[res[j - 1]],
+                                                            strategies[res[j]], setting) for j in range(1, len(res)))
+            stage_costs.append(total)
         step = self.cm.pipeline_time(setting, stage_costs, [st[3] for st in stages])
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
                          cand.spaces(self.world))
@@ -226,8 +283,29 @@ class Searcher:
         hit = self._cost_cache.get(key)
         if hit is None:
             lt = self.spec.layer_types[type_index]
-            hit = self._cost_cache[key] = [self.cm.layer_cost(lt, s, setting, stage) for s in strategies]
+            hit = self._cost_cache[key] = [self.cm.layer_cost(lt, s, setting, stage) if self.usable(lt, s, setting)
+                                           else UNUSABLE for s in strategies]
         return hit
+
+    @staticmethod
+    def usable(lt, s: LayerStrategy, setting: Setting) -> bool:
+        """The layer accepts the TP degree and the micro-batch is a whole number of samples."""
+        b = setting.micro_batch(s.tp)
+        return lt.tp_ok(s.tp) and b >= 1 and b == int(b)
+
+    def switch_costs(self, layers: list[int], strategies: list[LayerStrategy], groups: np.ndarray,
+                     setting: Setting) -> np.ndarray:
+        """[layers, G, G] redistribution cost between layout groups on each edge (0 into the first)."""
+        G = int(groups.max()) + 1
+        rep = [strategies[int(np.flatnonzero(groups == g)[0])] for g in range(G)]
+        out = np.zeros((len(layers), G, G))
+        for j in range(1, len(layers)):
+            lt = self.spec.layer(layers[j])
+            for a in range(G):
+                for b in range(G):
+                    if a != b:
+                        out[j, a, b] = self.cm.redistribution_s(lt, rep[a], rep[b], setting)
+        return out
 
     def stage_fixed(self, setting: Setting, k: int, costs: list[list[Cost]]) -> dict:
         """Memory of a stage that does not depend on the per-layer choices."""
@@ -236,33 +314,43 @@ class Searcher:
             others.append(self.cm.other_cost("first", setting, k, setting.vtp))
         if k == setting.pp - 1:
             others.append(self.cm.other_cost("last", setting, k, setting.vtp))
-        stage_params = sum(o.detail["shard_params"] for o in others) + sum(c[0].detail["shard_params"] for c in costs)
+        usable = [[c for c in row if c is not UNUSABLE] for row in costs]
+        # Bucket and transient sizes take the largest over the usable choices: they do not depend on the DP.
+        stage_params = sum(o.detail["shard_params"] for o in others) + \
+            sum(max(c.detail["shard_params"] for c in row) for row in usable)
         buffers = self.cm.zero_buffer_bytes(setting, stage_params)
-        transient = max([c[0].transient_bytes for c in costs] + [o.transient_bytes for o in others])
+        transient = max([max(c.transient_bytes for c in row) for row in usable] + [o.transient_bytes for o in others])
         offset = self.cm.cal.memory_offset_mb * MB  # calibrated per-rank memory the model lacks
         fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient + offset
         return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient, "offset": offset}
 
-    def solve(self, costs: list[list[Cost]], free_bytes: float) -> list[int] | None:
-        n, S = len(costs), len(costs[0])
+    def solve(self, costs: list[list[Cost]], free_bytes: float, switch: np.ndarray | None = None,
+              groups: np.ndarray | None = None) -> list[int] | None:
         unit = max(free_bytes / DP_UNITS, 1.0)
+        V = int(free_bytes // unit)
         t = np.array([[c.time_s for c in row] for row in costs])
-        v = np.array([[int(np.ceil((c.states_bytes + c.act_bytes) / unit)) for c in row] for row in costs])
-        res = solve_stage(t, v, int(free_bytes // unit))
+        v = np.array([[V + 1 if math.isinf(c.states_bytes) else min(V + 1, math.ceil((c.states_bytes + c.act_bytes) / unit))
+                       for c in row] for row in costs])
+        res = solve_stage(t, v, V, switch, groups)
         return None if res is None else res.choice
 
     def predict(self, plan) -> Evaluated:
-        """Time and memory of a given plan (uniform TP), fits or not: for dry-run checks and validation."""
-        if not plan.uniform_tp:
-            raise SearchError("predicting per-layer TP plans needs --space layerwise support; "
-                              "use a plan with one TP degree and layout")
-        tp, consec = plan.tp_sizes_enc[0], bool(plan.tp_consecutive_flags[0])
-        cand = Candidate(plan.pp_deg, tp, consec, plan.zero_stage, plan.chunks, plan.global_bsz)
+        """Time and memory of a given plan, fits or not: for dry-run checks and validation."""
+        per_layer = [LayerStrategy(t, bool(c), bool(k)) for t, c, k in
+                     zip(plan.tp_sizes_enc, plan.tp_consecutive_flags, plan.checkpoint)]
+        strategies = sorted(set(per_layer), key=lambda s: (s.tp, not s.tp_consecutive, s.checkpoint))
+        layouts = sorted({(s.tp, s.tp_consecutive) for s in strategies})
+        groups = np.array([layouts.index((s.tp, s.tp_consecutive)) for s in strategies])
+        uniform = len(layouts) == 1
+        tp0, consec0 = layouts[0]
+        cand = Candidate(plan.pp_deg, tp0 if uniform else 0, consec0 if uniform else True, plan.zero_stage,
+                         plan.chunks, plan.global_bsz, plan.vtp)
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz, self.spec.precision,
                           vtp=plan.vtp)
         self._cost_cache = {}
-        strategies = [LayerStrategy(tp, consec, False), LayerStrategy(tp, consec, True)]
-        return self.evaluate_division(cand, setting, list(plan.pp_division), strategies, forced=list(plan.checkpoint))
+        forced = [strategies.index(s) for s in per_layer]
+        return self.evaluate_division(cand, setting, list(plan.pp_division), strategies, forced=forced,
+                                      groups=None if uniform else groups)
 
     # ------------------------------------------------------------------ driver
     def run(self, batches: list[int], progress: bool = False, prune: bool = True) -> list[Evaluated]:
@@ -317,6 +405,11 @@ class Incumbents:
         self.by_key[key] = min(self.by_key.get(key, math.inf), t)
         for sp in ev.spaces:
             self.space_best[sp] = min(self.space_best.get(sp, math.inf), t)
+
+
+# A strategy a layer cannot take (TP not dividing its heads, fractional micro-batch).
+UNUSABLE = Cost(compute_s=math.inf, states_bytes=math.inf, act_bytes=math.inf, transient_bytes=0.0,
+                detail={"shard_params": 0.0})
 
 
 def sum_costs(costs: list[Cost]) -> Cost:
@@ -394,10 +487,10 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
                 tp_consecutive_flags=[int(s.tp_consecutive) for s in ev.strategies],
                 dp_types_enc=[1 if c.zero == 3 else 0] * n, checkpoint=[int(s.checkpoint) for s in ev.strategies],
                 global_bsz=c.global_bsz, chunks=c.chunks, pp_division=list(ev.pp_division),
-                default_dp_type=STAGE_TO_DP_TYPE[c.zero], vtp=c.tp, zero_stage=c.zero, precision=spec.precision,
+                default_dp_type=STAGE_TO_DP_TYPE[c.zero], vtp=c.vtp or c.tp, zero_stage=c.zero, precision=spec.precision,
                 world_size=hw.world_size,
                 model={"name": spec.name, "family": spec.family, "num_layers": n,
-                       "seq_len": spec.layer(0).seq_len, "params": spec.params_total(c.tp)},
+                       "seq_len": spec.layer(0).seq_len, "params": spec.params_total(c.vtp or c.tp)},
                 cluster={"hardware": hw.name, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
                          "gpu_memory_gb": gpu_memory_gb})
     plan.predicted = {
@@ -418,17 +511,23 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
 
 def strategy_summary(ev: Evaluated, world: int) -> str:
     c = ev.cand
-    dp = world // c.pp // c.tp
-    layout = "" if c.tp == 1 or dp == 1 else ("" if c.tp_consecutive else " strided")
     ckpt = sum(s.checkpoint for s in ev.strategies)
-    return (f"pp={c.pp} tp={c.tp}{layout} dp={dp} zero={c.zero} chunks={c.chunks} bsz={c.global_bsz} "
+    if c.layerwise:
+        tps = sorted({s.tp for s in ev.strategies})
+        par = f"tp=per-layer({'/'.join(map(str, tps))}) vtp={c.vtp}"
+    else:
+        dp = world // c.pp // c.tp
+        layout = "" if c.tp == 1 or dp == 1 else ("" if c.tp_consecutive else " strided")
+        par = f"tp={c.tp}{layout} dp={dp}"
+    return (f"pp={c.pp} {par} zero={c.zero} chunks={c.chunks} bsz={c.global_bsz} "
             f"ckpt={ckpt}/{len(ev.strategies)} division={','.join(map(str, ev.pp_division))}")
 
 
 def baseline_rows(results: list[Evaluated], best: Evaluated, world: int) -> list[dict]:
     """Best plan of each restricted space (Galvatron's baselines) and the searched plan's speed-up."""
     rows = []
-    for space in BASELINE_SPACES + ("deepspeed",):
+    extra = ("uniform",) if best.cand.layerwise else ()
+    for space in extra + BASELINE_SPACES + ("deepspeed",):
         members = [r for r in results if space in r.spaces]
         if not members:
             rows.append({"space": space, "samples_per_s": None, "speedup": None, "plan": "no plan fits"})
@@ -547,7 +646,7 @@ def run_search(args: argparse.Namespace) -> tuple:
     best = results[0]
     plan = to_plan(best, spec, hw, mem)
     seconds = time.perf_counter() - t0
-    rows = baseline_rows(results, best, W) if args.space == "uniform" else []
+    rows = baseline_rows(results, best, W) if args.space in ("uniform", "layerwise") else []
     alts = distinct_alternatives(results, 5)
     plan.search = {"seconds": round(seconds, 3), "space": args.space, "configurations": searcher.evaluated,
                    "memory_resolution": f"stage budget / {DP_UNITS} per DP unit, layers rounded up",

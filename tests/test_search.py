@@ -233,3 +233,35 @@ def test_branch_and_bound_keeps_best_and_baselines(seed):
         W = hw.world_size
         assert [r["samples_per_s"] for r in baseline_rows(pruned, pruned[0], W)] == \
             [r["samples_per_s"] for r in baseline_rows(full, full[0], W)]
+
+
+def test_grouped_dp_matches_brute_force():
+    """Switch costs by layout group (checkpointing free of redistribution), as layer-wise TP uses."""
+    import itertools
+
+    import numpy as np
+    rng = random.Random(3)
+    for _ in range(30):
+        n, G = rng.randint(1, 5), rng.randint(1, 3)
+        groups = np.array([g for g in range(G) for _ in range(2)])   # each layout: plain and checkpointed
+        S = len(groups)
+        cost = np.array([[rng.uniform(0, 10) for _ in range(S)] for _ in range(n)])
+        mem = np.array([[rng.randint(0, 8) for _ in range(S)] for _ in range(n)])
+        sw = np.array([[[0.0 if a == b else rng.uniform(0, 3) for b in range(G)] for a in range(G)] for _ in range(n)])
+        V = rng.randint(0, 30)
+        best = None
+        for combo in itertools.product(range(S), repeat=n):
+            m = sum(mem[i, c] for i, c in enumerate(combo))
+            t = sum(cost[i, c] for i, c in enumerate(combo)) + sum(sw[i, groups[combo[i - 1]], groups[combo[i]]]
+                                                                  for i in range(1, n))
+            if m <= V and (best is None or t < best - 1e-12):
+                best = t
+        res = solve_stage(cost, mem, V, sw, groups)
+        if best is None:
+            assert res is None
+        else:
+            assert res is not None and res.time_s == pytest.approx(best)
+            t = sum(cost[i, c] for i, c in enumerate(res.choice)) + sum(
+                sw[i, groups[res.choice[i - 1]], groups[res.choice[i]]] for i in range(1, n))
+            assert t == pytest.approx(res.time_s)
+            assert sum(mem[i, c] for i, c in enumerate(res.choice)) <= V
