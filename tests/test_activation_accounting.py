@@ -11,8 +11,6 @@ causal masks, relative-position bias, SDPA RNG state), both exactly.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -141,31 +139,24 @@ def test_whole_model_act_bytes(name: str, task: str | None, device: str):
 
 
 # ------------------------------------------------------------------------------------------ TP split
-def _shard_config(name: str, tp: int):
-    """A config whose one layer is exactly one Megatron TP rank's shard: heads/tp, ffn/tp, same width."""
-    config = copy.deepcopy(load_hf_config(name))
-    if config.model_type == "t5":
-        config.num_heads //= tp
-        config.d_ff //= tp
-    else:                                               # vit: head_dim kept explicitly
-        config.head_dim = config.hidden_size // config.num_attention_heads
-        config.num_attention_heads //= tp
-        config.intermediate_size //= tp
-    return config
-
-
-@pytest.mark.parametrize("name,index", [("t5-test", 0), ("t5-test", 1), ("vit-test", 0)])
 @pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name,index", list(_layer_cases()))
 def test_tp_act_bytes_match_a_sharded_layer(name: str, index: int, tp: int):
-    """act_bytes[tp] = what one rank saves when heads and FFN are split tp ways and the rest replicated."""
+    """act_bytes[tp] = what one rank saves when heads and FFN are split tp ways and the rest replicated
+    (the shard built from tp_shard_config: Q/K/V/fc1 narrowed on outputs, proj/fc2 on inputs)."""
     spec = get_model_spec(name, precision="fp32", device="cpu")
-    config = _shard_config(name, tp)
+    config = load_hf_config(name)
     module = family_module(config.model_type)
-    one = _measure_layer(config, module, index, 1, "fp32", _seq(spec))
-    two = _measure_layer(config, module, index, 2, "fp32", _seq(spec))
+    shard = module.tp_shard_config(config, index, tp)
+    one = _measure_layer(shard, module, index, 1, "fp32", _seq(spec))
+    two = _measure_layer(shard, module, index, 2, "fp32", _seq(spec))
     lt = spec.layer_types[index]
     assert two - one == lt.act_bytes[tp]
     assert two == 2 * lt.act_bytes[tp] + lt.act_fixed_bytes[tp]
+    layer = module.make_layer(shard, index)
+    full = module.make_layer(config, index)
+    n_shard, n_full = sum(p.numel() for p in layer.parameters()), sum(p.numel() for p in full.parameters())
+    assert n_full > n_shard > n_full // tp                                 # some parameters stay replicated
 
 
 # ------------------------------------------------------------------------------------------ helper itself

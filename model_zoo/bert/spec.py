@@ -160,10 +160,40 @@ def _sdpa_config(config: BertConfig) -> BertConfig:
 
 
 def make_layer(config: BertConfig, type_index: int = 0) -> torch.nn.Module:
-    """One HF BertLayer (train mode)."""
+    """One HF BertLayer (train mode); one Megatron TP rank's shard of it for a tp_shard_config config."""
     if type_index != 0:
         raise IndexError(f"bert has one layer type, not {type_index}")
-    return BertLayer(_sdpa_config(config)).train()
+    layer = BertLayer(_sdpa_config(config))
+    tp = getattr(config, "tp_shard", 1)
+    if tp > 1:
+        _shard(layer, tp)
+    return layer.train()
+
+
+def tp_shard_config(config: BertConfig, type_index: int, tp: int) -> BertConfig:
+    """A config for which make_layer builds one TP rank's shard (BERT ties head size to hidden / heads,
+    so the shard cannot be a plain config: make_layer narrows the Linears instead)."""
+    if config.num_attention_heads % tp or config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} does not divide {config.num_attention_heads} heads and FFN "
+                         f"{config.intermediate_size}: use a TP degree that does")
+    config = copy.deepcopy(config)
+    config.tp_shard = tp
+    return config
+
+
+def _shard(layer: BertLayer, tp: int) -> None:
+    """Megatron TP rank: Q/K/V and fc1 column-parallel (outputs / tp), proj and fc2 row-parallel (inputs / tp)."""
+    att = layer.attention.self
+    att.num_attention_heads //= tp
+    att.all_head_size //= tp
+    att.query, att.key, att.value = (_narrow(m, out_div=tp) for m in (att.query, att.key, att.value))
+    layer.attention.output.dense = _narrow(layer.attention.output.dense, in_div=tp)
+    layer.intermediate.dense = _narrow(layer.intermediate.dense, out_div=tp)
+    layer.output.dense = _narrow(layer.output.dense, in_div=tp)
+
+
+def _narrow(linear: torch.nn.Linear, in_div: int = 1, out_div: int = 1) -> torch.nn.Linear:
+    return torch.nn.Linear(linear.in_features // in_div, linear.out_features // out_div, bias=linear.bias is not None)
 
 
 def layer_inputs(config: BertConfig, type_index: int, batch: int, device: torch.device | str, dtype: torch.dtype,

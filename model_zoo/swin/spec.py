@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import SwinConfig
-from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging
+from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, SwinRelativePositionBias
 
 from model_zoo.accounting import (FP32, INT64, MEM_EFF_BIAS_ALIGN, ActTally, activation_extra_saves,
                                   dropout_mask_bytes, efficient_bias_bytes, layernorm_bytes, sdpa_bytes,
@@ -295,8 +295,39 @@ def make_layer(config: SwinConfig, type_index: int, *, kind: LayerKind | None = 
     config._attn_implementation = "sdpa"
     layer = SwinLayer(config, dim=st.dim, input_resolution=(st.height, st.width), num_heads=st.heads,
                       drop_path_rate=config.drop_path_rate, shift_size=config.window_size // 2 if kind.shifted else 0)
+    tp = getattr(config, "tp_shard", 1)
+    if tp > 1:
+        _shard(layer, tp, config.window_size)
     module = SwinLayerWithMerge(layer, SwinPatchMerging(st.dim)) if kind.merge else layer
     return module.train()
+
+
+def tp_shard_config(config: SwinConfig, type_index: int, tp: int) -> SwinConfig:
+    """A config for which make_layer builds one TP rank's shard (heads are per stage and tied to the
+    stage width, so make_layer narrows the Linears and the bias table; patch merging stays replicated)."""
+    kind = _kind(config, type_index)
+    st = stages(config)[kind.stage]
+    if st.heads % tp or ffn_width(config, st) % tp:
+        raise ValueError(f"tp={tp} does not divide stage {st.index}'s {st.heads} heads and FFN "
+                         f"{ffn_width(config, st)}: use a TP degree that does")
+    config = copy.deepcopy(config)
+    config.tp_shard = tp
+    return config
+
+
+def _shard(layer: SwinLayer, tp: int, window: int) -> None:
+    """Megatron TP rank: Q/K/V and fc1 column-parallel, proj and fc2 row-parallel, bias table per head."""
+    att = layer.attention
+    att.num_attention_heads //= tp
+    att.q_proj, att.k_proj, att.v_proj = (_narrow(m, out_div=tp) for m in (att.q_proj, att.k_proj, att.v_proj))
+    att.o_proj = _narrow(att.o_proj, in_div=tp)
+    att.relative_position_bias = SwinRelativePositionBias(att.num_attention_heads, (window, window))
+    layer.mlp.fc1 = _narrow(layer.mlp.fc1, out_div=tp)
+    layer.mlp.fc2 = _narrow(layer.mlp.fc2, in_div=tp)
+
+
+def _narrow(linear: nn.Linear, in_div: int = 1, out_div: int = 1) -> nn.Linear:
+    return nn.Linear(linear.in_features // in_div, linear.out_features // out_div, bias=linear.bias is not None)
 
 
 def layer_inputs(config: SwinConfig, type_index: int, batch: int, device: torch.device | str, dtype: torch.dtype,

@@ -250,6 +250,17 @@ def make_layer(config: T5Config, type_index: int) -> torch.nn.Module:
     return T5Block(_stack_config(config, type_index), has_relative_attention_bias=False, layer_idx=1).train()
 
 
+def tp_shard_config(config: T5Config, type_index: int, tp: int) -> T5Config:
+    """The config whose T5Block is one Megatron TP rank's shard: heads / tp (same d_kv), d_ff / tp."""
+    if config.num_heads % tp or config.d_ff % tp:
+        raise ValueError(f"tp={tp} does not divide {config.num_heads} heads and d_ff {config.d_ff}: "
+                         f"use a TP degree that does")
+    config = copy.deepcopy(config)
+    config.num_heads //= tp
+    config.d_ff //= tp
+    return config
+
+
 def layer_inputs(config: T5Config, type_index: int, batch: int, device: torch.device | str, dtype: torch.dtype,
                  seq_len: int | tuple[int, int] | None = None) -> tuple:
     """Positional inputs of T5Block.forward as T5Stack passes them to blocks after the first.

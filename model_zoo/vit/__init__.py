@@ -1,2 +1,2 @@
 """ViT family: planner description (spec.py)."""
-from model_zoo.vit.spec import describe, layer_inputs, make_layer, shared_inputs  # noqa: F401
+from model_zoo.vit.spec import describe, layer_inputs, make_layer, shared_inputs, tp_shard_config  # noqa: F401

@@ -152,6 +152,18 @@ def make_layer(config: ViTConfig, type_index: int = 0) -> torch.nn.Module:
     return ViTLayer(config).train()
 
 
+def tp_shard_config(config: ViTConfig, type_index: int, tp: int) -> ViTConfig:
+    """The config whose ViTLayer is one Megatron TP rank's shard: heads / tp of the same size, FFN / tp."""
+    if config.num_attention_heads % tp or config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} does not divide {config.num_attention_heads} heads and FFN "
+                         f"{config.intermediate_size}: use a TP degree that does")
+    config = copy.deepcopy(config)
+    config.head_dim = _head_dim(config)
+    config.num_attention_heads //= tp
+    config.intermediate_size //= tp
+    return config
+
+
 def layer_inputs(config: ViTConfig, type_index: int, batch: int, device: torch.device | str, dtype: torch.dtype,
                  seq_len: int | None = None) -> tuple:
     """(hidden_states,) of shape (batch, patches + 1, hidden)."""
