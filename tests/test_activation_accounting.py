@@ -139,17 +139,18 @@ def test_whole_model_act_bytes(name: str, task: str | None, device: str):
 
 
 # ------------------------------------------------------------------------------------------ TP split
+@pytest.mark.parametrize("device,precision", [("cpu", "fp32")] + [("cuda", "bf16")] * ("cuda" in DEVICES))
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("name,index", list(_layer_cases()))
-def test_tp_act_bytes_match_a_sharded_layer(name: str, index: int, tp: int):
+def test_tp_act_bytes_match_a_sharded_layer(name: str, index: int, tp: int, device: str, precision: str):
     """act_bytes[tp] = what one rank saves when heads and FFN are split tp ways and the rest replicated
     (the shard built from tp_shard_config: Q/K/V/fc1 narrowed on outputs, proj/fc2 on inputs)."""
-    spec = get_model_spec(name, precision="fp32", device="cpu")
+    spec = get_model_spec(name, precision=precision, device=device)
     config = load_hf_config(name)
     module = family_module(config.model_type)
     shard = module.tp_shard_config(config, index, tp)
-    one = _measure_layer(shard, module, index, 1, "fp32", _seq(spec))
-    two = _measure_layer(shard, module, index, 2, "fp32", _seq(spec))
+    one = _measure_layer(shard, module, index, 1, precision, _seq(spec), device=device)
+    two = _measure_layer(shard, module, index, 2, precision, _seq(spec), device=device)
     lt = spec.layer_types[index]
     assert two - one == lt.act_bytes[tp]
     assert two == 2 * lt.act_bytes[tp] + lt.act_fixed_bytes[tp]
