@@ -75,6 +75,10 @@ class Cost:
     def time_s(self) -> float:
         return self.compute_s + self.tp_comm_s + self.dp_exposed_s + self.dp_tail_s + self.optimizer_s
 
+    @staticmethod
+    def time_of(c: "Cost") -> float:
+        return c.time_s
+
     @property
     def microbatch_s(self) -> float:
         """Per-micro-batch share of the pipelined work (what 1F1B repeats)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import itertools
 import math
 import os
@@ -234,22 +235,26 @@ class Searcher:
         the fastest choice per layer (memory ignored) cannot beat `bound` seconds per sample."""
         self.evaluated += 1
         stages, start = [], 0
+        order = self.spec.layer_order
         for k, n in enumerate(division):
             layers = list(range(start, start + n))
             start += n
-            costs = [self.layer_costs(self.spec.layer_order[i], strategies, setting, k) for i in layers]
+            counts = collections.Counter(order[i] for i in layers)
+            by_type = {t: self.layer_costs(t, strategies, setting, k) for t in counts}
+            costs = [by_type[order[i]] for i in layers]
             p2p = self.cm.p2p_stage_s(setting, k, self.spec.layer(layers[0]).boundary_bytes,
                                       self.spec.layer(layers[-1]).boundary_bytes,
                                       setting.micro_batch(cand.tp or min(s.tp for s in strategies)))
-            stages.append((layers, costs, self.stage_fixed(setting, k, costs), p2p))
+            stages.append((layers, costs, self.stage_fixed(setting, k, by_type, counts), p2p, by_type, counts))
         if forced is None and bound < math.inf:
-            fastest = [sum_costs([min(row, key=lambda c: c.time_s) for row in costs] + fixed["others"])
-                       for _, costs, fixed, _ in stages]
+            # Lower bound: every layer at its fastest choice, memory and redistribution ignored.
+            fastest = [sum_costs([x for t, c in counts.items() for x in [min(by_type[t], key=Cost.time_of)] * c]
+                                 + fixed["others"]) for _, _, fixed, _, by_type, counts in stages]
             if self.cm.pipeline_time(setting, fastest, [st[3] for st in stages]) / cand.global_bsz >= bound:
                 return None
         chosen: list[LayerStrategy] = []
         stage_costs, stage_mem = [], []
-        for layers, costs, fixed, _ in stages:
+        for layers, costs, fixed, *_ in stages:
             if forced is not None:
                 res = [forced[i] for i in layers]
             else:
@@ -307,19 +312,20 @@ class Searcher:
                         out[j, a, b] = self.cm.redistribution_s(lt, rep[a], rep[b], setting)
         return out
 
-    def stage_fixed(self, setting: Setting, k: int, costs: list[list[Cost]]) -> dict:
+    def stage_fixed(self, setting: Setting, k: int, by_type: dict[int, list[Cost]], counts: dict[int, int]) -> dict:
         """Memory of a stage that does not depend on the per-layer choices."""
         others = []
         if k == 0:
             others.append(self.cm.other_cost("first", setting, k, setting.vtp))
         if k == setting.pp - 1:
             others.append(self.cm.other_cost("last", setting, k, setting.vtp))
-        usable = [[c for c in row if c is not UNUSABLE] for row in costs]
+        usable = {t: [c for c in row if c is not UNUSABLE] for t, row in by_type.items()}
         # Bucket and transient sizes take the largest over the usable choices: they do not depend on the DP.
         stage_params = sum(o.detail["shard_params"] for o in others) + \
-            sum(max(c.detail["shard_params"] for c in row) for row in usable)
+            sum(counts[t] * max(c.detail["shard_params"] for c in row) for t, row in usable.items())
         buffers = self.cm.zero_buffer_bytes(setting, stage_params)
-        transient = max([max(c.transient_bytes for c in row) for row in usable] + [o.transient_bytes for o in others])
+        transient = max([max(c.transient_bytes for c in row) for row in usable.values()] +
+                        [o.transient_bytes for o in others])
         offset = self.cm.cal.memory_offset_mb * MB  # calibrated per-rank memory the model lacks
         fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient + offset
         return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient, "offset": offset}
