@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="preset name (e.g. bert-large), HF config .json, or HF checkpoint folder")
     p.add_argument("--task", default=None, help="task (bert: mlm|text-classification; t5: seq2seq; vit/swin: "
                                                 "image-classification); default: the family's")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (deterministic from --seed and the step)")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (deterministic from --seed and the step), or a local dataset: a save_to_disk "
+                        "folder or a .json/.jsonl/.csv/.parquet/.txt file (records with input_ids or text, "
+                        "pixel_values or image, label)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -69,7 +72,7 @@ class ModelChoice:
 
 
 def resolve_model(name: str, task: str | None, seq_len: int | None) -> ModelChoice:
-    from model_zoo.registry import FAMILIES, PRESETS, ModelInputError, load_hf_config
+    from model_zoo.registry import FAMILIES, PRESETS, ModelInputError, default_task, load_hf_config
     from model_zoo.runtime import get_adapter
 
     try:
@@ -80,7 +83,7 @@ def resolve_model(name: str, task: str | None, seq_len: int | None) -> ModelChoi
     if family is None:
         raise BadInput(f"model '{name}' has model_type '{config.model_type}'; use a {', '.join(FAMILIES)} config")
     try:
-        task = get_adapter(family).check_task(task)
+        task = get_adapter(family).check_task(task or default_task(config, PRESETS.get(name)))
     except ValueError as e:
         raise BadInput(str(e)) from None
     if seq_len is None and name in PRESETS:
@@ -118,6 +121,49 @@ def make_plan(args: argparse.Namespace, num_layers: int, world_size: int, on_gpu
         return plan
     except PlanError as e:
         raise BadInput(str(e)) from None
+
+
+def open_data(spec: str, adapter, choice: ModelChoice, seed: int):
+    """(dataset, tokenize) for --data PATH, (None, None) for synthetic data; checks the first record."""
+    if spec == "synthetic":
+        return None, None
+    from backends.data import load_records
+
+    try:
+        dataset = load_records(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(str(e)) from None
+    tokenize = None
+    columns = set(dataset.column_names)
+    if "text" in columns and "input_ids" not in columns:
+        tokenize = make_tokenizer(choice)
+    first = dataset[0]
+    if tokenize is not None:
+        first = tokenize(first)
+    try:
+        adapter.collate(choice.config, choice.task, [first], seed, 0, seq_len=choice.seq_len)
+    except (KeyError, NotImplementedError, TypeError, ValueError) as e:
+        raise BadInput(f"--data {spec}: {e.args[0] if e.args else e}") from None
+    return dataset, tokenize
+
+
+def make_tokenizer(choice: ModelChoice):
+    """Tokenize a record's 'text' with the tokenizer saved in the --model checkpoint folder."""
+    folder = Path(choice.name).expanduser()
+    if not folder.is_dir() or not any(folder.glob("tokenizer*")) and not any(folder.glob("vocab*")):
+        raise BadInput("the data has a 'text' field but no 'input_ids', and --model has no tokenizer files; "
+                       "give --model an HF checkpoint folder with its tokenizer, or pre-tokenize into input_ids")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    max_len = choice.seq_len if isinstance(choice.seq_len, int) else None
+
+    def tokenize(record: dict) -> dict:
+        out = dict(record)
+        out.update(tokenizer(record["text"], truncation=max_len is not None, max_length=max_len))
+        return out
+
+    return tokenize
 
 
 def initial_state_dict(adapter, choice: ModelChoice, seed: int) -> dict:
@@ -215,8 +261,6 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if args.data != "synthetic":
-        raise BadInput(f"--data {args.data}: reading data files is not supported yet; use --data synthetic")
     if args.steps < 1:
         raise BadInput("--steps must be at least 1")
     choice = resolve_model(args.model, args.task, args.seq_len)
@@ -224,13 +268,14 @@ def train(args: argparse.Namespace) -> int:
 
     adapter = get_adapter(choice.family)
     plan = make_plan(args, adapter.num_layers(choice.config), world_size, on_gpu)
+    dataset, tokenize = open_data(args.data, adapter, choice, args.seed)
 
     # ---- heavy imports and process groups only once the input is known to be good
     import torch.distributed as dist
     from tqdm import tqdm
 
     from autotune.plan import write_json_atomic
-    from backends.data import SyntheticData
+    from backends.data import FileData, SyntheticData
     from backends.deepspeed.engine import build_engine
     from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
     from backends.megatron.random import seed_everything
@@ -257,7 +302,11 @@ def train(args: argparse.Namespace) -> int:
         f"tp {groups.tp} x dp {groups.dp} | ZeRO {plan.zero_stage} | chunks {plan.chunks} | micro-batch "
         f"{plan.micro_batch_size} | {plan.precision} | {plan.describe()}")
 
-    data = SyntheticData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, seq_len=choice.seq_len)
+    if dataset is None:
+        data = SyntheticData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, seq_len=choice.seq_len)
+    else:
+        data = FileData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, dataset,
+                        seq_len=choice.seq_len, tokenize=tokenize)
     flops = adapter.flops_per_sample(choice.config, choice.task, seq_len=choice.seq_len)
     metrics = Metrics(args.metrics_file, rank)
     records: list[dict] = []

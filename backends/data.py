@@ -1,11 +1,13 @@
 """Deterministic data: the same global batch at step k for every plan and world size.
 
-The family adapter makes the global batch from (seed, step) on CPU; this module gives each rank
-its part: data-parallel rank r takes the r-th contiguous slice (TP ranks of one replica, and all
-stages of one pipeline, take the same slice) and cuts it into `chunks` micro-batches.
+The family adapter makes the global batch on CPU from (seed, step) -- synthetic samples, or the
+records of a local dataset file in a seeded per-epoch order; this module gives each rank its part:
+data-parallel rank r takes the r-th contiguous slice (TP ranks of one replica, and all stages of
+one pipeline, take the same slice) and cuts it into `chunks` micro-batches.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -38,7 +40,7 @@ def _batch_len(batch: Batch) -> int:
 
 
 class SyntheticData:
-    """Global batch per step from the adapter; `micro_batches(step)` is this rank's share."""
+    """Synthetic global batch per step from the adapter; `micro_batches(step)` is this rank's share."""
 
     def __init__(self, adapter: FamilyAdapter, config: Any, task: str, plan: Plan, dp_rank: int, seed: int,
                  seq_len: int | None = None):
@@ -58,3 +60,55 @@ class SyntheticData:
         while True:
             yield self.micro_batches(step)
             step += 1
+
+
+# file suffix -> `datasets` builder that reads it locally
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+                 ".arrow": "arrow"}
+
+
+def load_records(path: str):
+    """A local dataset: a `Dataset.save_to_disk` folder or a .json/.jsonl/.csv/.parquet/.txt/.arrow file."""
+    import datasets
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return ds
+    builder = FILE_BUILDERS.get(p.suffix.lower())
+    if not p.is_file() or builder is None:
+        raise ValueError(f"--data {path}: give a save_to_disk folder or a {', '.join(FILE_BUILDERS)} file")
+    return datasets.load_dataset(builder, data_files=str(p), split="train")
+
+
+class FileData(SyntheticData):
+    """Records of a local dataset in a seeded order that is reshuffled every epoch.
+
+    Sample position p of the run (step k holds positions [k*G, (k+1)*G)) is record
+    perm(seed, p // N)[p % N]: identical on every rank and for every plan. `tokenize` (text -> ids)
+    is applied to records with a 'text' field and no 'input_ids'.
+    """
+
+    def __init__(self, adapter: FamilyAdapter, config: Any, task: str, plan: Plan, dp_rank: int, seed: int,
+                 dataset, seq_len: int | None = None, tokenize=None):
+        super().__init__(adapter, config, task, plan, dp_rank, seed, seq_len)
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        self.dataset, self.tokenize = dataset, tokenize
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.dataset), generator=g)}
+        return self._perms[epoch]
+
+    def global_batch(self, step: int) -> Batch:
+        G, N = self.plan.global_bsz, len(self.dataset)
+        idx = [int(self._order(p // N)[p % N]) for p in range(step * G, (step + 1) * G)]
+        records = [self.dataset[i] for i in idx]
+        if self.tokenize is not None:
+            records = [self.tokenize(r) if "input_ids" not in r and "text" in r else r for r in records]
+        return self.adapter.collate(self.config, self.task, records, self.seed, step, seq_len=self.seq_len)

@@ -28,6 +28,8 @@ The runtime (backends/, train.py) never knows a family by name. It asks the fami
    from (seed, step) only, so every plan and world size sees the same data. Samples must carry the
    same number of labelled targets each (e.g. a fixed count of masked tokens) so that the mean of
    micro-batch means equals the mean over the whole global batch in any layout.
+   `collate(config, task, records, seed, step, seq_len)` does the same from dataset records
+   (`--data PATH`); its random choices (masking) also come from (seed, step) only.
 5. `split_batch(batch, task)`: (pipeline inputs tuple, labels) from a batch dict; `hf_loss(model,
    batch)` the plain HF loss of the same batch (the single-process reference).
 6. `flops_per_sample(config, task, seq_len)`: forward+backward model FLOPs per sample, for TFLOP/s metrics.
@@ -134,6 +136,11 @@ class FamilyAdapter(abc.ABC):
         `seq_len` is the token count for text families (None: the config's maximum); vision
         families take the image size from the config and ignore it.
         """
+
+    def collate(self, config: Any, task: str, records: list[dict], seed: int, step: int,
+                seq_len: int | None = None) -> Batch:
+        """A batch from dataset records (dicts of one sample each, e.g. input_ids/label or image/label)."""
+        raise NotImplementedError(f"reading data files is not supported for {self.family} yet; use --data synthetic")
 
     @abc.abstractmethod
     def split_batch(self, batch: Batch, task: str) -> tuple[Tensors, torch.Tensor]:

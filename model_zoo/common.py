@@ -12,6 +12,13 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
 
 
+def record_label(record: dict) -> int | float:
+    for key in ("labels", "label"):
+        if key in record:
+            return record[key]
+    raise KeyError(f"record has no 'label' or 'labels' field (fields: {', '.join(record)})")
+
+
 def classification_loss(num_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """HF's sequence/image classification loss: MSE for one label, cross entropy otherwise."""
 

@@ -58,24 +58,61 @@ def test_plan_file_on_two_ranks(tmp_path):
     assert ds_cfg["gradient_accumulation_steps"] == 2 and ds_cfg["bf16"]["enabled"] is False   # CPU runs fp32
 
 
+def _main_exit(capsys, *args: str) -> tuple[int, list[str]]:
+    """train.main in this process: bad input is rejected before any process group exists."""
+    import train
+
+    code = train.main(list(args))
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "bert-test", "--galvatron-plan", "/nonexistent/plan.json"], "does not exist"),
     (["--model", "bert-test", "--task", "seq2seq"], "not supported"),
     (["--model", "bert-test", "--pp", "2"], "processes"),
-    (["--model", "bert-test", "--data", "/some/file.txt"], "not supported yet"),
+    (["--model", "bert-test", "--data", "/nonexistent/data.jsonl"], "save_to_disk folder"),
 ])
-def test_bad_input_exits_2(args, needle):
-    r = _train(*args, timeout=120)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0]
+def test_bad_input_exits_2(args, needle, capsys):
+    code, errors = _main_exit(capsys, *args)
+    assert code == 2 and len(errors) == 1 and needle in errors[0], errors
 
 
-def test_plan_for_other_world_size_exits_2(tmp_path):
+def test_plan_for_other_world_size_exits_2(tmp_path, capsys):
     plan = Plan.uniform(num_layers=4, world_size=4, tp=2, global_bsz=8, precision="fp32")
     path = tmp_path / "plan.json"
     plan.save(str(path))
-    r = _train("--model", "bert-test", "--galvatron-plan", str(path), timeout=120)
+    code, errors = _main_exit(capsys, "--model", "bert-test", "--galvatron-plan", str(path))
+    assert code == 2 and len(errors) == 1
+    assert "world_size=4" in errors[0] and "launch 4 processes" in errors[0]
+
+
+def test_bad_input_exits_2_in_a_process():
+    """The same through the command line: exit status 2 and one line on stderr."""
+    r = _train("--model", "no-such-model", timeout=120)
     assert r.returncode == 2
-    assert "world_size=4" in r.stderr and "launch 4 processes" in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")][0].startswith("error: unknown model")
+
+
+def test_file_data(tmp_path, capsys):
+    """--data with a JSON-lines file of token ids (BERT) and a save_to_disk folder of PIL images (ViT)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    text = tmp_path / "tokens.jsonl"
+    rng = np.random.default_rng(0)
+    text.write_text("".join(json.dumps({"input_ids": rng.integers(5, 1000, rng.integers(5, 30)).tolist(),
+                                        "label": int(i % 2)}) + "\n" for i in range(20)))
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(12)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 10 for i in range(12)]}).save_to_disk(tmp_path / "img")
+    for model, task, data in (("bert-test", "text-classification", text),
+                              ("vit-test", "image-classification", tmp_path / "img")):
+        metrics = tmp_path / f"{model}-{task}.jsonl"
+        r = _train("--model", model, "--task", task, "--data", str(data), "--steps", "3", "--metrics-file",
+                   str(metrics))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        steps, _ = _records(metrics)
+        assert len(steps) == 3 and all(s["loss"] > 0 for s in steps)
+    code, errors = _main_exit(capsys, "--model", "vit-test", "--data", str(text))   # token ids are not images
+    assert code == 2 and "pixel_values" in errors[0]

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 from transformers.masking_utils import create_bidirectional_mask
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator, classification_loss, encoder_layer_flops
+from model_zoo.common import batch_generator, classification_loss, encoder_layer_flops, record_label
 from model_zoo.tp import (VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition, row_parallel,
                           vocab_parallel_bias, vocab_parallel_cross_entropy, vocab_parallel_embedding,
                           vocab_parallel_logits)
@@ -190,15 +190,43 @@ class BertAdapter(FamilyAdapter):
         batch = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
                  "attention_mask": torch.ones_like(input_ids)}
         if task == "mlm":
-            k = max(1, round(MLM_PROBABILITY * S))
-            pos = torch.rand(num_samples, S, generator=g).argsort(dim=1)[:, :k]
-            picked = torch.zeros(num_samples, S, dtype=torch.bool).scatter_(1, pos, True)
-            batch["labels"] = input_ids.masked_fill(~picked, -100)
-            batch["input_ids"] = input_ids.masked_fill(picked, _mask_token_id(config))
+            batch.update(_mask_tokens(input_ids, torch.ones_like(input_ids, dtype=torch.bool), g,
+                                      _mask_token_id(config)))
         else:
             n = max(config.num_labels, 1)
             batch["labels"] = (torch.randn(num_samples, generator=g) if n == 1
                                else torch.randint(0, n, (num_samples,), generator=g))
+        return batch
+
+    def collate(self, config: BertConfig, task: str, records: list[dict], seed: int, step: int,
+                seq_len: int | None = None) -> Batch:
+        """Records with `input_ids` (tokenized), optional `token_type_ids`, and `label` for classification.
+
+        Samples are cut or padded to `seq_len`; MLM masks 15% of each sample's real tokens.
+        """
+        S = seq_len or config.max_position_embeddings
+        pad = config.pad_token_id or 0
+        n = len(records)
+        input_ids = torch.full((n, S), pad, dtype=torch.long)
+        token_type_ids = torch.zeros((n, S), dtype=torch.long)
+        attention_mask = torch.zeros((n, S), dtype=torch.long)
+        for i, r in enumerate(records):
+            if "input_ids" not in r:
+                raise KeyError("BERT data records need 'input_ids' (tokenize text first, or give --model a "
+                               "checkpoint folder with a tokenizer)")
+            ids = list(r["input_ids"])[:S]
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, :len(ids)] = 1
+            if "token_type_ids" in r:
+                types = list(r["token_type_ids"])[:S]
+                token_type_ids[i, :len(types)] = torch.tensor(types, dtype=torch.long)
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        if task == "mlm":
+            maskable = attention_mask.bool() & (input_ids != pad)
+            batch.update(_mask_tokens(input_ids, maskable, batch_generator(seed, step), _mask_token_id(config)))
+        else:
+            dtype = torch.float if config.num_labels == 1 else torch.long
+            batch["labels"] = torch.tensor([record_label(r) for r in records], dtype=dtype)
         return batch
 
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
@@ -212,6 +240,19 @@ class BertAdapter(FamilyAdapter):
         else:
             fwd += 2 * H * H + 2 * H * config.num_labels
         return 3.0 * fwd
+
+
+def _mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, g: torch.Generator, mask_id: int) -> Batch:
+    """Replace round(15%) of each sample's maskable tokens by [MASK]; labels elsewhere are -100.
+
+    With every token maskable (synthetic data) each sample gets the same count, so micro-batch means
+    average to the global-batch mean in any layout.
+    """
+    counts = (maskable.sum(dim=1).float() * MLM_PROBABILITY).round().clamp(min=1).long()
+    score = torch.rand(input_ids.shape, generator=g).masked_fill(~maskable, 2.0)
+    rank = score.argsort(dim=1).argsort(dim=1)
+    picked = (rank < counts.unsqueeze(1)) & maskable
+    return {"labels": input_ids.masked_fill(~picked, -100), "input_ids": input_ids.masked_fill(picked, mask_id)}
 
 
 def _mask_token_id(config: BertConfig) -> int:

@@ -7,12 +7,13 @@ Layer sequence:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator, classification_loss, encoder_layer_flops
+from model_zoo.common import batch_generator, classification_loss, encoder_layer_flops, record_label
 from model_zoo.tp import column_parallel, fork_rng_in_forward, heads_per_partition, row_parallel
 
 
@@ -41,6 +42,17 @@ class ClassifierHead(nn.Module):
 
     def forward(self, inputs: tuple) -> torch.Tensor:
         return self.classifier(self.layernorm(inputs[0])[:, 0, :])
+
+
+def _pixels(record: dict, config: ViTConfig) -> torch.Tensor:
+    if "pixel_values" in record:
+        return torch.as_tensor(record["pixel_values"], dtype=torch.float32)
+    if "image" not in record:
+        raise KeyError("ViT data records need 'pixel_values' or 'image'")
+    size = config.image_size
+    img = record["image"].convert("RGB").resize((size, size), resample=2)   # 2 = PIL bilinear
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255.0
+    return (x - 0.5) / 0.5
 
 
 def _num_tokens(config: ViTConfig) -> int:
@@ -88,6 +100,17 @@ class ViTAdapter(FamilyAdapter):
         g = batch_generator(seed, step)
         pixels = torch.randn(num_samples, config.num_channels, config.image_size, config.image_size, generator=g)
         labels = torch.randint(0, max(config.num_labels, 1), (num_samples,), generator=g)
+        return {"pixel_values": pixels, "labels": labels}
+
+    def collate(self, config: ViTConfig, task: str, records: list[dict], seed: int, step: int,
+                seq_len: int | None = None) -> Batch:
+        """Records with `pixel_values` ([C, H, W] at the model's size) or `image` (PIL), and `label`.
+
+        Images are converted to RGB, resized to the model's size and scaled to [-1, 1] (ViT's
+        default image processor: mean = std = 0.5).
+        """
+        pixels = torch.stack([_pixels(r, config) for r in records])
+        labels = torch.tensor([record_label(r) for r in records], dtype=torch.long)
         return {"pixel_values": pixels, "labels": labels}
 
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
