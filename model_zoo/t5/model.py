@@ -1,7 +1,8 @@
 """T5 runtime adapter: seq2seq (T5ForConditionalGeneration).
 
 Layer sequence (the pipeline tuple each entry passes on, in brackets):
-    embed:  shared embedding (tied with lm_head) looks up encoder and decoder tokens
+    embed:  shared embedding (tied with lm_head: one module used at both ends) looks up encoder and
+            decoder tokens
                 (input_ids, attention_mask, decoder_input_ids) -> (enc, attention_mask, dec)
             the embedding dropouts of both stacks
     layers: encoder block i:  (enc, attention_mask, dec[, enc_bias]) -> (enc, attention_mask, dec, enc_bias)
@@ -41,17 +42,40 @@ FIRST_TOKEN_ID = 2               # synthetic tokens skip pad (0) and eos (1)
 
 
 # ---------------------------------------------------------------------------------------------- entries
-def embed_tokens(shared: nn.Module, inputs: tuple) -> tuple:
-    """First use of the shared embedding: encoder and decoder token lookups."""
-    input_ids, attention_mask, decoder_input_ids = inputs
-    return shared(input_ids), attention_mask, shared(decoder_input_ids)
+def _logits(weight_owner: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from a [vocab, d_model] weight, vocab-parallel when it is TP-sharded."""
+    if isinstance(weight_owner, VocabEmbedding):
+        return vocab_parallel_logits(hidden, weight_owner, None)
+    return F.linear(hidden, weight_owner.weight)
 
 
-def lm_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Second use of the shared embedding (or an untied lm_head): logits, vocab-parallel under TP."""
-    if isinstance(lm_head, VocabEmbedding):
-        return vocab_parallel_logits(hidden, lm_head, None)
-    return F.linear(hidden, lm_head.weight)
+class SharedEmbed(nn.Module):
+    """The shared token embedding as its own entry (its forward is the first use: encoder and decoder
+    token lookups); with a tied lm_head it is the module the first and last stages share."""
+
+    def __init__(self, shared: nn.Module):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, inputs: tuple) -> tuple:
+        input_ids, attention_mask, decoder_input_ids = inputs
+        return self.shared(input_ids), attention_mask, self.shared(decoder_input_ids)
+
+
+def tied_lm_logits(embed: SharedEmbed, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied lm_head: the shared embedding's second use, on the last stage."""
+    return _logits(embed.shared, hidden)
+
+
+class LMHead(nn.Module):
+    """An untied lm_head (vocab-sharded like the embedding under TP)."""
+
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _logits(self.lm_head, hidden)
 
 
 class EmbedDropout(nn.Module):
@@ -195,8 +219,13 @@ class T5Adapter(FamilyAdapter):
         config = model.config
         enc, dec = model.encoder, model.decoder
         tied = model.lm_head is model.shared or model.lm_head.weight is model.shared.weight
-        lm_head = model.shared if tied else model.lm_head
-        key = "shared" if tied else None
+        shared = SharedEmbed(model.shared)
+        if tied:
+            first = PipeEntry(shared, "embed", tie_key="shared", tied_weight_attr="shared.weight")
+            logits = PipeEntry(shared, "head", tie_key="shared", forward_fn=tied_lm_logits,
+                               tied_weight_attr="shared.weight")
+        else:
+            first, logits = PipeEntry(shared, "embed"), PipeEntry(LMHead(model.lm_head), "head")
         n_enc, n_dec = len(enc.block), len(dec.block)
         layers = [PipeEntry(EncoderLayer(b, enc.config, StackEnd(enc.final_layer_norm, enc.dropout)
                                          if i == n_enc - 1 else None), "layer")
@@ -204,12 +233,10 @@ class T5Adapter(FamilyAdapter):
         layers += [PipeEntry(DecoderLayer(b, dec.config, first=j == 0, last=j == n_dec - 1), "layer")
                    for j, b in enumerate(dec.block)]
         return LayerSequence(
-            embed=[PipeEntry(model.shared, "embed", tie_key=key, forward_fn=embed_tokens),
-                   PipeEntry(EmbedDropout(enc.dropout, dec.dropout), "embed")],
+            embed=[first, PipeEntry(EmbedDropout(enc.dropout, dec.dropout), "embed")],
             layers=layers,
-            head=[PipeEntry(StackEnd(dec.final_layer_norm, dec.dropout, _output_scale(config)), "head"),
-                  PipeEntry(lm_head, "head", tie_key=key, forward_fn=lm_logits)],
-            loss_fn=_lm_loss(lm_head, config.vocab_size))
+            head=[PipeEntry(StackEnd(dec.final_layer_norm, dec.dropout, _output_scale(config)), "head"), logits],
+            loss_fn=_lm_loss(model.shared if tied else model.lm_head, config.vocab_size))
 
     # ------------------------------------------------------------------ data
     def synthetic_batch(self, config: T5Config, task: str, num_samples: int, seed: int, step: int,
