@@ -95,6 +95,21 @@ def test_synthetic_batch_is_deterministic():
     assert 0 <= int(a["labels"].min()) and int(a["labels"].max()) < cfg.num_labels
 
 
+def test_collate_images_and_pixel_values():
+    from PIL import Image
+
+    cfg = load_hf_config("swin-test")
+    white = Image.new("RGB", (50, 40), (255, 255, 255))
+    pixels = torch.zeros(3, 32, 32)
+    batch = ADAPTER.collate(cfg, TASK, [{"image": white, "label": 3}, {"pixel_values": pixels, "labels": 7}], 0, 0)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["labels"].tolist() == [3, 7]
+    white_norm = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(batch["pixel_values"][0, :, 5, 5], white_norm)
+    assert torch.equal(batch["pixel_values"][1], pixels)
+    with pytest.raises(KeyError, match="'pixel_values' or 'image'"):
+        ADAPTER.collate(cfg, TASK, [{"label": 1}], 0, 0)
+
+
 @pytest.mark.parametrize("which", [0, 1], ids=["swin-test", "swin-3stage-28px"])
 def test_flops_per_sample_match_flop_counter(which, variant_path):
     """Forward FLOPs x 3 of HF's eager-attention model (padded windows counted as computed)."""

@@ -104,6 +104,23 @@ def test_synthetic_batch_is_deterministic_and_shifted():
     assert ADAPTER.synthetic_batch(cfg, TASK, 2, 0, 0, seq_len=64)["labels"].shape == (2, 16)
 
 
+def test_collate_pads_sources_and_ignores_target_padding():
+    cfg = load_hf_config("t5-test")
+    records = [{"input_ids": [5, 6, 7], "labels": [8, 9, 1]}, {"input_ids": list(range(2, 40)), "labels": list(range(3, 30))}]
+    batch = ADAPTER.collate(cfg, TASK, records, seed=0, step=0, seq_len=SEQ)
+    assert batch["input_ids"].shape == (2, 32) and batch["labels"].shape == (2, 16)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 32]
+    assert batch["labels"][0].tolist() == [8, 9, 1] + [-100] * 13
+    assert batch["decoder_input_ids"][0, :5].tolist() == [0, 8, 9, 1, 0]    # start token, shifted, pad for -100
+    model = ADAPTER.build_model(cfg, TASK)
+    seq = ADAPTER.layer_sequence(model, TASK)
+    inputs, labels = ADAPTER.split_batch(batch, TASK)
+    with torch.no_grad():
+        torch.testing.assert_close(seq.loss_fn(run_sequence(seq.entries, inputs), labels), ADAPTER.hf_loss(model, batch))
+    with pytest.raises(KeyError, match="'labels'"):
+        ADAPTER.collate(cfg, TASK, [{"input_ids": [5]}], 0, 0, seq_len=SEQ)
+
+
 @pytest.mark.parametrize("which", [0, 1], ids=["t5-test", "t5-v11"])
 def test_flops_per_sample_match_flop_counter(which, v11_path):
     """Forward FLOPs x 3 of HF's eager-attention model (counts every matmul, causal ones dense)."""

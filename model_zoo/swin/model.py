@@ -16,14 +16,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 from transformers import SwinConfig, SwinForImageClassification
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator, classification_loss
+from model_zoo.common import batch_generator, classification_loss, record_label
 from model_zoo.tp import column_parallel, fork_rng_in_forward, heads_per_partition, row_parallel
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -74,6 +78,17 @@ def stage_resolutions(config: SwinConfig) -> list[tuple[int, int]]:
         out.append((h, w))
         h, w = (h + 1) // 2, (w + 1) // 2
     return out
+
+
+def _pixels(record: dict, config: SwinConfig) -> torch.Tensor:
+    if "pixel_values" in record:
+        return torch.as_tensor(record["pixel_values"], dtype=torch.float32)
+    if "image" not in record:
+        raise KeyError(f"Swin data records need 'pixel_values' or 'image'; this one has {', '.join(record)}")
+    h, w = _pair(config.image_size)
+    img = record["image"].convert("RGB").resize((w, h), resample=3)          # 3 = PIL bicubic
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255.0
+    return (x - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------------- TP
@@ -150,6 +165,18 @@ class SwinAdapter(FamilyAdapter):
         pixels = torch.randn(num_samples, config.num_channels, h, w, generator=g)
         n = max(config.num_labels, 1)
         labels = torch.randn(num_samples, generator=g) if n == 1 else torch.randint(0, n, (num_samples,), generator=g)
+        return {"pixel_values": pixels, "labels": labels}
+
+    def collate(self, config: SwinConfig, task: str, records: list[dict], seed: int, step: int,
+                seq_len: int | None = None) -> Batch:
+        """Records with `pixel_values` ([C, H, W] at the model's size) or `image` (PIL), and `label`.
+
+        Images are converted to RGB, resized (bicubic) to the model's size and normalized with the
+        ImageNet mean and std, as Swin's image processor does.
+        """
+        pixels = torch.stack([_pixels(r, config) for r in records])
+        dtype = torch.float if config.num_labels == 1 else torch.long
+        labels = torch.tensor([record_label(r) for r in records], dtype=dtype)
         return {"pixel_values": pixels, "labels": labels}
 
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:

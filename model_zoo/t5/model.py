@@ -254,6 +254,30 @@ class T5Adapter(FamilyAdapter):
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "decoder_input_ids": shift_right(labels, config), "labels": labels}
 
+    def collate(self, config: T5Config, task: str, records: list[dict], seed: int, step: int,
+                seq_len: int | tuple[int, int] | None = None) -> Batch:
+        """Records with source `input_ids` and target `labels` (token ids), cut or padded to the
+        (encoder, decoder) lengths: source padding is masked, target padding is ignored (-100).
+
+        Real targets differ in length, so a micro-batch mean weighs tokens slightly differently from
+        HF's mean over the whole batch (as with any token-averaged loss under gradient accumulation).
+        """
+        S, T = _seq_lens(seq_len)
+        n = len(records)
+        input_ids = torch.full((n, S), config.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, S), dtype=torch.long)
+        labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(records):
+            if "input_ids" not in r or "labels" not in r:
+                raise KeyError("T5 data records need source 'input_ids' and target 'labels' (token ids); "
+                               f"this one has {', '.join(r)}")
+            src, tgt = list(r["input_ids"])[:S], list(r["labels"])[:T]
+            input_ids[i, :len(src)] = torch.tensor(src, dtype=torch.long)
+            attention_mask[i, :len(src)] = 1
+            labels[i, :len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "decoder_input_ids": shift_right(labels, config), "labels": labels}
+
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
         return (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]), batch["labels"]
 
