@@ -15,10 +15,9 @@ Layer sequence (the pipeline tuple each entry passes on, in brackets):
 Why this shape: the decoder tokens are embedded on the first stage because that is where the
 shared embedding lives, and ride along through the encoder stages; the relative position bias is
 computed by the first block of each stack (the owner of the bucket table, as in HF) and carried as a
-tensor, so later blocks on any stage use it and its gradient flows back to the owner. The first
-tuple element is always a tensor the entry just computed (DeepSpeed's pipeline may partition it
-across TP ranks), and every float tensor a stage sends is used downstream (DeepSpeed sends back
-its gradient).
+tensor, so later blocks on any stage use it and its gradient flows back to the owner. Every float
+tensor a stage sends is used downstream (DeepSpeed's pipeline expects a gradient back for each),
+which is why the last block of each stack drops what is no longer needed.
 """
 from __future__ import annotations
 
