@@ -137,8 +137,9 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-# The CUDA memory-efficient SDPA kernel pads an additive mask's last dimension to a multiple of 8 elements
-# (seen for bf16 and fp32 on H100, torch 2.11: 49 -> 56).
+# The CUDA memory-efficient SDPA kernel wants a mask whose strides (all but the last, which must be 1)
+# are multiples of 8 elements; otherwise it keeps a copy whose last dimension L is padded by 8 - L % 8,
+# a full 8 when L is already a multiple (seen for bf16 and fp32 on H100, torch 2.11: 49 -> 56, 16 -> 24).
 MEM_EFF_BIAS_ALIGN = 8
 # CUDA's fused SDPA kernels keep a philox seed and offset (two int64 scalars) per call for backward.
 SDPA_RNG_STATE_BYTES = 16
@@ -149,13 +150,25 @@ def sdpa_fixed_bytes(device: str) -> int:
     return SDPA_RNG_STATE_BYTES if device == "cuda" else 0
 
 
-def efficient_bias_bytes(heads: int, q_len: int, kv_len: int, act: int) -> int:
-    """A mask the memory-efficient kernel keeps: a padded (or already aligned) copy, last dim to 8."""
-    return heads * q_len * round_up(kv_len, MEM_EFF_BIAS_ALIGN) * act
+def efficient_mask_last_dim(kv_len: int, stride_aligned: bool = True) -> int:
+    """Last dimension of the mask the memory-efficient kernel keeps (see MEM_EFF_BIAS_ALIGN).
+
+    `stride_aligned`: the mask's layout is dense with the key dimension innermost; False for single-head
+    masks made by permuting a (..., heads=1) tensor, whose size-1 dims keep stride 1 (T5, Swin at one
+    head per TP rank).
+    """
+    if stride_aligned and kv_len % MEM_EFF_BIAS_ALIGN == 0:
+        return kv_len
+    return kv_len + MEM_EFF_BIAS_ALIGN - kv_len % MEM_EFF_BIAS_ALIGN
+
+
+def efficient_bias_bytes(heads: int, q_len: int, kv_len: int, act: int, stride_aligned: bool = True) -> int:
+    """Bytes of a mask (no batch dimension) the memory-efficient kernel keeps."""
+    return heads * q_len * efficient_mask_last_dim(kv_len, stride_aligned) * act
 
 
 def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, act: int, groups: int = 1,
-               bias_last_dim_align: int = 0, dropout: float = 0.0) -> int:
+               mask_last_dim: int = 0, dropout: float = 0.0) -> int:
     """Bytes per sample saved by one attention call incl. the projection outputs it consumes.
 
     Counts q, k, v (the projection outputs, or the math kernel's scaled copies) and the attention output
@@ -165,8 +178,8 @@ def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, 
     queries). Attention dropout costs the fused kernels nothing (they regenerate it from the RNG state);
     the math kernel keeps its fp32 mask and the dropped probabilities.
     `groups` is the number of independent attention problems per sample (Swin: windows).
-    `bias_last_dim_align` > 0: the memory-efficient kernel also keeps a per-sample additive bias, padded
-    to that alignment in its last dimension (Swin's shifted-window mask, which has a batch dimension).
+    `mask_last_dim` > 0: the memory-efficient kernel also keeps a per-sample additive mask with that
+    (padded, see efficient_mask_last_dim) last dimension (Swin's shifted-window mask has a batch dim).
     """
     qkvo = (2 * q_len + 2 * kv_len) * heads * head_dim * act
     if kernel == "math":
@@ -176,8 +189,7 @@ def sdpa_bytes(kernel: str, q_len: int, kv_len: int, heads: int, head_dim: int, 
         extra = heads * q_len * FP32
     elif kernel == "efficient":
         extra = heads * round_up(q_len, 32) * FP32
-        if bias_last_dim_align:
-            extra += heads * q_len * round_up(kv_len, bias_last_dim_align) * act
+        extra += heads * q_len * mask_last_dim * act
     else:
         raise ValueError(f"unknown SDPA kernel '{kernel}'")
     return groups * (qkvo + extra)

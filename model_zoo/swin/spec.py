@@ -26,8 +26,8 @@ from torch import nn
 from transformers import SwinConfig
 from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, SwinRelativePositionBias
 
-from model_zoo.accounting import (FP32, INT64, MEM_EFF_BIAS_ALIGN, ActTally, activation_extra_saves,
-                                  dropout_mask_bytes, efficient_bias_bytes, layernorm_bytes, sdpa_bytes,
+from model_zoo.accounting import (FP32, INT64, ActTally, activation_extra_saves, dropout_mask_bytes,
+                                  efficient_bias_bytes, efficient_mask_last_dim, layernorm_bytes, sdpa_bytes,
                                   sdpa_fixed_bytes, sdpa_kernel, tp_degrees, vtp_degrees)
 from model_zoo.base import PRECISION_BYTES, LayerType, ModelSpec, OtherModules
 
@@ -114,23 +114,24 @@ def merge_flops(st: Stage) -> float:
     return 2.0 * st.merged_tokens * 4 * st.dim * 2 * st.dim
 
 
-def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, device: str) -> ActTally:
+def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, device: str, tp: int = 1) -> ActTally:
     """Saved for backward by one SwinLayer (pre-LN), in forward order.
 
     LN1 input (layer input) + stats | window copy (Q/K/V input) | windowed attention with the relative
     position bias as an SDPA mask needing a gradient (CPU: math kernel keeps the probabilities; CUDA:
     memory-efficient kernel, which also keeps the per-sample mask of shifted windows) | LN2 input +
     stats | LN2 output (fc1 input) | fc1 output (GELU input) | GELU output (fc2 input) | dropout masks.
+    `tp` only matters through the mask layout at one head per rank (efficient_mask_last_dim).
     """
     C, F, h, N = st.dim, ffn_width(config, st), st.heads, st.window * st.window
     a = PRECISION_BYTES[precision]
     p = config.attention_probs_dropout_prob
     kernel = sdpa_kernel(device, precision, bias_requires_grad=True, dropout=p)
-    align = MEM_EFF_BIAS_ALIGN if kernel == "efficient" and shifted else 0
+    mask_dim = efficient_mask_last_dim(N, h // tp > 1) if kernel == "efficient" and shifted else 0
     t = ActTally()
     t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.padded_tokens * C * a)
-    t.add(sdpa_bytes(kernel, N, N, h, C // h, a, groups=st.windows, bias_last_dim_align=align, dropout=p),
+    t.add(sdpa_bytes(kernel, N, N, h, C // h, a, groups=st.windows, mask_last_dim=mask_dim, dropout=p),
           sharded=True)
     t.add(layernorm_bytes(st.tokens, C, a, device))
     t.add(st.tokens * C * a)
@@ -142,13 +143,13 @@ def block_act(config: SwinConfig, st: Stage, shifted: bool, precision: str, devi
     return t
 
 
-def block_fixed(st: Stage, shifted: bool, precision: str, device: str) -> ActTally:
+def block_fixed(st: Stage, shifted: bool, precision: str, device: str, tp: int = 1) -> ActTally:
     """Saved once per micro-batch: CUDA's memory-efficient kernel keeps the unshifted layer's relative
     position bias (1, heads, N, N, last dim padded to 8) and its RNG state; the CPU math kernel nothing."""
     t = ActTally()
     if sdpa_kernel(device, precision, bias_requires_grad=True) == "efficient" and not shifted:
         N = st.window * st.window
-        t.add(efficient_bias_bytes(st.heads, N, N, PRECISION_BYTES[precision]), sharded=True)
+        t.add(efficient_bias_bytes(st.heads, N, N, PRECISION_BYTES[precision], st.heads // tp > 1), sharded=True)
     t.add(sdpa_fixed_bytes(device))
     return t
 
@@ -181,20 +182,20 @@ def _layer_type(config: SwinConfig, kind: LayerKind, count: int, precision: str,
     st = stages(config)[kind.stage]
     a = PRECISION_BYTES[precision]
     C, F = st.dim, ffn_width(config, st)
-    act = block_act(config, st, kind.shifted, precision, device)
     params, flops = block_params(config, st), block_flops(config, st)
+    merge = merge_act(st, a, device) if kind.merge else 0         # replicated under TP
     boundary = st.tokens * C * a
     if kind.merge:
-        act.add(merge_act(st, a, device))
         params, flops = params + merge_params(st), flops + merge_flops(st)
         boundary = st.merged_tokens * 2 * C * a
     name = f"swin_s{st.index}" + ("_sw" if kind.shifted else "") + ("_merge" if kind.merge else "")
-    fixed = block_fixed(st, kind.shifted, precision, device)
     tps = tp_degrees(st.heads, F)
+    act = {tp: block_act(config, st, kind.shifted, precision, device, tp).at_tp(tp) + merge for tp in tps}
+    fixed = {tp: block_fixed(st, kind.shifted, precision, device, tp).at_tp(tp) for tp in tps}
     return LayerType(name=name, count=count, seq_len=st.tokens, hidden=C, heads=st.heads, ffn_hidden=F,
-                     params=params, fwd_flops=flops, act_bytes={tp: act.at_tp(tp) for tp in tps},
+                     params=params, fwd_flops=flops, act_bytes=act,
                      ckpt_bytes=st.tokens * C * a, tp_allreduce_bytes=st.tokens * C * a, tp_allreduces_fwd=2,
-                     boundary_bytes=boundary, act_fixed_bytes={tp: fixed.at_tp(tp) for tp in tps})
+                     boundary_bytes=boundary, act_fixed_bytes=fixed)
 
 
 def layer_types(config: SwinConfig, precision: str, device: str) -> tuple[tuple[LayerType, ...], tuple[int, ...]]:

@@ -120,7 +120,8 @@ def layer_act(config: T5Config, type_index: int, enc: int, dec: int, precision: 
     return t
 
 
-def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision: str, device: str) -> ActTally:
+def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision: str, device: str,
+                tp: int = 1) -> ActTally:
     """Saved once per micro-batch (no batch dimension), as HF's T5 runs.
 
     Self-attention: HF hands SDPA a contiguous copy of the (permuted) position bias per layer, and the
@@ -128,7 +129,7 @@ def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision
     keeps that mask. Cross-attention: the zero bias is shared (counted nowhere: no batch dimension);
     the fp32 memory-efficient kernel keeps a padded copy when the encoder length is not 8-aligned.
     Every CUDA attention call keeps its RNG seed and offset. fp16: each clamp keeps its bounds (two fp32
-    scalars).
+    scalars). At one head per TP rank the encoder's bias keeps a permuted layout the kernel pads.
     """
     a = PRECISION_BYTES[precision]
     h = config.num_heads
@@ -139,10 +140,11 @@ def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision
     if type_index == DECODER:
         t.add(dec * dec)                                                      # causal condition (bool)
     if attention_kernel(config, device, precision, True) == "efficient":
-        t.add(efficient_bias_bytes(h, S, S, a), sharded=True)
+        t.add(efficient_bias_bytes(h, S, S, a, stride_aligned=type_index == DECODER or h // tp > 1), sharded=True)
     t.add(sdpa_fixed_bytes(device))
     if type_index == DECODER:
         if attention_kernel(config, device, precision, False) == "efficient" and enc % MEM_EFF_BIAS_ALIGN:
+            # the shared zero bias is kept as is when aligned, else as a padded per-layer copy
             t.add(efficient_bias_bytes(h, dec, enc, a), sharded=True)
         t.add(sdpa_fixed_bytes(device))
     return t
@@ -153,7 +155,6 @@ def layer_type(config: T5Config, type_index: int, enc: int, dec: int, precision:
     H, h = config.d_model, config.num_heads
     S = enc if type_index == ENCODER else dec
     act = layer_act(config, type_index, enc, dec, precision, device)
-    fixed = layer_fixed(config, type_index, enc, dec, precision, device)
     tps = tp_degrees(h, config.d_ff)
     return LayerType(
         name="t5_enc" if type_index == ENCODER else "t5_dec",
@@ -163,7 +164,8 @@ def layer_type(config: T5Config, type_index: int, enc: int, dec: int, precision:
         act_bytes={tp: act.at_tp(tp) for tp in tps},
         ckpt_bytes=S * H * a,                                   # the hidden stream; shared inputs counted once
         tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=3 if type_index == DECODER else 2,
-        boundary_bytes=(enc + dec) * H * a, act_fixed_bytes={tp: fixed.at_tp(tp) for tp in tps})
+        boundary_bytes=(enc + dec) * H * a,
+        act_fixed_bytes={tp: layer_fixed(config, type_index, enc, dec, precision, device, tp).at_tp(tp) for tp in tps})
 
 
 # ---------------------------------------------------------------------------------------------- other
