@@ -120,7 +120,8 @@ def _seq_len(text: str | None) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="preset name (model_zoo/registry.py), HF config .json or checkpoint folder")
+    p.add_argument("--model", help="preset name (model_zoo/registry.py), HF config .json or checkpoint folder; "
+                                    "several comma-separated (then --out is a folder)")
     p.add_argument("--task", default=None, help="task (default: the preset's / family's default)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--precision", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
@@ -133,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-other", action="store_true", help="do not profile embeddings and head")
     p.add_argument("--refit", metavar="PROFILE", default=None,
                    help="re-fit the raw times of an existing profile (no measuring) and write --out")
-    p.add_argument("--out", required=True, help="profile JSON to write (atomically)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: models of a list not started within it are skipped (unattended GPU runs)")
+    p.add_argument("--out", required=True, help="profile JSON to write (atomically); a folder for several models")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -141,15 +144,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad input before any work, with the fix in the message."""
-    if os.path.isdir(args.out):
+    models = model_list(args)
+    if len(models) > 1:
+        if not os.path.isdir(args.out):
+            raise UsageError(f"several models need --out to be an existing folder (one <model>.json each); "
+                             f"create {args.out} or profile one model")
+    elif os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; give a file name such as {args.out}/profile.json")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"--out folder {folder} does not exist; create it or choose another path")
     if args.refit:
         return
-    if not args.model:
+    if not models:
         raise UsageError("--model is required: a preset (e.g. bert-large) or an HF config/checkpoint path")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UsageError(f"--time-budget {args.time_budget} must be > 0 seconds")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch sees no GPU; run on a GPU machine or pass --device cpu")
     for flag in ("reps", "warmup"):
@@ -160,6 +170,17 @@ def check_args(args: argparse.Namespace) -> None:
         _int_list(args.batch_sizes, "--batch-sizes")
     _int_list(args.tp, "--tp")
     _seq_len(args.seq_len)
+
+
+def model_list(args: argparse.Namespace) -> list[str]:
+    return [m for m in (args.model or "").split(",") if m]
+
+
+def out_path(args: argparse.Namespace, model: str, several: bool) -> str:
+    if not several:
+        return args.out
+    name = os.path.basename(os.path.normpath(model))
+    return os.path.join(args.out, (name[:-5] if name.endswith(".json") else name) + ".json")
 
 
 def make_options(args: argparse.Namespace) -> Options:
@@ -219,40 +240,64 @@ def _clear_grads(module: nn.Module, inputs: tuple) -> None:
             x.grad = None
 
 
-def time_layer_once(module: nn.Module, inputs: tuple, grad: torch.Tensor, clock: Clock,
+def time_layer_once(module: nn.Module, leaves: list[tuple], grad: torch.Tensor, clock: Clock,
                     ckpt: bool) -> tuple[float, float]:
-    """(forward ms, backward ms) of one call; with ckpt the forward runs under activation checkpointing."""
-    _clear_grads(module, inputs)
+    """(forward ms, backward ms) per call of len(leaves) back-to-back calls and one backward over all of
+    them; with ckpt every forward runs under activation checkpointing (non-reentrant)."""
+    _clear_grads(module, [x for inputs in leaves for x in inputs])
     clock.sync()
     a = clock.mark()
-    out = checkpoint(module, *inputs, use_reentrant=False) if ckpt else module(*inputs)
+    outs = [checkpoint(module, *x, use_reentrant=False) if ckpt else module(*x) for x in leaves]
     b = clock.mark()
-    first_tensor(out).backward(grad)
+    torch.autograd.backward([first_tensor(o) for o in outs], [grad] * len(outs))
     c = clock.mark()
     clock.sync()
-    return clock.ms(a, b), clock.ms(b, c)
+    return clock.ms(a, b) / len(leaves), clock.ms(b, c) / len(leaves)
+
+
+def calls_per_timing(single_ms: float, opts: Options) -> int:
+    """Back-to-back calls per timed region on GPU: a layer inside a model is launched right after the
+    previous one, so its steady cost is max(CPU launch time, GPU time); timing one call between two
+    synchronisations would add the queue start-up instead. Aim for ~10 ms per region, at most 8 calls."""
+    if not opts.cuda:
+        return 1
+    return max(1, min(8, round(10.0 / max(single_ms, 1e-3))))
 
 
 def time_layer(module: nn.Module, inputs: tuple, opts: Options) -> dict[str, float]:
-    """Median fwd, bwd and bwd_ckpt ms of a layer at one batch size."""
+    """Median per-call fwd, bwd and bwd_ckpt ms of a layer at one batch size."""
     clock = Clock(opts.device)
     grad = torch.randn_like(first_tensor(module(*inputs)))
-    for _ in range(opts.warmup):
-        time_layer_once(module, inputs, grad, clock, False)
-        time_layer_once(module, inputs, grad, clock, True)
+    single = 0.0
+    for _ in range(max(1, opts.warmup)):
+        f, b = time_layer_once(module, [inputs], grad, clock, False)
+        time_layer_once(module, [inputs], grad, clock, True)
+        single = f + b
+    leaves = [as_leaves(inputs) for _ in range(calls_per_timing(single, opts))]
     fwd, bwd, bwd_ckpt = [], [], []
     for _ in range(opts.reps):
-        f, b = time_layer_once(module, inputs, grad, clock, False)
-        _, bc = time_layer_once(module, inputs, grad, clock, True)
+        f, b = time_layer_once(module, leaves, grad, clock, False)
+        _, bc = time_layer_once(module, leaves, grad, clock, True)
         fwd.append(f)
         bwd.append(b)
         bwd_ckpt.append(bc)
-    _clear_grads(module, inputs)
-    return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd), "bwd_ckpt": statistics.median(bwd_ckpt)}
+    _clear_grads(module, [t for inp in leaves for t in inp])
+    return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd), "bwd_ckpt": statistics.median(bwd_ckpt),
+            "calls_per_timing": len(leaves)}
 
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _unless_oom(fn: Callable[[], Any]) -> Any:
+    """fn(), or None when the device ran out of memory (any other error propagates)."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+    return None
 
 
 # ============================================================================================ activations
@@ -286,26 +331,38 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
     from model_zoo.accounting import saved_tensors
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()   # fresh segments: fewer cached blocks handed out whole (see below)
     torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before, req_before = torch.cuda.memory_allocated(device), _requested(device)
     storages, out = saved_tensors(module, *inputs, exclude=tensors)
     torch.cuda.synchronize(device)
-    after = torch.cuda.memory_allocated(device)
+    after, req_after = torch.cuda.memory_allocated(device), _requested(device)
     peak = torch.cuda.max_memory_allocated(device)
     saved_new = sum(s.nbytes for s in storages)
     saved_keys = _saved_keys(module, inputs, tensors)
     input_keys = {_key(t) for t in tensors}
     outs = [out] if isinstance(out, torch.Tensor) else [o for o in (out or ()) if isinstance(o, torch.Tensor)]
-    seen, unsaved_out = set(), 0
+    seen, unsaved_out, unsaved_rounded = set(), 0, 0
     for o in outs:
         k = _key(o)
         if k not in saved_keys and k not in input_keys and k not in seen:
             seen.add(k)
-            unsaved_out += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
-    alloc = after - before - unsaved_out
+            unsaved_out += o.untyped_storage().nbytes()
+            unsaved_rounded += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
+    requested = req_after - req_before - unsaved_out
+    alloc = after - before - unsaved_rounded
     del out
-    return {"saved_bytes": saved_new, "allocator_bytes": alloc, "allocator_peak_bytes": peak - before,
-            "unsaved_output_bytes": unsaved_out, "rel_diff": (alloc - saved_new) / saved_new if saved_new else 0.0}
+    rel = (requested - saved_new) / saved_new if saved_new else 0.0
+    return {"saved_bytes": saved_new, "allocator_requested_bytes": requested, "rel_diff": rel,
+            "allocator_bytes": alloc, "rel_diff_allocated": (alloc - saved_new) / saved_new if saved_new else 0.0,
+            "allocator_peak_bytes": peak - before, "unsaved_output_bytes": unsaved_out,
+            "method": "torch.cuda.memory_stats requested_bytes (what tensors asked for) and memory_allocated "
+                      "(blocks handed out: rounded to 512 B, and a cached block is handed out whole when the "
+                      "rest would be under 1 MiB) across one forward, minus outputs nothing saved"}
+
+
+def _requested(device: torch.device) -> int:
+    return int(torch.cuda.memory_stats(device).get("requested_bytes.all.current", 0))
 
 
 def _saved_keys(module: nn.Module, inputs: tuple, exclude: list[torch.Tensor]) -> set:
@@ -406,23 +463,22 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
     layer = build_layer(spec_mod, job, opts)
     params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     times: dict[str, list[float]] = {k: [] for k in MEASURED_KINDS}
-    done, notes = [], []
+    done, notes, calls = [], [], []
     for b in opts.batch_sizes:
-        try:
-            t = time_layer(layer, make_inputs(spec_mod, job, b, opts), opts)
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
+        t = _unless_oom(lambda: time_layer(layer, make_inputs(spec_mod, job, b, opts), opts))
+        if t is None:   # handled outside the except block, whose traceback still holds the graph
             notes.append(f"batch {b} and larger: out of memory")
+            layer.zero_grad(set_to_none=True)
             _free(opts)
             progress.step(len(opts.batch_sizes) - len(done))
             break
         for k in MEASURED_KINDS:
             times[k].append(t[k])
+        calls.append(t["calls_per_timing"])
         done.append(b)
         progress.step(1, f"{job.type_name} tp={job.tp} b={b}")
     entry: dict = {"heads": job.heads, "ffn_hidden": job.ffn, "params": params, "batch_sizes": done,
-                   "time_ms": times, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
+                   "time_ms": times, "calls_per_timing": calls, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
     act, ckpt = {}, {}
     for b in opts.act_batches:
         x = make_inputs(spec_mod, job, b, opts)
@@ -445,6 +501,8 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
 
 
 def _free(opts: Options) -> None:
+    import gc
+    gc.collect()   # HF modules can sit in reference cycles; free them before emptying the cache
     if opts.cuda:
         torch.cuda.synchronize(opts.device)
         torch.cuda.empty_cache()
@@ -661,13 +719,13 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
                                       "between_fwd": [], "between_bwd": [], "layers_fwd": [], "layers_bwd": []}
     done = []
     for b in opts.batch_sizes:
-        try:
-            for _ in range(max(1, opts.warmup)):
+        def steps() -> list[dict]:
+            for _ in range(max(1, opts.warmup - 1)):
                 other_step(ctx, b, opts, hooks)
-            runs = [other_step(ctx, b, opts, hooks) for _ in range(opts.other_reps)]
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
+            return [other_step(ctx, b, opts, hooks) for _ in range(opts.other_reps)]
+
+        runs = _unless_oom(steps)
+        if runs is None:
             notes.append(f"other modules (vtp={vtp}): batch {b} and larger out of memory in the whole task model")
             ctx.model.zero_grad(set_to_none=True)
             _free(opts)
@@ -677,6 +735,9 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
             points[k].append(statistics.median(r[k] for r in runs))
         done.append(b)
         progress.step(1, f"other vtp={vtp} b={b}")
+    if not done:
+        raise ProfileError(f"the whole task model does not fit in memory at batch {opts.batch_sizes[0]} (vtp={vtp}); "
+                           "use smaller --batch-sizes or --skip-other")
     out = {}
     for part in ("first", "last"):
         times = {"fwd": points[f"{part}_fwd"], "bwd": points[f"{part}_bwd"]}
@@ -863,20 +924,53 @@ def summary(p: ModelProfile) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def profile_one(args: argparse.Namespace, model: str, out: str) -> int:
+    """Profile one model and write its file; 2 on bad input (one line, nothing written)."""
+    one = copy.copy(args)
+    one.model = model
     try:
-        args = parse_args(argv)
-        if args.refit:
-            profile = refit(ModelProfile.load(args.refit))
-        else:
-            profile = run(args)
+        profile = refit(ModelProfile.load(args.refit)) if args.refit else run(one)
     except (UsageError, ProfileError) as e:
         print(f"profile_model: error: {e}", file=sys.stderr)
         return 2
-    profile.save(args.out)
+    profile.save(out)
     print(summary(profile))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"profile_model: error: {e}", file=sys.stderr)
+        return 2
+    models = model_list(args) or [""]
+    if len(models) == 1:
+        return profile_one(args, models[0], args.out)
+    failed = []
+    for model in models:   # one process for a list: imports and CUDA start-up are paid once
+        if args.time_budget is not None and time.time() - t0 > args.time_budget:
+            print(f"profile_model: skipped {model}: --time-budget {args.time_budget:g} s spent", flush=True)
+            failed.append(model)
+            continue
+        try:
+            rc = profile_one(args, model, out_path(args, model, True))
+        except Exception as e:  # noqa: BLE001 - report, free the GPU and go on with the next model
+            import traceback
+            traceback.print_exc()
+            print(f"profile_model: {model} failed: {type(e).__name__}: {e}", flush=True)
+            rc = 1
+        if rc:
+            failed.append(model)
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if failed:
+        print(f"profile_model: not profiled: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
