@@ -27,13 +27,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out-dir", default=os.environ.get("TMPDIR", "/tmp"))
+    ap.add_argument("--space", default="uniform", help="search space (uniform is the default of search.py)")
     a = ap.parse_args()
     rows = []
     for model, gpus, nodes, mem, target in CASES:
         times, plan = [], None
         for _ in range(a.repeat):
             args = parse_args(["--model", model, "--gpus", str(gpus), "--nodes", str(nodes), "--gpu-memory-gb",
-                               str(mem), "--hardware", "8xH100", "--quiet",
+                               str(mem), "--hardware", "8xH100", "--quiet", "--space", a.space,
                                "--out", os.path.join(a.out_dir, "bench_plan.json")])
             t0 = time.perf_counter()
             plan, _, _ = run_search(args)
