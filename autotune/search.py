@@ -254,16 +254,16 @@ class Searcher:
                 return None
         chosen: list[LayerStrategy] = []
         stage_costs, stage_mem = [], []
-        for layers, costs, fixed, *_ in stages:
+        for k, (layers, costs, fixed, _, by_type, counts) in enumerate(stages):
             if forced is not None:
                 res = [forced[i] for i in layers]
+                picks = [costs[j][s] for j, s in enumerate(res)]
+                fixed = self.stage_fixed(setting, k, by_type, counts, picks)
             else:
-                free = self.budget - fixed["bytes"]
-                switch = self.switch_costs(layers, strategies, groups, setting) if groups is not None else None
-                res = self.solve(costs, free, switch, groups) if free > 0 else None
+                res, picks, fixed = self.solve_stage_memory(setting, k, layers, costs, strategies, groups, fixed,
+                                                            by_type, counts)
                 if res is None:
                     return None
-            picks = [costs[j][s] for j, s in enumerate(res)]
             chosen += [strategies[s] for s in res]
             mem = {
                 "model_states_mb": sum(c.states_bytes for c in picks + fixed["others"]) / MB,
@@ -281,6 +281,25 @@ class Searcher:
         step = self.cm.pipeline_time(setting, stage_costs, [st[3] for st in stages])
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
                          cand.spaces(self.world))
+
+    def solve_stage_memory(self, setting, k, layers, costs, strategies, groups, fixed, by_type, counts):
+        """Run the DP against the stage budget, then check the exact fixed memory of the chosen
+        strategies; if it is larger than the bound the DP assumed and the stage no longer fits,
+        tighten the DP's budget by the excess and solve again (a few rounds, else give up)."""
+        switch = self.switch_costs(layers, strategies, groups, setting) if groups is not None else None
+        shrink = 0.0
+        for _ in range(4):
+            free = self.budget - fixed["bytes"] - shrink
+            res = self.solve(costs, free, switch, groups) if free > 0 else None
+            if res is None:
+                return None, None, None
+            picks = [costs[j][s] for j, s in enumerate(res)]
+            exact = self.stage_fixed(setting, k, by_type, counts, picks)
+            used = exact["bytes"] + sum(c.states_bytes + c.act_bytes for c in picks)
+            if used <= self.budget:
+                return res, picks, exact
+            shrink += used - self.budget
+        return None, None, None
 
     def layer_costs(self, type_index: int, strategies: list[LayerStrategy], setting: Setting, stage: int) -> list[Cost]:
         """Costs of one layer type under each strategy; layers of a type on a stage share them (cached)."""
@@ -312,20 +331,26 @@ class Searcher:
                         out[j, a, b] = self.cm.redistribution_s(lt, rep[a], rep[b], setting)
         return out
 
-    def stage_fixed(self, setting: Setting, k: int, by_type: dict[int, list[Cost]], counts: dict[int, int]) -> dict:
-        """Memory of a stage that does not depend on the per-layer choices."""
+    def stage_fixed(self, setting: Setting, k: int, by_type: dict[int, list[Cost]], counts: dict[int, int],
+                    picks: list[Cost] | None = None) -> dict:
+        """Memory of a stage outside the per-layer sum: embeddings/heads, ZeRO buckets, the transient
+        of the layer in backward, the calibration offset. Buckets and transient depend on the chosen
+        strategies only through their sizes: without `picks` the smallest over the usable choices is
+        taken (a bound the DP starts from), with `picks` the exact value."""
         others = []
         if k == 0:
             others.append(self.cm.other_cost("first", setting, k, setting.vtp))
         if k == setting.pp - 1:
             others.append(self.cm.other_cost("last", setting, k, setting.vtp))
-        usable = {t: [c for c in row if c is not UNUSABLE] for t, row in by_type.items()}
-        # Bucket and transient sizes take the largest over the usable choices: they do not depend on the DP.
-        stage_params = sum(o.detail["shard_params"] for o in others) + \
-            sum(counts[t] * max(c.detail["shard_params"] for c in row) for t, row in usable.items())
-        buffers = self.cm.zero_buffer_bytes(setting, stage_params)
-        transient = max([max(c.transient_bytes for c in row) for row in usable.values()] +
-                        [o.transient_bytes for o in others])
+        if picks is None:
+            usable = {t: [c for c in row if c is not UNUSABLE] for t, row in by_type.items()}
+            layer_params = sum(counts[t] * min(c.detail["shard_params"] for c in row) for t, row in usable.items())
+            layer_transient = max(min(c.transient_bytes for c in row) for row in usable.values())
+        else:
+            layer_params = sum(c.detail["shard_params"] for c in picks)
+            layer_transient = max(c.transient_bytes for c in picks)
+        buffers = self.cm.zero_buffer_bytes(setting, layer_params + sum(o.detail["shard_params"] for o in others))
+        transient = max([layer_transient] + [o.transient_bytes for o in others])
         offset = self.cm.cal.memory_offset_mb * MB  # calibrated per-rank memory the model lacks
         fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient + offset
         return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient, "offset": offset}
