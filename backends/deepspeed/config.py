@@ -20,11 +20,12 @@ GRADIENT_CLIPPING = 1.0
 
 
 def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, betas=(0.9, 0.999),
-                   eps: float = 1e-8, torch_adam: bool = False) -> dict:
+                   eps: float = 1e-8, torch_adam: bool = True, fused: bool | None = None) -> dict:
     """DeepSpeed JSON for `plan`: batch sizes, ZeRO stage and buckets, precision, clipping, AdamW.
 
-    `torch_adam` selects torch.optim.AdamW instead of DeepSpeed's FusedAdam, which needs a compiled
-    CUDA/CPU extension (the runtime asks for it on CPU).
+    `torch_adam` (default) selects torch.optim.AdamW rather than DeepSpeed's FusedAdam, a JIT-built
+    extension (DeepSpeed 0.19.8 cannot parse the arch list "9.0a" of Hopper GPUs, and on CPU it
+    needs a compiler); `fused` asks torch for its fused kernel (the runtime sets it on GPUs).
     """
     if plan.world_size is None:
         raise ValueError("plan.world_size must be known to build the DeepSpeed config")
@@ -46,7 +47,7 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "gradient_clipping": GRADIENT_CLIPPING,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps,
-                                                   "weight_decay": weight_decay, **({"torch_adam": True} if torch_adam else {})}},
+                                                   "weight_decay": weight_decay}},
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": {"enabled": plan.precision == "fp16", "initial_scale_power": 16},
         # Stages send whole activations (what the cost model charges). DeepSpeed's default splits the
@@ -56,6 +57,10 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if torch_adam:
+        cfg["optimizer"]["params"]["torch_adam"] = True
+        if fused is not None:
+            cfg["optimizer"]["params"]["fused"] = fused
     if plan.precision in ("bf16", "fp16") and plan.zero_stage >= 1:
         # Accumulate gradients in fp32 across micro-batches (numerically safe; what the cost model charges).
         # DeepSpeed refuses fp32 accumulation without ZeRO, so stage 0 accumulates in the model dtype.

@@ -27,6 +27,7 @@ from backends.megatron.mpu import MegatronMPU
 from model_zoo.adapter import LayerSequence
 
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -56,8 +57,8 @@ class TrainEngine:
         """One optimizer step over this rank's micro-batches."""
         if len(micro_batches) != self.plan.chunks:
             raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
-        dev = device()
-        moved = [(_to(inp, dev), _to(lab, dev)) for inp, lab in micro_batches]
+        dev, dtype = device(), COMPUTE_DTYPES[self.plan.precision]
+        moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=iter(moved))
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()))
@@ -98,10 +99,13 @@ def _record_fp32_grad_norm(engine: Any) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def _to(x: Any, dev: torch.device) -> Any:
+def _to(x: Any, dev: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move to the device; floating inputs (pixels) take the model's dtype, integer ones (ids) stay."""
     if torch.is_tensor(x):
+        if float_dtype is not None and x.is_floating_point():
+            return x.to(dev, dtype=float_dtype, non_blocking=True)
         return x.to(dev, non_blocking=True)
-    return tuple(_to(t, dev) for t in x)
+    return tuple(_to(t, dev, float_dtype) for t in x)
 
 
 def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: float = 1e-4,
@@ -112,7 +116,8 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     mpu = MegatronMPU()
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False, checkpoint_in_cpu=False,
                       synchronize=False, profile=False)
-    cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=not torch.cuda.is_available())
+    cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
+                         fused=True if torch.cuda.is_available() else None)
     if plan.pp_deg > 1:
         model = build_pipeline_module(plan, groups, seq)
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
