@@ -32,11 +32,11 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
 from model_zoo.common import batch_generator
+from model_zoo.t5.spec import seq_lens as _seq_lens     # (encoder, decoder) tokens, as the planner reads them
 from model_zoo.tp import (IGNORE_INDEX, VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition,
                           row_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding,
                           vocab_parallel_logits)
 
-DEFAULT_SEQ_LEN = (512, 128)     # (encoder, decoder) tokens: T5's pre-training lengths
 FIRST_TOKEN_ID = 2               # synthetic tokens skip pad (0) and eos (1)
 
 
@@ -303,16 +303,6 @@ def shift_right(labels: torch.Tensor, config: T5Config) -> torch.Tensor:
     shifted = torch.full_like(labels, start)
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == IGNORE_INDEX, config.pad_token_id)
-
-
-def _seq_lens(seq_len: int | tuple[int, int] | None) -> tuple[int, int]:
-    """(encoder, decoder) tokens; a single int is the encoder length, with a quarter of it as targets
-    (T5's 512 -> 128 pre-training ratio)."""
-    if seq_len is None:
-        return DEFAULT_SEQ_LEN
-    if isinstance(seq_len, (tuple, list)):
-        return int(seq_len[0]), int(seq_len[1])
-    return int(seq_len), max(1, int(seq_len) // 4)
 
 
 def _output_scale(config: T5Config) -> float:
