@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--models", default="bert-large,vit-large,swin-base,t5-large")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--limit", type=int, default=None, help="at most this many configurations per model")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first configurations of each model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -111,7 +112,7 @@ def main() -> int:
 
     for model in args.models.split(","):
         n = get_model_spec(model).num_layers
-        for cfg in configs(model, n)[: args.limit]:
+        for cfg in configs(model, n)[args.skip: args.limit]:
             rec = run_one(model, cfg, args.steps, n)
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
