@@ -86,8 +86,11 @@ class Hardware:
 
     def compute_ceiling(self, precision: str) -> float:
         """Dense GEMM ceiling in FLOP/s."""
-        key = precision if precision in self.compute_tflops else "bf16"
-        return self.compute_tflops[key] * 1e12
+        # A CPU profile measures fp32 only: other precisions fall back to the fp32 (else any) ceiling.
+        for key in (precision, "fp32", "bf16"):
+            if key in self.compute_tflops:
+                return self.compute_tflops[key] * 1e12
+        return next(iter(self.compute_tflops.values())) * 1e12
 
     # ------------------------------------------------------------ I/O
     def to_dict(self) -> dict:
