@@ -65,8 +65,9 @@ def run_case(adapter, config, task, state, plan: Plan, args, seq_len) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", required=True,
-                   help="JSON list of {model, task?, seq_len?, plan: Plan.uniform kwargs}; model: a preset or an HF "
-                        "config path; seq_len (default: the preset's) e.g. [32, 16] for T5")
+                   help="JSON list of {model, task?, seq_len?, config?, plan: Plan.uniform kwargs}; model: a preset "
+                        "or an HF config path; seq_len (default: the preset's) e.g. [32, 16] for T5; config: HF "
+                        "config overrides (e.g. dropout on), such cases get no HF reference")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=8)
@@ -82,15 +83,19 @@ def main() -> None:
     for case in cases:
         name = case["model"]
         config = load_hf_config(name)
+        overrides = case.get("config") or {}
+        for k, v in overrides.items():
+            setattr(config, k, v)
         adapter = get_adapter(FAMILIES[config.model_type])
         task = adapter.check_task(case.get("task"))
         seq_len = case.get("seq_len") or (PRESETS[name].seq_len if name in PRESETS else None)
         key = f"{name}/{task}" + (f"/{case['seq_len']}" if case.get("seq_len") else "")
+        key += f"/{json.dumps(overrides, sort_keys=True)}" if overrides else ""
         if key not in models:
             torch.manual_seed(SEED)
             state = adapter.build_model(config, task).state_dict()      # the one full state dict
             models[key] = state
-            if rank == 0:
+            if rank == 0 and not overrides:
                 out["reference"][key] = reference(adapter, config, task, state, args, seq_len)
         kw = dict(case["plan"])
         plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=world, global_bsz=args.global_batch,

@@ -53,9 +53,25 @@ EXTRA = {
 }
 
 
+# Dropout on: recomputing a checkpointed layer must replay the same dropout masks, including those
+# drawn under the model-parallel RNG tracker (attention probabilities with TP), so a fully
+# checkpointed run equals the same run without checkpointing. (No HF reference: TP changes which
+# random numbers each head's dropout sees.)
+DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+RECOMPUTE_PAIRS = {2: [("bert-test", {"tp": 2}), ("vit-test", {"tp": 2, "chunks": 2})]}
+
+
 def _all_cases(world: int) -> list[tuple[str, str | None, str, dict]]:
     out = [(model, None, cid, kw) for cid, kw in CASES[world] for model in FAMILIES]
     return out + EXTRA[world]
+
+
+def _dropout_cases(world: int) -> list[dict]:
+    out = []
+    for model, kw in RECOMPUTE_PAIRS.get(world, []):
+        out.append({"model": model, "plan": kw, "config": DROPOUT})
+        out.append({"model": model, "plan": dict(kw, checkpoint=1), "config": DROPOUT})
+    return out
 
 
 _results: dict[int, dict] = {}
@@ -64,7 +80,7 @@ _results: dict[int, dict] = {}
 def _launch(world: int, tmp_path_factory) -> dict:
     if world not in _results:
         out = tmp_path_factory.mktemp(f"plans-w{world}") / "results.json"
-        cases = [{"model": m, "task": t, "plan": kw} for m, t, _, kw in _all_cases(world)]
+        cases = [{"model": m, "task": t, "plan": kw} for m, t, _, kw in _all_cases(world)] + _dropout_cases(world)
         run_ranks(REPO / "tests" / "dist_runtime_plans.py", world,
                   ["--cases", json.dumps(cases), "--out", str(out)], timeout=900)
         _results[world] = json.loads(out.read_text())
@@ -88,3 +104,14 @@ def test_plan_matches_hf_reference(world, index, tmp_path_factory):
         assert rank_losses == pytest.approx(case["loss"], rel=1e-6), "ranks disagree on the loss"
     # the reference must actually train (otherwise equal losses prove little)
     assert len(set(round(x, 6) for x in ref["loss"])) == len(ref["loss"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,pair", [pytest.param(w, i, id=f"w{w}-{m}-dropout-recompute")
+                                        for w, pairs in RECOMPUTE_PAIRS.items() for i, (m, _) in enumerate(pairs)])
+def test_recompute_replays_dropout(world, pair, tmp_path_factory):
+    res = _launch(world, tmp_path_factory)
+    plain, ckpt = res["cases"][len(_all_cases(world)) + 2 * pair:][:2]
+    assert "-c" in ckpt["describe"] and "-c" not in plain["describe"]
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
