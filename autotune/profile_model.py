@@ -307,11 +307,23 @@ def _key(t: torch.Tensor) -> tuple[str, int]:
 
 def saved_bytes(module: nn.Module, inputs: tuple, exclude: Iterable[torch.Tensor], ckpt: bool) -> int:
     """Bytes autograd keeps for backward in one forward of `module` (model_zoo/accounting.py)."""
-    from model_zoo.accounting import saved_tensor_bytes
+    from model_zoo.accounting import saved_tensors
     skip = list(exclude) + list(module.parameters()) + list(module.buffers())
     fn = (lambda *a: checkpoint(module, *a, use_reentrant=False)) if ckpt else module
     with torch.random.fork_rng(devices=[module_device(module)] if module_device(module).type == "cuda" else []):
-        return saved_tensor_bytes(fn, *inputs, exclude=skip)
+        storages, out = saved_tensors(fn, *inputs, exclude=skip)
+    release_graph(out, module, inputs)
+    return sum(s.nbytes for s in storages)
+
+
+def release_graph(out: Any, module: nn.Module, inputs: tuple) -> None:
+    """Free the graph of a forward run under saved-tensor hooks that return the tensor itself: a saved
+    *output* then refers to its own grad_fn through the hook, a cycle Python's gc cannot see, and the
+    graph would stay in memory for good. A backward releases every saved tensor and breaks it."""
+    t = first_tensor(out)
+    if t.requires_grad:
+        t.float().sum().backward()
+    _clear_grads(module, inputs)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -351,6 +363,7 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
             unsaved_rounded += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
     requested = req_after - req_before - unsaved_out
     alloc = after - before - unsaved_rounded
+    release_graph(out, module, inputs)
     del out
     rel = (requested - saved_new) / saved_new if saved_new else 0.0
     return {"saved_bytes": saved_new, "allocator_requested_bytes": requested, "rel_diff": rel,
@@ -371,7 +384,7 @@ def _saved_keys(module: nn.Module, inputs: tuple, exclude: list[torch.Tensor]) -
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         keys.add(_storage_key(t))
-        return t
+        return t.detach()   # not t itself: see release_graph
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(*inputs)
@@ -542,44 +555,76 @@ def task_batch(config: Any, task: str, seq_lens: tuple[int, ...], b: int, device
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class Marks:
+    """Time marks in stream order. Tensor hooks reference only this (no tensor, no module), so a graph
+    that never runs backward (an activation count, an out-of-memory step) is freed with its outputs."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.items: list[tuple[str, Any]] = []
+
+    def add(self, label: str) -> None:
+        self.items.append((label, self.clock.mark()))
+
+
+@dataclass
+class RegionState:
+    """Where the forward is (first | layer | between | last) and the storages layers take as shared inputs."""
+
+    region: str = "first"
+    shared_keys: set = field(default_factory=set)
+
+
 class LayerHooks:
-    """Forward/backward hooks on every Transformer layer: where the layers start and end in time, and
-    which saved storage belongs to which region (first = before the layers, between, last = after)."""
+    """Hooks on every Transformer layer: forward pre/post hooks mark where each layer starts and ends;
+    gradient hooks on each layer's input and output hidden states mark its backward (the output's
+    gradient is ready: backward starts; the input's is ready: it ends). They also tell which saved
+    storage belongs to which region (first = before the layers, between, last = after)."""
 
     def __init__(self, layers: list[nn.Module], clock: Clock):
         self.layers, self.clock = layers, clock
-        self.marks: list[tuple[str, Any]] = []
-        self.region = "first"
-        self.shared_keys: set = set()
+        self.state = RegionState()
         self.shared_refs: list[torch.Tensor] = []
         self.posts = 0
+        self.track_backward = True
+        self._marks = Marks(clock)
         self.handles = []
         for m in layers:
             self.handles += [m.register_forward_pre_hook(self._pre, with_kwargs=True),
-                             m.register_forward_hook(self._post),
-                             m.register_full_backward_pre_hook(lambda *a: self.marks.append(("bpre", self.clock.mark()))),
-                             m.register_full_backward_hook(lambda *a: self.marks.append(("bpost", self.clock.mark())))]
+                             m.register_forward_hook(self._post)]
+
+    @property
+    def marks(self) -> list[tuple[str, Any]]:
+        return self._marks.items
 
     def _pre(self, module, args, kwargs):
-        self.marks.append(("pre", self.clock.mark()))
-        tensors = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        if not args and kwargs:  # called with keywords only: the hidden state is the first keyword
-            tensors = tensors[1:]
-        self.shared_keys |= {_key(t) for t in tensors}
-        self.shared_refs += tensors   # alive until reset, so no later tensor can reuse a recorded address
-        self.region = "layer"
+        self._marks.add("pre")
+        rest = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        hidden = args[0] if args else (rest.pop(0) if rest else None)   # keywords only: hidden comes first
+        self.state.shared_keys |= {_key(t) for t in rest}
+        self.shared_refs += rest   # alive until reset, so no later tensor can reuse a recorded address
+        self.state.region = "layer"
+        if self.track_backward and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            marks = self._marks
+            hidden.register_hook(lambda g: marks.add("bpost"))
 
     def _post(self, module, args, out):
-        self.marks.append(("post", self.clock.mark()))
+        self._marks.add("post")
         self.posts += 1
-        self.region = "last" if self.posts == len(self.layers) else "between"
+        self.state.region = "last" if self.posts == len(self.layers) else "between"
+        hidden = first_tensor(out)
+        if self.track_backward and hidden.requires_grad:
+            marks = self._marks
+            hidden.register_hook(lambda g: marks.add("bpre"))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def reset(self) -> None:
-        self.marks, self.region, self.shared_keys, self.shared_refs, self.posts = [], "first", set(), [], 0
+    def reset(self, track_backward: bool = True) -> None:
+        self.state, self.shared_refs, self.posts = RegionState(), [], 0
+        self.track_backward = track_backward
+        self._marks = Marks(self.clock)
 
 
 def split_times(marks: list[tuple[str, Any]], start: Any, fwd_end: Any, bwd_end: Any, clock: Clock) -> dict:
@@ -643,22 +688,24 @@ def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> di
     batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
     found: dict[tuple, tuple[str, int]] = {}
     keep: list[torch.Tensor] = []   # a freed storage's address could be reused and then missed
-    hooks.reset()
+    hooks.reset(track_backward=False)
+    state = hooks.state   # the graph keeps `pack` alive: it may reference no module and no graph tensor
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         k = _key(t)
         if k not in params and k not in found:
             keep.append(t)
-            region = hooks.region
-            if region == "layer" and k in hooks.shared_keys:
+            region = state.region
+            if region == "layer" and k in state.shared_keys:
                 region = "between"   # a layer saving an input all layers share (T5's encoder output)
             found[k] = (region, t.untyped_storage().nbytes())
-        return t
+        return t.detach()   # not t itself: see release_graph
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = ctx.model(**batch).loss
     del loss
     keep.clear()
+    hooks.reset()
     out = {"first": 0, "layer": 0, "last": 0, "between": 0}
     for region, n in found.values():
         out[region] += n
@@ -828,6 +875,8 @@ def refit(profile: ModelProfile) -> ModelProfile:
         bs = e.raw.get("batch_sizes", [])
         e.fits = {k: fit_time(bs, v) for k, v in e.raw.get("time_ms", {}).items() if bs and k in MEASURED_KINDS}
     profile.fit_error = pooled_fit_error(profile)
+    profile.source["refit"] = (f"{_dt.date.today().isoformat()}: fits recomputed from the raw times by "
+                               f"`{' '.join(['python', 'autotune/profile_model.py'] + sys.argv[1:])}`")
     return profile
 
 
