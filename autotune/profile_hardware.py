@@ -116,10 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad input before any process group exists, so every rank fails the same way."""
     folder = os.path.dirname(os.path.abspath(args.out)) or "."
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a folder; give a file name such as {args.out}/hardware.json")
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out folder {folder} does not exist; create it or choose another path")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes need not have the folder
+        if os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a folder; give a file name such as {args.out}/hardware.json")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--out folder {folder} does not exist; create it or choose another path")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch sees no GPU; run on a GPU machine or pass --device cpu")
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
