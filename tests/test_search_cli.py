@@ -60,7 +60,8 @@ def test_restricted_spaces(tmp_path, space, capsys):
                  "--space", space, "--out", str(tmp_path / "p.json"), "--quiet"]) == 0
     plan = json.loads((tmp_path / "p.json").read_text())
     tp, pp = int(plan["tp_sizes_enc"].split(",")[0]), plan["pp_deg"]
-    expected = {"dp": (1, 1, 0), "zero3": (1, 1, 3), "tp": (8, 1, 0), "pp": (1, 8, None), "3d": (2, 2, None),
+    # dp = 1 (tp, pp spaces): bf16 plans use the stage-1 engine, which has nothing to shard there
+    expected = {"dp": (1, 1, 0), "zero3": (1, 1, 3), "tp": (8, 1, 1), "pp": (1, 8, 1), "3d": (2, 2, None),
                 "deepspeed": (1, 1, None)}[space]
     assert (tp, pp) == expected[:2]
     if expected[2] is not None:
