@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint", type=int, choices=(0, 1), default=0, help="activation checkpointing of every layer")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="default: the plan's on GPU, fp32 on CPU")
+    m = p.add_argument_group("dry-run memory check (before the model is built)")
+    m.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="device memory to check the plan against (default: the GPU's; on CPU no check unless given)")
+    m.add_argument("--model-profile", default=None, help="model profile for the check (default: analytic)")
+    m.add_argument("--force", action="store_true", help="run even if the plan is predicted not to fit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -121,6 +126,34 @@ def make_plan(args: argparse.Namespace, num_layers: int, world_size: int, on_gpu
         return plan
     except PlanError as e:
         raise BadInput(str(e)) from None
+
+
+def check_memory(args: argparse.Namespace, plan, choice: ModelChoice, on_gpu: bool) -> None:
+    """Refuse a plan whose predicted peak exceeds the device memory, before any weight exists."""
+    if args.force:
+        return
+    if args.gpu_memory_gb is not None:
+        mem = args.gpu_memory_gb
+    elif on_gpu:
+        import torch
+
+        mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    else:
+        return                      # CPU run without a budget: nothing to check against
+    from autotune.memory_check import check_plan_memory
+    from model_zoo.registry import get_model_spec
+
+    profile = None
+    if args.model_profile:
+        from autotune.model_profile import ModelProfile, ProfileError
+        try:
+            profile = ModelProfile.load(args.model_profile)
+        except ProfileError as e:
+            raise BadInput(str(e)) from None
+    spec = get_model_spec(choice.name, precision=plan.precision, seq_len=choice.seq_len, task=choice.task)
+    verdict = check_plan_memory(plan, spec, mem, profile=profile)
+    if not verdict.ok:
+        raise BadInput(verdict.message())
 
 
 def open_data(spec: str, adapter, choice: ModelChoice, seed: int):
@@ -268,6 +301,7 @@ def train(args: argparse.Namespace) -> int:
 
     adapter = get_adapter(choice.family)
     plan = make_plan(args, adapter.num_layers(choice.config), world_size, on_gpu)
+    check_memory(args, plan, choice, on_gpu)
     dataset, tokenize = open_data(args.data, adapter, choice, args.seed)
 
     # ---- heavy imports and process groups only once the input is known to be good
@@ -280,6 +314,12 @@ def train(args: argparse.Namespace) -> int:
     from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
     from backends.megatron.random import seed_everything
 
+    from backends.launch import LaunchError, check_master_reachable
+    try:
+        # Ranks other than 0 stop with one line instead of waiting out the rendezvous timeout.
+        check_master_reachable(timeout_s=float(os.environ.get("GALVATRON_MASTER_TIMEOUT_S", "120")))
+    except LaunchError as e:
+        raise BadInput(str(e)) from None
     init_distributed()
     groups = build_parallel_groups(plan)
     seed_everything(args.seed, groups.tp_rank, groups.pp_rank)
