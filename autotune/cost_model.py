@@ -252,6 +252,9 @@ class CostModel:
         states, states_detail = self.states_bytes(shard, dp, setting.zero)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
+        if not s.checkpoint:
+            # Tensors without a batch dimension (position-bias copies, masks, RNG state): once per micro-batch.
+            act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
         local = shard / dp if setting.zero >= 1 else shard
         optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)

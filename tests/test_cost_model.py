@@ -151,3 +151,14 @@ def test_hardware_spanning_bandwidth():
     assert hw.allreduce_busbw(8, True, 1) == 100.0           # inside a node
     assert hw.allreduce_busbw(2, False, 8) == 10.0           # ranks 8 apart sit on different nodes
     assert math.isinf(hw.allreduce_busbw(1, True))
+
+
+def test_fixed_activation_once_per_inflight_microbatch():
+    import dataclasses
+    cm, lt = model(gpus=8, act_mb=100.0, ckpt_mb=10.0)
+    lt = dataclasses.replace(lt, act_fixed_bytes={1: 5 * MB})
+    st = Setting(world=8, pp=4, zero=0, chunks=8, global_bsz=32)   # micro-batch 2, stage 0 holds 4
+    c = cm.layer_cost(lt, LayerStrategy(), st, 0)
+    assert c.act_bytes == pytest.approx(100 * MB * 2 * 4 + 5 * MB * 4)
+    ck = cm.layer_cost(lt, LayerStrategy(checkpoint=True), st, 0)  # checkpointed: only the input is kept
+    assert ck.act_bytes == pytest.approx(10 * MB * 2 * 4)
