@@ -219,6 +219,8 @@ class ModelProfile:
     other: dict[str, dict[int, Entry]]          # "first" | "last" -> vtp -> Entry
     vocab_size: int = 0
     notes: list[str] = field(default_factory=list)
+    # Correction factors fitted by autotune/calibrate.py from real runs; CostModel applies them.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors for the cost model
     def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str) -> float | None:
@@ -276,6 +278,7 @@ class ModelProfile:
             "layer_types": {n: lt.to_dict() for n, lt in self.layer_types.items()},
             "other": {p: {"vtp": {str(v): e.to_dict() for v, e in sorted(d.items())}} for p, d in self.other.items()},
             "notes": self.notes,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
     def save(self, path: str) -> None:
@@ -322,7 +325,7 @@ class ModelProfile:
                    seq_lens=list(d.get("seq_lens") or []), batch_sizes=[int(b) for b in d.get("batch_sizes") or []],
                    fit_error=float(d.get("fit_error", 0.0)), source=dict(d.get("source") or {}),
                    layer_types=layer_types, other=other, vocab_size=int(d.get("vocab_size") or 0),
-                   notes=list(d.get("notes") or []))
+                   notes=list(d.get("notes") or []), calibration=dict(d.get("calibration") or {}))
 
 
 def _int_key(k: Any, where: str) -> int:

@@ -43,3 +43,25 @@ def test_offset_never_under_predicts_calibration_runs():
     runs[0]["measured"]["stage_peak_memory_mb"][0] += 300   # noise the linear fit cannot follow
     out = calibrate(spec, hw, None, runs, [])
     assert out["fit_error_after"]["memory_min_signed"] >= -1e-9
+
+
+def test_calibration_stored_in_profile_is_used_by_later_searches(tmp_path):
+    """calibrate.py writes the block into the profile file; ModelProfile.load carries it to the CostModel."""
+    import json
+
+    from autotune.cost_model import CostModel
+    from autotune.model_profile import ModelProfile
+    from model_zoo.registry import get_model_spec
+    profiles = __import__("pathlib").Path(__file__).resolve().parents[1] / "profiles" / "h100"
+    raw = json.loads((profiles / "bert-large.json").read_text())
+    raw["calibration"] = {"compute_scale": 2.0, "memory_offset_mb": 100.0}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(raw))
+    prof = ModelProfile.load(str(path))
+    assert prof.calibration["compute_scale"] == 2.0
+    spec = get_model_spec("bert-large")
+    cm = CostModel(spec, syn.hardware(gpus=1), prof)
+    plain = CostModel(spec, syn.hardware(gpus=1), ModelProfile.load(str(profiles / "bert-large.json")))
+    lt = spec.layer(0)
+    assert cm.layer_compute_s(lt, 1, 8)[0] == pytest.approx(2.0 * plain.layer_compute_s(lt, 1, 8)[0])
+    assert cm.cal.memory_offset_mb == 100.0
