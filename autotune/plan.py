@@ -161,6 +161,9 @@ class Plan:
             if t < 1:
                 raise PlanError("plan keys 'tp_sizes_enc', 'vtp', 'chunks', 'global_bsz' must be positive")
         if W is not None:
+            if self.pp_deg > W or W % self.pp_deg:
+                raise PlanError(f"plan key 'pp_deg'={self.pp_deg} does not divide world_size={W}; use a pipeline "
+                                f"degree that divides the number of processes")
             for t in set(self.tp_sizes_enc) | {self.vtp}:
                 if t & (t - 1) or (W // self.pp_deg) % t or W % self.pp_deg:
                     raise PlanError(f"TP degree {t} with pp_deg={self.pp_deg} does not factor world_size={W}; "

@@ -69,6 +69,8 @@ def test_world_size_checks():
         Plan.from_dict(dict(GALVATRON_BERT, chunks=3)).validate(world_size=8)
     with pytest.raises(PlanError, match="does not factor"):
         p.validate(world_size=7)
+    with pytest.raises(PlanError, match="'pp_deg'=4 does not divide world_size=2"):
+        Plan.from_dict({"pp_deg": 4, "tp_sizes_enc": "1,1,1,1", "global_bsz": 4, "chunks": 1}).validate(world_size=2)
     q = Plan.uniform(num_layers=4, world_size=4, tp=2, global_bsz=8)
     with pytest.raises(PlanError, match="made for world_size=4"):
         q.validate(world_size=8)
