@@ -92,3 +92,18 @@ def _kill(procs: list[subprocess.Popen]) -> None:
 def _tail(text: str, lines: int = 60) -> str:
     keep = [ln for ln in text.splitlines() if "warnings.warn(" not in ln and "UserWarning" not in ln]
     return "\n".join(keep[-lines:])
+
+
+def assert_case_matches_reference(res: dict, index: int, rtol: float) -> None:
+    """One plan of a dist_runtime_plans.py launch against its single-process HF reference: the loss and
+    the pre-clipping gradient norm of every step within `rtol`, all ranks agreeing on the loss, and a
+    reference that really trains (equal flat losses would prove little)."""
+    import pytest
+
+    case = res["cases"][index]
+    ref = res["reference"][case["key"]]
+    assert case["loss"] == pytest.approx(ref["loss"], rel=rtol), f"{case['describe']}: losses differ"
+    assert case["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rtol), f"{case['describe']}: grad norms differ"
+    for rank_losses in case["loss_by_rank"]:
+        assert rank_losses == pytest.approx(case["loss"], rel=1e-6), "ranks disagree on the loss"
+    assert len(set(round(x, 6) for x in ref["loss"])) == len(ref["loss"]), "the reference did not train"
