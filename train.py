@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (text models); default: the preset's")
     p.add_argument("--metrics-file", default=None, help="JSON lines: one per step, then a summary")
     p.add_argument("--save-dir", default=None, help="DeepSpeed checkpoint after the last step")
+    p.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="after the last step, gather the trained weights into the full HF layout and save_pretrained "
+                        "them (plus the --model folder's tokenizer files) to DIR, atomically")
     p.add_argument("--galvatron-plan", default=None, help="plan.json from autotune/search.py")
     g = p.add_argument_group("one-strategy plan (used without --galvatron-plan)")
     g.add_argument("--pp", type=int, default=1)
@@ -284,6 +287,20 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
+def export_hf(trainer, layout, adapter, choice: ModelChoice, out_dir: str, rank: int, log) -> None:
+    """Gather the trained weights (collective) and let rank 0 write them as an HF checkpoint folder."""
+    import torch.distributed as dist
+
+    from backends.export import save_hf, to_hf_state_dict
+
+    full = trainer.full_state_dict(layout)
+    if rank == 0:
+        hf_model = adapter.build_model(choice.config, choice.task)
+        path = save_hf(hf_model, to_hf_state_dict(full, hf_model), out_dir, tokenizer_dir=choice.checkpoint_dir)
+        log(f"exported the trained model in HF format to {path}")
+    dist.barrier()
+
+
 def train(args: argparse.Namespace) -> int:
     import torch
 
@@ -329,6 +346,11 @@ def train(args: argparse.Namespace) -> int:
     model = adapter.build_model(choice.config, choice.task, state)
     del state
     adapter.tensor_parallelize(model, choice.task, groups.tp_groups)
+    layout = None
+    if args.export_hf:
+        from backends.export import capture_layout
+
+        layout = capture_layout(model, groups.tp_groups.vocab)
     seq = adapter.layer_sequence(model, choice.task)
     trainer = build_engine(plan, groups, seq, lr=args.lr, weight_decay=args.weight_decay)
     if rank == 0:
@@ -380,6 +402,8 @@ def train(args: argparse.Namespace) -> int:
         print_summary(summary, log)
     if args.save_dir:
         trainer.save(args.save_dir, tag=f"step{args.steps}")
+    if args.export_hf:
+        export_hf(trainer, layout, adapter, choice, args.export_hf, rank, log)
     trainer.destroy()
     destroy_parallel_groups()
     dist.barrier()

@@ -77,6 +77,17 @@ class TrainEngine:
     def save(self, save_dir: str, tag: str) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag)
 
+    def full_state_dict(self, layout) -> dict | None:
+        """Collective: the trained weights by HF name, unsharded (TP, pipeline stages, ZeRO-3), on rank 0.
+
+        `layout` is backends.export.capture_layout(model) taken before the engine was built.
+        """
+        from backends.export import gather_full_state_dict
+
+        owned = {id(p) for p in self.engine.module.parameters()}
+        first = self.groups.tp_rank == 0 and self.groups.dp_rank == 0
+        return gather_full_state_dict(layout, owned, first_of_stage=first)
+
     def destroy(self) -> None:
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
