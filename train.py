@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=None, help="default: the plan's global_bsz (8 without a plan)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (text models); default: the preset's")
     p.add_argument("--metrics-file", default=None, help="JSON lines: one per step, then a summary")
-    p.add_argument("--save-dir", default=None, help="DeepSpeed checkpoint after the last step")
+    p.add_argument("--save-dir", default=None, help="DeepSpeed checkpoint after the last step (tag stepN, 'latest' "
+                                                   "names the newest complete one)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="also save every N steps (needs --save-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --save-dir (model, optimizer, and the step: the "
+                        "next batches are those an uninterrupted run would see); starts fresh if there is none")
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="after the last step, gather the trained weights into the full HF layout and save_pretrained "
                         "them (plus the --model folder's tokenizer files) to DIR, atomically")
@@ -313,6 +318,10 @@ def train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if args.steps < 1:
         raise BadInput("--steps must be at least 1")
+    if (args.resume or args.save_every) and not args.save_dir:
+        raise BadInput("--resume and --save-every need --save-dir (the checkpoint folder)")
+    if args.save_every < 0:
+        raise BadInput("--save-every must be 0 (off) or a positive number of steps")
     choice = resolve_model(args.model, args.task, args.seq_len)
     from model_zoo.runtime import get_adapter
 
@@ -364,6 +373,17 @@ def train(args: argparse.Namespace) -> int:
         f"tp {groups.tp} x dp {groups.dp} | ZeRO {plan.zero_stage} | chunks {plan.chunks} | micro-batch "
         f"{plan.micro_batch_size} | {plan.precision} | {plan.describe()}")
 
+    start = 0
+    if args.resume:
+        client_state = trainer.load_latest(args.save_dir)
+        if client_state is None:
+            log(f"--resume: no checkpoint in {args.save_dir} yet, starting from step 0")
+        else:
+            start = int(client_state["step"])
+            log(f"resumed from {args.save_dir} at step {start}")
+            if start >= args.steps:
+                log(f"the checkpoint is at step {start}, --steps is {args.steps}: nothing left to train")
+
     if dataset is None:
         data = SyntheticData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, seq_len=choice.seq_len)
     else:
@@ -372,8 +392,8 @@ def train(args: argparse.Namespace) -> int:
     flops = adapter.flops_per_sample(choice.config, choice.task, seq_len=choice.seq_len)
     metrics = Metrics(args.metrics_file, rank)
     records: list[dict] = []
-    bar = tqdm(total=args.steps, disable=rank != 0, desc="train", dynamic_ncols=True)
-    for step in range(args.steps):
+    bar = tqdm(total=args.steps, initial=min(start, args.steps), disable=rank != 0, desc="train", dynamic_ncols=True)
+    for step in range(start, args.steps):
         micro = data.micro_batches(step)
         if on_gpu:
             torch.cuda.synchronize()
@@ -394,14 +414,17 @@ def train(args: argparse.Namespace) -> int:
         log(f"step {step:5d} | loss {result.loss:.6f} | grad norm {_fmt(result.grad_norm)} | {dt:.3f} s | "
             f"{rec['samples_per_s']:.1f} samples/s | {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
             f"peak {rec['peak_memory_mb']:.0f} MB")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            trainer.save(args.save_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
     bar.close()
-    summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
-    metrics.write(summary)
+    if records:
+        summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
+        metrics.write(summary)
+        if rank == 0:
+            print_summary(summary, log)
     metrics.close()
-    if rank == 0:
-        print_summary(summary, log)
-    if args.save_dir:
-        trainer.save(args.save_dir, tag=f"step{args.steps}")
+    if args.save_dir and records:
+        trainer.save(args.save_dir, tag=f"step{args.steps}", client_state={"step": args.steps})
     if args.export_hf:
         export_hf(trainer, layout, adapter, choice, args.export_hf, rank, log)
     trainer.destroy()

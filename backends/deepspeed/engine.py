@@ -74,8 +74,40 @@ class TrainEngine:
             total /= self.groups.dp
         return StepResult(float(total), _norm(self.engine.get_global_grad_norm()))
 
-    def save(self, save_dir: str, tag: str) -> None:
-        self.engine.save_checkpoint(save_dir, tag=tag)
+    def save(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
+        """Collective: a DeepSpeed checkpoint in save_dir/tag, named `latest` only once it is complete.
+
+        Every rank writes under a temporary tag; after a barrier rank 0 renames the folder to `tag` and
+        replaces the `latest` file atomically, so a crash mid-save leaves the previous `latest` intact.
+        (Assumes save_dir is one shared folder, as DeepSpeed's own `latest` does.)
+        """
+        import shutil
+
+        tmp_tag = f".tmp-{tag}"
+        self.engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state or {}, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            final = os.path.join(save_dir, tag)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(os.path.join(save_dir, tmp_tag), final)
+            latest_tmp = os.path.join(save_dir, f".latest.tmp-{os.getpid()}")
+            with open(latest_tmp, "w") as f:
+                f.write(tag)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(latest_tmp, os.path.join(save_dir, "latest"))
+        dist.barrier()
+
+    def load_latest(self, save_dir: str) -> dict | None:
+        """Collective: load the checkpoint `latest` names (module, optimizer, scheduler); its client
+        state, or None when save_dir holds no checkpoint yet."""
+        if not os.path.isfile(os.path.join(save_dir, "latest")):
+            return None
+        path, client_state = self.engine.load_checkpoint(save_dir)
+        if path is None:
+            raise RuntimeError(f"could not load the latest checkpoint in {save_dir}")
+        return client_state or {}
 
     def full_state_dict(self, layout) -> dict | None:
         """Collective: the trained weights by HF name, unsharded (TP, pipeline stages, ZeRO-3), on rank 0.
