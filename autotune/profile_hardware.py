@@ -580,7 +580,8 @@ def profile(env: Env, args: argparse.Namespace) -> dict:
     m["allreduce"], m["p2p"], m["sweeps"], m["overlap"], m["latency_us"] = {}, {}, {}, None, None
     if env.world > 1:
         m["allreduce"] = measure_allreduce(env, s, ar_bytes, prog)
-        m["p2p"] = measure_p2p(env, s, min(s.p2p_bytes, ar_bytes), prog)
+        # --allreduce-mb sets the p2p message too (as its help says); otherwise the settings' own size
+        m["p2p"] = measure_p2p(env, s, ar_bytes if args.allreduce_mb else min(s.p2p_bytes, ar_bytes), prog)
         m["sweeps"] = measure_sweeps(env, s, prog)
         m["latency_us"] = measure_latency(env, s)
         prog.step("latency")
