@@ -24,11 +24,11 @@ class DPResult:
 
 def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
                 switch: np.ndarray | None = None, groups: np.ndarray | None = None) -> DPResult | None:
-    """cost, mem_units: [layers, strategies]; switch: [layers, S, S] (from s' to s) or None.
+    """cost, mem_units: [layers, strategies]; switch: [layers, G, G] between layout groups or None.
 
-    With `groups` (layout index per strategy), `switch` is [layers, G, G] between layouts: the
-    redistribution cost depends on the TP layout only, not on checkpointing, which cuts the
-    transition from S^2 to G^2 + S per memory unit.
+    `groups` gives each strategy's layout index (default: every strategy its own group, so `switch`
+    is then [layers, S, S]). The redistribution cost depends on the TP layout only, not on
+    checkpointing, which cuts the transition from S^2 to G^2 + S per memory unit.
     Returns the cheapest assignment whose memory fits `budget_units`, or None if none fits.
     """
     n, S = cost.shape
@@ -36,52 +36,21 @@ def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
         return None
     V = int(budget_units)
     mem_units = mem_units.astype(np.int64)
-    # Quick exits: the fastest choice per layer fits, or even the smallest choices do not.
+    no_switch = switch is None or not switch.any()
+    groups = np.arange(S) if groups is None else np.asarray(groups)
+    # Quick exits: the fastest choice per layer fits and pays no redistribution (no switch costs, or
+    # all on one layout), or even the smallest choices do not fit.
     best = cost.argmin(axis=1)
-    if mem_units[np.arange(n), best].sum() <= V and (switch is None or not switch.any()):
-        return DPResult(float(cost[np.arange(n), best].sum()), best.tolist(), int(mem_units[np.arange(n), best].sum()))
+    best_mem = int(mem_units[np.arange(n), best].sum())
+    one_layout = len(set(groups[best].tolist())) == 1 and not no_switch and \
+        not switch[:, groups[best[0]], groups[best[0]]].any()
+    if best_mem <= V and (no_switch or one_layout):
+        return DPResult(float(cost[np.arange(n), best].sum()), best.tolist(), best_mem)
     if mem_units.min(axis=1).sum() > V:
         return None
-    if switch is None or not switch.any():
+    if no_switch:
         return _solve_no_switch(cost, mem_units, V)
-    if groups is not None:
-        groups = np.asarray(groups)
-        if len(set(groups[best].tolist())) == 1 and mem_units[np.arange(n), best].sum() <= V:
-            # The fastest choices share one layout: no redistribution on that path, and it fits.
-            return DPResult(float(cost[np.arange(n), best].sum()), best.tolist(),
-                            int(mem_units[np.arange(n), best].sum()))
-        return _solve_grouped(cost, mem_units, V, switch, groups)
-    inf = math.inf
-    f = np.full((V + 1, S), inf)
-    for s in range(S):
-        v = mem_units[0, s]
-        if v <= V:
-            f[v:, s] = cost[0, s]
-    marks = np.zeros((n, V + 1, S), dtype=np.int16)
-    for i in range(1, n):
-        g = np.full((V + 1, S), inf)
-        for s in range(S):
-            v = mem_units[i, s]
-            if v > V:
-                continue
-            prev = f[: V + 1 - v] + switch[i, :, s][None, :]   # f[u - v, s'] + R for u = v..V
-            arg = prev.argmin(axis=1)
-            g[v:, s] = prev[np.arange(V + 1 - v), arg] + cost[i, s]
-            marks[i, v:, s] = arg
-        f = g
-    s = int(f[V].argmin())
-    if not np.isfinite(f[V, s]):
-        return None
-    total = float(f[V, s])
-    choice = [0] * n
-    u = V
-    for i in range(n - 1, -1, -1):
-        choice[i] = s
-        prev_s = int(marks[i, u, s])
-        u -= int(mem_units[i, s])
-        s = prev_s
-    used = int(sum(mem_units[i, c] for i, c in enumerate(choice)))
-    return DPResult(total, choice, used)
+    return _solve_grouped(cost, mem_units, V, switch, groups)
 
 
 def _argmin_columns(cols: list[np.ndarray], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
