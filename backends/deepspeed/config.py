@@ -20,12 +20,15 @@ GRADIENT_CLIPPING = 1.0
 
 
 def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, betas=(0.9, 0.999),
-                   eps: float = 1e-8, torch_adam: bool = True, fused: bool | None = None) -> dict:
+                   eps: float = 1e-8, torch_adam: bool = True, fused: bool | None = None,
+                   autocast: bool = False) -> dict:
     """DeepSpeed JSON for `plan`: batch sizes, ZeRO stage and buckets, precision, clipping, AdamW.
 
     `torch_adam` (default) selects torch.optim.AdamW rather than DeepSpeed's FusedAdam, a JIT-built
     extension (DeepSpeed 0.19.8 cannot parse the arch list "9.0a" of Hopper GPUs, and on CPU it
     needs a compiler); `fused` asks torch for its fused kernel (the runtime sets it on GPUs).
+    `autocast` runs a bf16/fp16 plan as torch autocast over fp32 weights (DeepSpeed's `torch_autocast`
+    section) instead of DeepSpeed's bf16/fp16 engine with its separate fp32 master copy.
     """
     if plan.world_size is None:
         raise ValueError("plan.world_size must be known to build the DeepSpeed config")
@@ -48,8 +51,8 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps,
                                                    "weight_decay": weight_decay}},
-        "bf16": {"enabled": plan.precision == "bf16"},
-        "fp16": {"enabled": plan.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": plan.precision == "bf16" and not autocast},
+        "fp16": {"enabled": plan.precision == "fp16" and not autocast, "initial_scale_power": 16},
         # Stages send whole activations (what the cost model charges). DeepSpeed's default splits the
         # first sent tensor over the TP group, which only works when a stage sends exactly one tensor that
         # needs a gradient and the next stage takes a tuple of more than one (T5 sends several; ViT/Swin one).
@@ -61,7 +64,9 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         cfg["optimizer"]["params"]["torch_adam"] = True
         if fused is not None:
             cfg["optimizer"]["params"]["fused"] = fused
-    if plan.precision in ("bf16", "fp16") and plan.zero_stage >= 1:
+    if autocast and plan.precision in ("bf16", "fp16"):
+        cfg["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[plan.precision]}
+    elif plan.precision in ("bf16", "fp16") and plan.zero_stage >= 1:
         # Accumulate gradients in fp32 across micro-batches (numerically safe; what the cost model charges).
         # DeepSpeed refuses fp32 accumulation without ZeRO, so stage 0 accumulates in the model dtype.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}

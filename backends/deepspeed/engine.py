@@ -48,6 +48,7 @@ class TrainEngine:
     plan: Plan
     groups: ParallelGroups
     ds_config: dict
+    autocast: bool = False           # fp32 weights under torch autocast: float inputs stay fp32
 
     @property
     def pipelined(self) -> bool:
@@ -57,7 +58,8 @@ class TrainEngine:
         """One optimizer step over this rank's micro-batches."""
         if len(micro_batches) != self.plan.chunks:
             raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
-        dev, dtype = device(), COMPUTE_DTYPES[self.plan.precision]
+        dev = device()
+        dtype = torch.float32 if self.autocast else COMPUTE_DTYPES[self.plan.precision]
         moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=iter(moved))
@@ -152,15 +154,24 @@ def _to(x: Any, dev: torch.device, float_dtype: torch.dtype | None = None) -> An
 
 
 def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: float = 1e-4,
-                 weight_decay: float = 0.01, eps: float = 1e-8) -> TrainEngine:
-    """deepspeed.initialize with the config generated from the plan."""
+                 weight_decay: float = 0.01, eps: float = 1e-8, autocast: bool = False,
+                 compile_layers: bool = False) -> TrainEngine:
+    """deepspeed.initialize with the config generated from the plan.
+
+    `autocast`: see make_ds_config (pp = 1 only: DeepSpeed's pipeline engine has no autocast).
+    `compile_layers`: torch.compile each Transformer layer (one compiled graph serves all equal layers).
+    """
+    autocast = autocast and plan.pp_deg == 1 and plan.precision in ("bf16", "fp16")
     os.environ.setdefault("LOCAL_RANK", "0")       # DeepSpeed's PipelineModule insists on it
     deepspeed.init_distributed(dist_backend=dist.get_backend())   # adopts the existing torch.distributed world
     mpu = MegatronMPU()
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False, checkpoint_in_cpu=False,
                       synchronize=False, profile=False)
     cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
-                         fused=True if torch.cuda.is_available() else None)
+                         fused=True if torch.cuda.is_available() else None, autocast=autocast)
+    if compile_layers:
+        for entry in seq.layers:
+            entry.module.compile()
     if plan.pp_deg > 1:
         model = build_pipeline_module(plan, groups, seq)
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
@@ -169,10 +180,10 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
         tag_gradient_norm_owners(model, groups.tp_rank)
         model.to(device())
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), mpu=mpu)
-    if plan.zero_stage == 0 and plan.precision == "fp32":
+    if plan.zero_stage == 0 and (plan.precision == "fp32" or autocast):
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
-    return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg)
+    return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast)
 
 
 def _skip_lone_allreduce(engine: Any, plan: Plan, groups: ParallelGroups) -> None:
