@@ -33,8 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "image-classification); default: the family's")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (deterministic from --seed and the step), or a local dataset: a save_to_disk "
-                        "folder or a .json/.jsonl/.csv/.parquet/.txt file (records with input_ids or text, "
-                        "pixel_values or image, label)")
+                        "folder, an image-folder tree (one sub-folder per class), or a .json/.jsonl/.csv/.parquet/"
+                        ".txt file; records: text+label (BERT), source+target (T5), image+label (ViT/Swin), or "
+                        "token ids / pixel_values; text is tokenized by the --model folder's tokenizer")
+    p.add_argument("--eval-data", default=None, metavar="PATH",
+                   help="evaluation set (same formats as --data): loss, and accuracy for classification, every "
+                        "--eval-every steps and after the last step")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--dropout", type=float, default=None, metavar="P",
+                   help="set every dropout probability of the model config to P (0 for exact comparisons between "
+                        "layouts: dropout streams differ); the exported config keeps the checkpoint's values")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes of a classification head (default: the config's); a checkpoint's head of another "
+                        "size is re-initialized")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -48,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --save-dir (model, optimizer, and the step: the "
                         "next batches are those an uninterrupted run would see); starts fresh if there is none")
+    p.add_argument("--resume-weights-only", action="store_true",
+                   help="with --resume: load only the model weights (optimizer restarts); e.g. a bf16 GPU "
+                        "checkpoint read by an fp32 CPU run (scripts/convert_checkpoint.py)")
+    p.add_argument("--start-step", type=int, default=0, metavar="N",
+                   help="begin at step N of the data schedule (continue a run from an HF export of its step-N "
+                        "checkpoint under another plan: weights kept, optimizer restarted)")
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="after the last step, gather the trained weights into the full HF layout and save_pretrained "
                         "them (plus the --model folder's tokenizer files) to DIR, atomically")
@@ -82,6 +99,7 @@ class ModelChoice:
     task: str
     seq_len: Any
     checkpoint_dir: Path | None        # HF checkpoint folder holding weights, if any
+    export_config: Any = None          # the config an export saves (the checkpoint's dropout, not --dropout's)
 
 
 def resolve_model(name: str, task: str | None, seq_len: int | None) -> ModelChoice:
@@ -104,6 +122,43 @@ def resolve_model(name: str, task: str | None, seq_len: int | None) -> ModelChoi
     path = Path(name).expanduser()
     has_weights = path.is_dir() and any(path.glob("*.safetensors")) or path.is_dir() and any(path.glob("*.bin"))
     return ModelChoice(name, config, family, task, seq_len, path if has_weights else None)
+
+
+def configure_model(args: argparse.Namespace, adapter, choice: ModelChoice) -> None:
+    """Apply --num-labels and --dropout to the config; the export keeps the checkpoint's dropout."""
+    import copy
+
+    if args.num_labels is not None:
+        if args.num_labels < 1 or not hasattr(choice.config, "num_labels"):
+            raise BadInput(f"--num-labels {args.num_labels}: give a positive number for a classification head")
+        choice.config.num_labels = args.num_labels       # also resets id2label / label2id
+    choice.export_config = copy.deepcopy(choice.config)
+    if args.dropout is not None:
+        adapter.set_dropout(choice.config, args.dropout)
+
+
+# plan fields that decide how a DeepSpeed checkpoint is sharded (a resume must match them)
+CHECKPOINT_LAYOUT_KEYS = ("world_size", "pp_deg", "tp_sizes_enc", "tp_consecutive_flags", "pp_division", "vtp",
+                          "zero_stage", "dp_types_enc")
+
+
+def check_resume_plan(save_dir: str, plan) -> None:
+    """--resume under a plan that shards differently from the saved one: say how to switch plans."""
+    from autotune.plan import Plan, PlanError
+
+    saved_path = Path(save_dir) / "plan.json"
+    if not (Path(save_dir) / "latest").is_file() or not saved_path.is_file():
+        return
+    try:
+        saved = Plan.load(str(saved_path))
+    except PlanError:
+        return
+    differ = [k for k in CHECKPOINT_LAYOUT_KEYS if getattr(saved, k) != getattr(plan, k)]
+    if differ:
+        raise BadInput(f"--resume: the checkpoint in {save_dir} was saved under another plan ({saved.describe()}; "
+                       f"differs in {', '.join(differ)}); to continue under this plan convert it first: "
+                       f"python scripts/convert_checkpoint.py {save_dir} OUT, then train.py --model OUT "
+                       f"--start-step STEP (the script prints the step; the optimizer restarts)")
 
 
 def make_plan(args: argparse.Namespace, num_layers: int, world_size: int, on_gpu: bool):
@@ -164,45 +219,53 @@ def check_memory(args: argparse.Namespace, plan, choice: ModelChoice, on_gpu: bo
         raise BadInput(verdict.message())
 
 
-def open_data(spec: str, adapter, choice: ModelChoice, seed: int):
-    """(dataset, tokenize) for --data PATH, (None, None) for synthetic data; checks the first record."""
+def open_data(spec: str, adapter, choice: ModelChoice, seed: int, flag: str = "--data"):
+    """(dataset, tokenize) for a dataset PATH, (None, None) for synthetic data; checks the first record
+    and, for classification, that every label fits the head."""
     if spec == "synthetic":
         return None, None
     from backends.data import load_records
 
     try:
-        dataset = load_records(spec)
+        dataset = load_records(spec, flag)
     except (ValueError, FileNotFoundError) as e:
         raise BadInput(str(e)) from None
+    if len(dataset) == 0:
+        raise BadInput(f"{flag} {spec} holds no records; give a non-empty dataset")
     tokenize = None
     columns = set(dataset.column_names)
-    if "text" in columns and "input_ids" not in columns:
-        tokenize = make_tokenizer(choice)
+    if adapter.text_fields and set(adapter.text_fields) <= columns and "input_ids" not in columns:
+        tokenize = make_tokenizer(adapter, choice)
     first = dataset[0]
     if tokenize is not None:
         first = tokenize(first)
     try:
         adapter.collate(choice.config, choice.task, [first], seed, 0, seq_len=choice.seq_len)
     except (KeyError, NotImplementedError, TypeError, ValueError) as e:
-        raise BadInput(f"--data {spec}: {e.args[0] if e.args else e}") from None
+        raise BadInput(f"{flag} {spec}: {e.args[0] if e.args else e}") from None
+    label_key = next((k for k in ("label", "labels") if k in columns), None)
+    num_labels = getattr(choice.config, "num_labels", 0)
+    if choice.task.endswith("classification") and label_key and num_labels > 1:
+        labels = dataset[label_key]
+        if labels and not all(isinstance(x, int) and 0 <= x < num_labels for x in labels):
+            raise BadInput(f"{flag} {spec}: labels must be integers 0..{num_labels - 1} for a head of {num_labels} "
+                           f"classes (found {sorted(set(labels))[:5]}...); set --num-labels or fix the labels")
     return dataset, tokenize
 
 
-def make_tokenizer(choice: ModelChoice):
-    """Tokenize a record's 'text' with the tokenizer saved in the --model checkpoint folder."""
+def make_tokenizer(adapter, choice: ModelChoice):
+    """Tokenize a record's text fields (adapter.text_fields) with the --model checkpoint folder's tokenizer."""
     folder = Path(choice.name).expanduser()
     if not folder.is_dir() or not any(folder.glob("tokenizer*")) and not any(folder.glob("vocab*")):
-        raise BadInput("the data has a 'text' field but no 'input_ids', and --model has no tokenizer files; "
-                       "give --model an HF checkpoint folder with its tokenizer, or pre-tokenize into input_ids")
+        raise BadInput(f"the data has text fields ({', '.join(adapter.text_fields)}) but no 'input_ids', and --model "
+                       "has no tokenizer files; give --model an HF checkpoint folder with its tokenizer, or "
+                       "pre-tokenize into input_ids")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    max_len = choice.seq_len if isinstance(choice.seq_len, int) else None
 
     def tokenize(record: dict) -> dict:
-        out = dict(record)
-        out.update(tokenizer(record["text"], truncation=max_len is not None, max_length=max_len))
-        return out
+        return adapter.tokenize(tokenizer, record, choice.seq_len)
 
     return tokenize
 
@@ -213,9 +276,17 @@ def initial_state_dict(adapter, choice: ModelChoice, seed: int) -> dict:
 
     torch.manual_seed(seed)
     model = adapter.build_model(choice.config, choice.task)
-    if choice.checkpoint_dir is not None:
-        model = type(model).from_pretrained(str(choice.checkpoint_dir), config=choice.config)
+    if choice.checkpoint_dir is not None:     # a head of another size (--num-labels) starts from the seeded init
+        model = type(model).from_pretrained(str(choice.checkpoint_dir), config=choice.config,
+                                            ignore_mismatched_sizes=True)
     return model.state_dict()
+
+
+def host_peak_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
 
 
 def peak_memory_mb() -> float:
@@ -223,9 +294,7 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+    return host_peak_mb()
 
 
 class Metrics:
@@ -292,6 +361,22 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
+def run_record(args: argparse.Namespace, choice: ModelChoice) -> dict:
+    """What scripts/convert_checkpoint.py needs besides plan.json to rebuild this run's model."""
+    path = Path(args.model).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else args.model, "task": choice.task, "seq_len": args.seq_len, "num_labels": args.num_labels, "seed": args.seed}
+
+
+def run_eval(trainer, eval_data, loss_fn, tp_rank: int, step: int, metrics: Metrics, log) -> None:
+    from backends.evaluate import evaluate
+
+    result = evaluate(trainer, eval_data, loss_fn, tp_rank)
+    metrics.write({"eval": True, "step": step, **result})
+    acc = result["eval_accuracy"]
+    log(f"eval after step {step} | loss {_fmt(result['eval_loss'])}"
+        + (f" | accuracy {acc:.4f}" if acc is not None else "") + f" | {result['eval_samples']} samples")
+
+
 def export_hf(trainer, layout, adapter, choice: ModelChoice, out_dir: str, rank: int, log) -> None:
     """Gather the trained weights (collective) and let rank 0 write them as an HF checkpoint folder."""
     import torch.distributed as dist
@@ -300,7 +385,7 @@ def export_hf(trainer, layout, adapter, choice: ModelChoice, out_dir: str, rank:
 
     full = trainer.full_state_dict(layout)
     if rank == 0:
-        hf_model = adapter.build_model(choice.config, choice.task)
+        hf_model = adapter.build_model(choice.export_config or choice.config, choice.task)
         path = save_hf(hf_model, to_hf_state_dict(full, hf_model), out_dir, tokenizer_dir=choice.checkpoint_dir)
         log(f"exported the trained model in HF format to {path}")
     dist.barrier()
@@ -322,13 +407,27 @@ def train(args: argparse.Namespace) -> int:
         raise BadInput("--resume and --save-every need --save-dir (the checkpoint folder)")
     if args.save_every < 0:
         raise BadInput("--save-every must be 0 (off) or a positive number of steps")
+    if args.eval_every < 0 or args.eval_every and not args.eval_data:
+        raise BadInput("--eval-every needs --eval-data PATH and a number of steps >= 1")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise BadInput(f"--dropout {args.dropout}: give a probability in [0, 1)")
+    if args.eval_data == "synthetic":
+        raise BadInput("--eval-data needs a dataset PATH (synthetic data has nothing to hold out)")
+    if args.start_step < 0 or args.start_step and args.resume:
+        raise BadInput("--start-step N (>= 0) continues from an HF export; with --resume the step comes from the "
+                       "checkpoint: drop one of them")
     choice = resolve_model(args.model, args.task, args.seq_len)
     from model_zoo.runtime import get_adapter
 
     adapter = get_adapter(choice.family)
+    configure_model(args, adapter, choice)
     plan = make_plan(args, adapter.num_layers(choice.config), world_size, on_gpu)
     check_memory(args, plan, choice, on_gpu)
     dataset, tokenize = open_data(args.data, adapter, choice, args.seed)
+    eval_set, eval_tokenize = (open_data(args.eval_data, adapter, choice, args.seed, "--eval-data")
+                               if args.eval_data else (None, None))
+    if args.resume:
+        check_resume_plan(args.save_dir, plan)
 
     # ---- heavy imports and process groups only once the input is known to be good
     import torch.distributed as dist
@@ -351,10 +450,16 @@ def train(args: argparse.Namespace) -> int:
     seed_everything(args.seed, groups.tp_rank, groups.pp_rank)
     log = tqdm.write if rank == 0 else (lambda *_: None)
 
+    before_load = host_peak_mb()
     state = initial_state_dict(adapter, choice, args.seed)
     model = adapter.build_model(choice.config, choice.task, state)
     del state
     adapter.tensor_parallelize(model, choice.task, groups.tp_groups)
+    load_peaks = gather_floats(host_peak_mb())
+    load_growth = gather_floats(host_peak_mb() - before_load)
+    log(f"loaded {'the checkpoint ' + str(choice.checkpoint_dir) if choice.checkpoint_dir else 'seeded weights'}: "
+        f"peak host memory per rank {_fmt(load_peaks)} MB (+{_fmt(load_growth)} MB while loading; every rank "
+        f"reads the full state dict, then keeps its shard)")
     layout = None
     if args.export_hf:
         from backends.export import capture_layout
@@ -369,13 +474,14 @@ def train(args: argparse.Namespace) -> int:
         if args.save_dir:
             write_json_atomic(os.path.join(args.save_dir, "ds_config.json"), trainer.ds_config)
             plan.save(os.path.join(args.save_dir, "plan.json"))
+            write_json_atomic(os.path.join(args.save_dir, "run.json"), run_record(args, choice))
     log(f"model {choice.name} ({choice.family}, {choice.task}) | world {groups.world_size} = pp {plan.pp_deg} x "
         f"tp {groups.tp} x dp {groups.dp} | ZeRO {plan.zero_stage} | chunks {plan.chunks} | micro-batch "
         f"{plan.micro_batch_size} | {plan.precision} | {plan.describe()}")
 
-    start = 0
+    start = args.start_step
     if args.resume:
-        client_state = trainer.load_latest(args.save_dir)
+        client_state = trainer.load_latest(args.save_dir, module_only=args.resume_weights_only)
         if client_state is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting from step 0")
         else:
@@ -389,6 +495,12 @@ def train(args: argparse.Namespace) -> int:
     else:
         data = FileData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, dataset,
                         seq_len=choice.seq_len, tokenize=tokenize)
+    eval_data = None
+    if eval_set is not None:
+        from backends.data import EvalData
+
+        eval_data = EvalData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, eval_set,
+                             seq_len=choice.seq_len, tokenize=eval_tokenize)
     flops = adapter.flops_per_sample(choice.config, choice.task, seq_len=choice.seq_len)
     metrics = Metrics(args.metrics_file, rank)
     records: list[dict] = []
@@ -414,11 +526,14 @@ def train(args: argparse.Namespace) -> int:
         log(f"step {step:5d} | loss {result.loss:.6f} | grad norm {_fmt(result.grad_norm)} | {dt:.3f} s | "
             f"{rec['samples_per_s']:.1f} samples/s | {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
             f"peak {rec['peak_memory_mb']:.0f} MB")
+        if eval_data is not None and (step + 1 == args.steps or args.eval_every and (step + 1) % args.eval_every == 0):
+            run_eval(trainer, eval_data, seq.loss_fn, groups.tp_rank, step + 1, metrics, log)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             trainer.save(args.save_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
     bar.close()
     if records:
         summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
+        summary["measured"]["load_peak_memory_mb"] = load_peaks
         metrics.write(summary)
         if rank == 0:
             print_summary(summary, log)

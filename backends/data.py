@@ -15,6 +15,8 @@ import torch
 from autotune.plan import Plan
 from model_zoo.adapter import Batch, FamilyAdapter
 
+IGNORE_INDEX = -100          # label of a sample or token that no loss or metric counts (HF's convention)
+
 
 def dp_slice(batch: Batch, dp_rank: int, dp_size: int) -> Batch:
     n = _batch_len(batch)
@@ -62,16 +64,23 @@ class SyntheticData:
             step += 1
 
 
+# files that mark a folder written by Dataset(Dict).save_to_disk
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json", "dataset_info.json")
 # file suffix -> `datasets` builder that reads it locally
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
                  ".arrow": "arrow"}
 
 
-def load_records(path: str):
-    """A local dataset: a `Dataset.save_to_disk` folder or a .json/.jsonl/.csv/.parquet/.txt/.arrow file."""
+def load_records(path: str, flag: str = "--data"):
+    """A local dataset: a `Dataset.save_to_disk` folder, an image-folder tree (one sub-folder of images
+    per class, read by the `datasets` "imagefolder" builder: records `image`, `label`), or a
+    .json/.jsonl/.csv/.parquet/.txt/.arrow file."""
     import datasets
 
     p = Path(path).expanduser()
+    if p.is_dir() and not any((p / f).is_file() for f in SAVED_DATASET_FILES):
+        ds = datasets.load_dataset("imagefolder", data_dir=str(p))
+        return ds["train"] if "train" in ds else next(iter(ds.values()))
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
@@ -79,7 +88,8 @@ def load_records(path: str):
         return ds
     builder = FILE_BUILDERS.get(p.suffix.lower())
     if not p.is_file() or builder is None:
-        raise ValueError(f"--data {path}: give a save_to_disk folder or a {', '.join(FILE_BUILDERS)} file")
+        raise ValueError(f"{flag} {path}: give a save_to_disk folder, an image-folder tree or a "
+                         f"{', '.join(FILE_BUILDERS)} file")
     return datasets.load_dataset(builder, data_files=str(p), split="train")
 
 
@@ -88,7 +98,7 @@ class FileData(SyntheticData):
 
     Sample position p of the run (step k holds positions [k*G, (k+1)*G)) is record
     perm(seed, p // N)[p % N]: identical on every rank and for every plan. `tokenize` (text -> ids)
-    is applied to records with a 'text' field and no 'input_ids'.
+    is applied to records without 'input_ids'.
     """
 
     def __init__(self, adapter: FamilyAdapter, config: Any, task: str, plan: Plan, dp_rank: int, seed: int,
@@ -108,7 +118,30 @@ class FileData(SyntheticData):
     def global_batch(self, step: int) -> Batch:
         G, N = self.plan.global_bsz, len(self.dataset)
         idx = [int(self._order(p // N)[p % N]) for p in range(step * G, (step + 1) * G)]
-        records = [self.dataset[i] for i in idx]
+        return self._collate([self.dataset[i] for i in idx], step)
+
+    def _collate(self, records: list[dict], step: int) -> Batch:
         if self.tokenize is not None:
-            records = [self.tokenize(r) if "input_ids" not in r and "text" in r else r for r in records]
+            records = [self.tokenize(r) if "input_ids" not in r else r for r in records]
         return self.adapter.collate(self.config, self.task, records, self.seed, step, seq_len=self.seq_len)
+
+
+class EvalData(FileData):
+    """An evaluation set in its own order, in batches of the training global batch (the pipeline's
+    buffers keep the training shapes); the last batch is filled up with records from the start whose
+    labels are ignored (-100, or NaN for regression), so every record counts exactly once."""
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.dataset) // self.plan.global_bsz)
+
+    def global_batch(self, step: int) -> Batch:
+        G, N = self.plan.global_bsz, len(self.dataset)
+        idx = [p % N for p in range(step * G, (step + 1) * G)]
+        batch = self._collate([self.dataset[i] for i in idx], step)
+        real = min(G, N - step * G)
+        if real < G:
+            labels = batch["labels"].clone()
+            labels[real:] = float("nan") if labels.is_floating_point() else IGNORE_INDEX
+            batch["labels"] = labels
+        return batch

@@ -142,6 +142,27 @@ class FamilyAdapter(abc.ABC):
         """A batch from dataset records (dicts of one sample each, e.g. input_ids/label or image/label)."""
         raise NotImplementedError(f"reading data files is not supported for {self.family} yet; use --data synthetic")
 
+    # record fields of raw text that `tokenize` turns into token ids (empty: the family reads no text)
+    text_fields: tuple[str, ...] = ()
+
+    def tokenize(self, tokenizer: Any, record: dict, seq_len: Any = None) -> dict:
+        """A record with its `text_fields` tokenized by the checkpoint's tokenizer (cut at `seq_len`)."""
+        raise NotImplementedError(f"{self.family} reads no text; give records the fields collate() expects")
+
+    def set_dropout(self, config: Any, p: float) -> list[str]:
+        """Set every dropout probability of `config` to `p` (`--dropout`); returns the fields set.
+
+        HF names them *dropout* (hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout,
+        dropout_rate, ...) plus Swin's stochastic depth `drop_path_rate`; a family with other names
+        overrides this.
+        """
+        names = [k for k, v in config.to_dict().items()
+                 if ("dropout" in k or k == "drop_path_rate")
+                 and (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))]
+        for k in names:
+            setattr(config, k, float(p))
+        return names
+
     @abc.abstractmethod
     def split_batch(self, batch: Batch, task: str) -> tuple[Tensors, torch.Tensor]:
         """(inputs for the first layer-sequence entry, labels for `loss_fn`)."""

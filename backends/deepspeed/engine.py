@@ -76,6 +76,27 @@ class TrainEngine:
             total /= self.groups.dp
         return StepResult(float(total), _norm(self.engine.get_global_grad_norm()))
 
+    def eval_step(self, micro_batches: list[MicroBatch], stats_fn) -> torch.Tensor | None:
+        """Collective: forward only (dropout off, no gradients) over this rank's micro-batches, with
+        `stats_fn(output, labels) -> 1-D tensor` where the loss would be; the sum of its results on
+        the last pipeline stage (every rank when pp = 1), None on the other stages."""
+        if len(micro_batches) != self.plan.chunks:
+            raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
+        dev, dtype = device(), COMPUTE_DTYPES[self.plan.precision]
+        moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
+        module = self.engine.module
+        loss_fn, module.loss_fn = module.loss_fn, stats_fn
+        try:
+            if self.pipelined:
+                outs = self.engine.eval_batch(iter(moved), compute_loss=True, reduce_output=None, bcast_loss=False)
+                return sum(outs) if self.engine.is_last_stage() else None
+            self.engine.eval()
+            with torch.no_grad():
+                return sum(self.engine(inputs, labels) for inputs, labels in moved)
+        finally:
+            module.loss_fn = loss_fn
+            self.engine.train()
+
     def save(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
         """Collective: a DeepSpeed checkpoint in save_dir/tag, named `latest` only once it is complete.
 
@@ -83,6 +104,7 @@ class TrainEngine:
         replaces the `latest` file atomically, so a crash mid-save leaves the previous `latest` intact.
         (Assumes save_dir is one shared folder, as DeepSpeed's own `latest` does.)
         """
+        import glob
         import shutil
 
         tmp_tag = f".tmp-{tag}"
@@ -99,14 +121,17 @@ class TrainEngine:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(latest_tmp, os.path.join(save_dir, "latest"))
+            for stale in glob.glob(os.path.join(save_dir, ".tmp-*")):    # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
 
-    def load_latest(self, save_dir: str) -> dict | None:
-        """Collective: load the checkpoint `latest` names (module, optimizer, scheduler); its client
-        state, or None when save_dir holds no checkpoint yet."""
+    def load_latest(self, save_dir: str, module_only: bool = False) -> dict | None:
+        """Collective: load the checkpoint `latest` names (module, optimizer, scheduler; only the
+        module weights with `module_only`); its client state, or None when save_dir holds no
+        checkpoint yet."""
         if not os.path.isfile(os.path.join(save_dir, "latest")):
             return None
-        path, client_state = self.engine.load_checkpoint(save_dir)
+        path, client_state = self.engine.load_checkpoint(save_dir, load_module_only=module_only)
         if path is None:
             raise RuntimeError(f"could not load the latest checkpoint in {save_dir}")
         return client_state or {}

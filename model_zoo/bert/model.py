@@ -229,6 +229,14 @@ class BertAdapter(FamilyAdapter):
             batch["labels"] = torch.tensor([record_label(r) for r in records], dtype=dtype)
         return batch
 
+    text_fields = ("text",)
+
+    def tokenize(self, tokenizer: Any, record: dict, seq_len: Any = None) -> dict:
+        """`text` -> input_ids, token_type_ids ([CLS] ... [SEP], cut at seq_len); other fields (label) kept."""
+        out = dict(record)
+        out.update(tokenizer(record["text"], truncation=seq_len is not None, max_length=seq_len))
+        return out
+
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
         return (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]), batch["labels"]
 

@@ -277,6 +277,17 @@ class T5Adapter(FamilyAdapter):
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "decoder_input_ids": shift_right(labels, config), "labels": labels}
 
+    text_fields = ("source", "target")
+
+    def tokenize(self, tokenizer: Any, record: dict, seq_len: int | tuple[int, int] | None = None) -> dict:
+        """`source` -> input_ids, `target` -> labels (each ends in the tokenizer's </s>), cut at the
+        (encoder, decoder) lengths."""
+        S, T = _seq_lens(seq_len)
+        out = dict(record)
+        out["input_ids"] = tokenizer(record["source"], truncation=True, max_length=S)["input_ids"]
+        out["labels"] = tokenizer(text_target=record["target"], truncation=True, max_length=T)["input_ids"]
+        return out
+
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
         return (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]), batch["labels"]
 
