@@ -361,6 +361,18 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
+def save_checkpoint(args: argparse.Namespace, trainer, plan, choice: ModelChoice, step: int, rank: int) -> None:
+    """Collective: the DeepSpeed checkpoint of `step` in --save-dir, with the run's plan.json, ds_config.json
+    and run.json beside it (what a resume or scripts/convert_checkpoint.py needs)."""
+    from autotune.plan import write_json_atomic
+
+    if rank == 0:
+        write_json_atomic(os.path.join(args.save_dir, "ds_config.json"), trainer.ds_config)
+        plan.save(os.path.join(args.save_dir, "plan.json"))
+        write_json_atomic(os.path.join(args.save_dir, "run.json"), run_record(args, choice))
+    trainer.save(args.save_dir, tag=f"step{step}", client_state={"step": step})
+
+
 def run_record(args: argparse.Namespace, choice: ModelChoice) -> dict:
     """What scripts/convert_checkpoint.py needs besides plan.json to rebuild this run's model."""
     path = Path(args.model).expanduser()
@@ -471,10 +483,6 @@ def train(args: argparse.Namespace) -> int:
         if args.galvatron_plan:
             cfg_path = Path(args.galvatron_plan).with_suffix(".ds_config.json")
             write_json_atomic(str(cfg_path), trainer.ds_config)
-        if args.save_dir:
-            write_json_atomic(os.path.join(args.save_dir, "ds_config.json"), trainer.ds_config)
-            plan.save(os.path.join(args.save_dir, "plan.json"))
-            write_json_atomic(os.path.join(args.save_dir, "run.json"), run_record(args, choice))
     log(f"model {choice.name} ({choice.family}, {choice.task}) | world {groups.world_size} = pp {plan.pp_deg} x "
         f"tp {groups.tp} x dp {groups.dp} | ZeRO {plan.zero_stage} | chunks {plan.chunks} | micro-batch "
         f"{plan.micro_batch_size} | {plan.precision} | {plan.describe()}")
@@ -529,7 +537,7 @@ def train(args: argparse.Namespace) -> int:
         if eval_data is not None and (step + 1 == args.steps or args.eval_every and (step + 1) % args.eval_every == 0):
             run_eval(trainer, eval_data, seq.loss_fn, groups.tp_rank, step + 1, metrics, log)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            trainer.save(args.save_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
+            save_checkpoint(args, trainer, plan, choice, step + 1, rank)
     bar.close()
     if records:
         summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
@@ -539,7 +547,7 @@ def train(args: argparse.Namespace) -> int:
             print_summary(summary, log)
     metrics.close()
     if args.save_dir and records:
-        trainer.save(args.save_dir, tag=f"step{args.steps}", client_state={"step": args.steps})
+        save_checkpoint(args, trainer, plan, choice, args.steps, rank)
     if args.export_hf:
         export_hf(trainer, layout, adapter, choice, args.export_hf, rank, log)
     trainer.destroy()

@@ -23,7 +23,7 @@ from backends.deepspeed.config import make_ds_config
 from backends.deepspeed.layers import SequentialWithLoss
 from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm_owners
 from backends.megatron.groups import ParallelGroups
-from backends.megatron.mpu import MegatronMPU
+from backends.megatron.mpu import LayerwiseMPU, MegatronMPU
 from model_zoo.adapter import LayerSequence
 
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
@@ -63,6 +63,8 @@ class TrainEngine:
         moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=iter(moved))
+            if self.groups.layerwise is not None:
+                loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()))
         total = torch.zeros((), device=dev, dtype=torch.float32)
         for inputs, labels in moved:
@@ -71,10 +73,21 @@ class TrainEngine:
             self.engine.step()
             total += loss.detach().float()
         total /= len(moved)
-        if self.groups.dp > 1:
+        if self.groups.layerwise is not None:
+            total = self._layerwise_mean(total)
+        elif self.groups.dp > 1:
             dist.all_reduce(total, group=self.groups.dp_group)
             total /= self.groups.dp
         return StepResult(float(total), _norm(self.engine.get_global_grad_norm()))
+
+    def _layerwise_mean(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Per-layer TP: each last-stage rank holds the mean loss of its head TP group's samples (groups of
+        equal size), so the global mean is the mean over the last stage's ranks."""
+        total = torch.zeros((), device=device(), dtype=torch.float32)
+        if loss is not None:
+            total += loss.detach().float()
+        dist.all_reduce(total)
+        return total / self.groups.layerwise.lw.B
 
     def eval_step(self, micro_batches: list[MicroBatch], stats_fn) -> torch.Tensor | None:
         """Collective: forward only (dropout off, no gradients) over this rank's micro-batches, with
@@ -88,6 +101,7 @@ class TrainEngine:
         loss_fn, module.loss_fn = module.loss_fn, stats_fn
         try:
             if self.pipelined:
+                self.engine.total_loss = None      # eval adds its outputs to the last training loss otherwise
                 outs = self.engine.eval_batch(iter(moved), compute_loss=True, reduce_output=None, bcast_loss=False)
                 return sum(outs) if self.engine.is_last_stage() else None
             self.engine.eval()
@@ -95,6 +109,8 @@ class TrainEngine:
                 return sum(self.engine(inputs, labels) for inputs, labels in moved)
         finally:
             module.loss_fn = loss_fn
+            if self.pipelined:
+                self.engine.total_loss = None
             self.engine.train()
 
     def save(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
@@ -144,8 +160,7 @@ class TrainEngine:
         from backends.export import gather_full_state_dict
 
         owned = {id(p) for p in self.engine.module.parameters()}
-        first = self.groups.tp_rank == 0 and self.groups.dp_rank == 0
-        return gather_full_state_dict(layout, owned, first_of_stage=first)
+        return gather_full_state_dict(layout, owned, first_of_stage=self.groups.stage_leader)
 
     def destroy(self) -> None:
         if hasattr(self.engine, "destroy"):
@@ -189,7 +204,7 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     autocast = autocast and plan.pp_deg == 1 and plan.precision in ("bf16", "fp16")
     os.environ.setdefault("LOCAL_RANK", "0")       # DeepSpeed's PipelineModule insists on it
     deepspeed.init_distributed(dist_backend=dist.get_backend())   # adopts the existing torch.distributed world
-    mpu = MegatronMPU()
+    mpu = LayerwiseMPU(groups) if groups.layerwise is not None else MegatronMPU()
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False, checkpoint_in_cpu=False,
                       synchronize=False, profile=False)
     cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
@@ -197,18 +212,31 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     if compile_layers:
         for entry in seq.layers:
             entry.module.compile()
+    wrap = _prepare_layerwise(plan, groups, seq, cfg) if groups.layerwise is not None else None
     if plan.pp_deg > 1:
-        model = build_pipeline_module(plan, groups, seq)
+        model = build_pipeline_module(plan, groups, seq, wrap)
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
     else:
-        model = SequentialWithLoss(seq, plan.checkpoint)
-        tag_gradient_norm_owners(model, groups.tp_rank)
+        model = SequentialWithLoss(seq, plan.checkpoint, wrap)
+        tag_gradient_norm_owners(model, groups)
         model.to(device())
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), mpu=mpu)
     if plan.zero_stage == 0 and (plan.precision == "fp32" or autocast):
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
     return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast)
+
+
+def _prepare_layerwise(plan: Plan, groups: ParallelGroups, seq: LayerSequence, cfg: dict):
+    """Per-layer TP (backends/megatron/layerwise.py): gradient hooks and norm owners on the parameters,
+    DeepSpeed's batch sizes over its data-parallel group, and the wrapper that re-lays out activations."""
+    from backends.megatron.layerwise import prepare_gradients, wrap_layer
+
+    rg = groups.layerwise
+    prepare_gradients(seq, rg)
+    # DeepSpeed checks train_batch = micro-batch x accumulation x its data-parallel size
+    cfg["train_micro_batch_size_per_gpu"] = plan.global_bsz // (plan.chunks * groups.dp)
+    return lambda module, i: wrap_layer(module, i, rg, plan)
 
 
 def _skip_lone_allreduce(engine: Any, plan: Plan, groups: ParallelGroups) -> None:
