@@ -26,6 +26,12 @@ def dp_slice(batch: Batch, dp_rank: int, dp_size: int) -> Batch:
     return {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in batch.items()}
 
 
+def fine_share(batch: Batch, members: list[int], parts: int) -> Batch:
+    """Per-layer TP: slices `members` (in order) of `parts` equal slices of a micro-batch, concatenated."""
+    pieces = [dp_slice(batch, m, parts) for m in members]
+    return {k: torch.cat([p[k] for p in pieces]) for k in batch}
+
+
 def split_micro(batch: Batch, chunks: int) -> list[Batch]:
     n = _batch_len(batch)
     if n % chunks:
@@ -42,7 +48,14 @@ def _batch_len(batch: Batch) -> int:
 
 
 class SyntheticData:
-    """Synthetic global batch per step from the adapter; `micro_batches(step)` is this rank's share."""
+    """Synthetic global batch per step from the adapter; `micro_batches(step)` is this rank's share.
+
+    `share` (set from ParallelGroups.batch_share for per-layer TP plans): the global batch is cut into
+    `chunks` micro-batches and each of those into B fine slices (B ranks per pipeline stage); the rank
+    takes the slices of its vocabulary TP group's members (backends/megatron/layerwise.py).
+    """
+
+    share: tuple[list[int], int] | None = None
 
     def __init__(self, adapter: FamilyAdapter, config: Any, task: str, plan: Plan, dp_rank: int, seed: int,
                  seq_len: int | None = None):
@@ -54,6 +67,10 @@ class SyntheticData:
                                             seq_len=self.seq_len)
 
     def micro_batches(self, step: int) -> list[tuple[Any, torch.Tensor]]:
+        if self.share is not None:
+            members, parts = self.share
+            return [self.adapter.split_batch(fine_share(mb, members, parts), self.task)
+                    for mb in split_micro(self.global_batch(step), self.plan.chunks)]
         local = dp_slice(self.global_batch(step), self.dp_rank, self.plan.dp_deg)
         return [self.adapter.split_batch(mb, self.task) for mb in split_micro(local, self.plan.chunks)]
 

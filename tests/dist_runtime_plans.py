@@ -50,16 +50,28 @@ def reference(adapter, config, task, state, args, seq_len) -> dict:
 
 def run_case(adapter, config, task, state, plan: Plan, args, seq_len) -> dict:
     groups = build_parallel_groups(plan)
-    seed_everything(SEED, groups.tp_rank, groups.pp_rank)
+    seed_everything(SEED, groups.rng_rank, groups.pp_rank)
     model = adapter.build_model(config, task, state)
     adapter.tensor_parallelize(model, task, groups.tp_groups)
     trainer = build_engine(plan, groups, adapter.layer_sequence(model, task), lr=args.lr,
                            weight_decay=args.weight_decay, eps=args.eps)
     data = SyntheticData(adapter, config, task, plan, groups.dp_rank, DATA_SEED, seq_len=seq_len)
+    data.share = groups.batch_share
     results = [trainer.train_step(data.micro_batches(step)) for step in range(args.steps)]
     trainer.destroy()
     destroy_parallel_groups()
     return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results]}
+
+
+def make_plan(kw: dict, num_layers: int, world: int, global_bsz: int) -> Plan:
+    """Plan.uniform kwargs, plus per-layer `tp_sizes` and `tp_consecutive_flags` lists (layer-wise TP)."""
+    kw = dict(kw)
+    per_layer = {key: kw.pop(src) for src, key in (("tp_sizes", "tp_sizes_enc"),
+                                                   ("tp_consecutive_flags", "tp_consecutive_flags")) if src in kw}
+    plan = Plan.uniform(num_layers=num_layers, world_size=world, global_bsz=global_bsz, precision="fp32", **kw)
+    for key, values in per_layer.items():
+        setattr(plan, key, list(values))
+    return plan.validate()
 
 
 def main() -> None:
@@ -98,8 +110,7 @@ def main() -> None:
             if rank == 0 and not overrides:
                 out["reference"][key] = reference(adapter, config, task, state, args, seq_len)
         kw = dict(case["plan"])
-        plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=world, global_bsz=args.global_batch,
-                            precision="fp32", **kw)
+        plan = make_plan(kw, adapter.num_layers(config), world, args.global_batch)
         res = run_case(adapter, config, task, models[key], plan, args, seq_len)
         every = [None] * world
         dist.all_gather_object(every, res["loss"])

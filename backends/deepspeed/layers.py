@@ -66,16 +66,18 @@ class Recompute(nn.Module):
         return (out,) if returned_tuple[0] and torch.is_tensor(out) else out
 
 
-def entry_modules(seq: LayerSequence, checkpoint: list[int]) -> list[nn.Module]:
-    """One module per entry; Transformer layer i is wrapped in Recompute when checkpoint[i] is 1."""
+def entry_modules(seq: LayerSequence, checkpoint: list[int], wrap=None) -> list[nn.Module]:
+    """One module per entry; Transformer layer i is wrapped in Recompute when checkpoint[i] is 1, then in
+    `wrap(module, i)` when given (per-layer TP: the layer's activation layout changes)."""
     if len(checkpoint) != seq.num_layers:
         raise ValueError(f"{len(checkpoint)} checkpoint flags for {seq.num_layers} layers")
     mods: list[nn.Module] = []
     for e in seq.embed:
         mods.append(EntryModule(e) if e.forward_fn else e.module)
-    for e, flag in zip(seq.layers, checkpoint):
+    for i, (e, flag) in enumerate(zip(seq.layers, checkpoint)):
         m = EntryModule(e, tuple_inputs=True)
-        mods.append(Recompute(m) if flag else m)
+        m = Recompute(m) if flag else m
+        mods.append(wrap(m, i) if wrap else m)
     for e in seq.head:
         mods.append(EntryModule(e) if e.forward_fn else e.module)
     return mods
@@ -87,9 +89,9 @@ class SequentialWithLoss(nn.Module):
     Tied entries hold the same module object, so the tied weight is one parameter here.
     """
 
-    def __init__(self, seq: LayerSequence, checkpoint: list[int]):
+    def __init__(self, seq: LayerSequence, checkpoint: list[int], wrap=None):
         super().__init__()
-        self.entries = nn.ModuleList(entry_modules(seq, checkpoint))
+        self.entries = nn.ModuleList(entry_modules(seq, checkpoint, wrap))
         self.loss_fn = seq.loss_fn
 
     def forward(self, inputs: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ def stage_bounds(plan: Plan, seq: LayerSequence) -> list[int]:
 
 def topology(groups: ParallelGroups) -> ProcessTopology:
     """DeepSpeed's grid with Megatron's rank order: the last axis varies fastest."""
+    if groups.layerwise is not None:
+        return ProcessTopology(*groups.layerwise.lw.grid())
     if groups.tp_consecutive:
         return ProcessTopology(axes=["pipe", "data", "model"], dims=[groups.pp, groups.dp, groups.tp])
     return ProcessTopology(axes=["pipe", "model", "data"], dims=[groups.pp, groups.tp, groups.dp])
@@ -61,7 +63,8 @@ class PlanPipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence) -> PlanPipelineModule:
+def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence, wrap=None) -> PlanPipelineModule:
+    """`wrap(module, i)` (optional) wraps Transformer layer i's module (per-layer TP layout changes)."""
     specs: list = []
     layer_i = 0
     for e in seq.entries:
@@ -70,6 +73,8 @@ def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence
             module = EntryModule(e, tuple_inputs=True)
             if plan.checkpoint[layer_i]:
                 module = Recompute(module, reentrant=False)
+            if wrap is not None:
+                module = wrap(module, layer_i)
             layer_i += 1
         if e.tie_key:
             specs.append(TiedLayerSpec(e.tie_key, _Prebuilt, module, forward_fn=e.forward_fn,
@@ -80,7 +85,7 @@ def build_pipeline_module(plan: Plan, groups: ParallelGroups, seq: LayerSequence
             specs.append(module)
     pipe = PlanPipelineModule(specs, stage_bounds(plan, seq), topology=topology(groups), loss_fn=seq.loss_fn)
     _check_grid(pipe, groups)
-    tag_gradient_norm_owners(pipe, groups.tp_rank)
+    tag_gradient_norm_owners(pipe, groups)
     return pipe
 
 
@@ -88,19 +93,26 @@ def _check_grid(pipe: PipelineModule, groups: ParallelGroups) -> None:
     grid = pipe.mpu()
     assert sorted(grid.get_data_parallel_group_ranks()) == sorted(groups.ranks(groups.dp_group)), "DP layout"
     assert grid.get_stage_id() == groups.pp_rank, "PP layout"
-    if groups.tp > 1:
+    if groups.tp > 1 and groups.layerwise is None:
         assert sorted(grid.slice_group) == sorted(groups.ranks(groups.tp_group)), "TP layout"
 
 
-def tag_gradient_norm_owners(module: nn.Module, tp_rank: int) -> None:
+def tag_gradient_norm_owners(module: nn.Module, groups: ParallelGroups) -> None:
     """Make every DeepSpeed gradient-norm path count each weight exactly once across TP x PP.
 
     DeepSpeed counts a parameter if it is tagged model-parallel or the rank is rank 0 of its
     model-parallel group. With a pipeline that group spans stages, so without tags the replicated
     weights (LayerNorms, biases) of later stages would be missed; and a tied weight's second copy
     must not count. Tags: TP-sharded weights everywhere, replicated weights on TP rank 0, never
-    the non-owner copy of a tied weight (`ds_pipe_replicated`).
+    the non-owner copy of a tied weight (`ds_pipe_replicated`). Per-layer TP plans: see
+    backends/megatron/layerwise.py (shard_owner).
     """
+    if groups.layerwise is not None:
+        from backends.megatron.layerwise import tag_layerwise_owners
+
+        tag_layerwise_owners(module)
+        return
+    tp_rank = groups.tp_rank
     for p in module.parameters():
         if getattr(p, "ds_pipe_replicated", False):
             p.tensor_model_parallel = False

@@ -4,7 +4,8 @@ Rank layout follows Galvatron: pipeline stage k owns the contiguous rank block
 [k*W/pp, (k+1)*W/pp); inside a stage, TP ranks are consecutive (tp_consecutive_flags=1, Megatron's
 default order "tp-cp-ep-dp-pp") or strided with data-parallel ranks consecutive (flag 0, order
 "dp-tp-pp"). Layers always receive their TP group explicitly (`ParallelGroups.tp_groups`), never
-through the global state, so that per-layer TP degrees can be added later.
+through the global state. Plans with per-layer TP degrees or layouts (or vtp != layer TP) get one
+group per layout from backends/megatron/layerwise.py (`ParallelGroups.layerwise`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from autotune.plan import Plan, PlanError
+from backends.megatron.layerwise import LayerwiseLayout, RankGroups, build_rank_groups, needs_layerwise
 from model_zoo.adapter import TPGroups
 
 ORDER_TP_CONSECUTIVE = "tp-cp-ep-dp-pp"
@@ -45,6 +47,28 @@ class ParallelGroups:
     pp_group: Any
     dp_group: Any
     tp_groups: TPGroups
+    layerwise: RankGroups | None = None       # per-layer TP: every layout's groups (None: uniform plan)
+
+    @property
+    def stage_leader(self) -> bool:
+        """One rank per pipeline stage (it holds TP shard 0 of every layer)."""
+        if self.layerwise is not None:
+            return self.layerwise.j == 0
+        return self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def batch_share(self) -> tuple[list[int], int] | None:
+        """Per-layer TP: (fine slices of a micro-batch this rank's data holds, slices per micro-batch); see
+        backends/data.py. None for uniform plans (the data-parallel slice)."""
+        if self.layerwise is None:
+            return None
+        lw = self.layerwise.lw
+        return lw.vocab.members(self.layerwise.j, lw.B), lw.B
+
+    @property
+    def rng_rank(self) -> int:
+        """Offset of the model-parallel RNG seed: distinct inside every layer's TP group."""
+        return self.layerwise.j if self.layerwise is not None else self.tp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -83,20 +107,18 @@ def _free_port() -> int:
 
 
 def check_executable(plan: Plan) -> None:
-    """What this runtime can run today; a plan beyond it gets an error naming the fix."""
-    if not plan.uniform_tp:
-        raise PlanError("plan has per-layer TP degrees or mixed tp_consecutive_flags; the runtime runs one TP "
-                        "degree for all layers so far: search with a single TP degree (fine_grained_mode=0)")
-    if plan.vtp != plan.tp_sizes_enc[0]:
-        raise PlanError(f"plan key 'vtp'={plan.vtp} differs from the layer TP {plan.tp_sizes_enc[0]}; the runtime "
-                        f"uses the layer TP group for embeddings and heads: set vtp to {plan.tp_sizes_enc[0]}")
+    """What this runtime can run; a plan beyond it gets an error naming the fix."""
+    if needs_layerwise(plan) and plan.world_size is not None:
+        LayerwiseLayout.from_plan(plan).check(plan)
 
 
 def build_parallel_groups(plan: Plan) -> ParallelGroups:
     """Create Megatron-core's parallel state for `plan` (destroying any earlier one) and describe it."""
-    check_executable(plan)
     world = dist.get_world_size()
     plan.validate(world_size=world)
+    check_executable(plan)
+    if needs_layerwise(plan):
+        return _build_layerwise_groups(plan, world)
     tp, pp = plan.tp_sizes_enc[0], plan.pp_deg
     consecutive = bool(plan.tp_consecutive_flags[0]) if plan.num_layers else True
     if ps.model_parallel_is_initialized():
@@ -112,6 +134,26 @@ def build_parallel_groups(plan: Plan) -> ParallelGroups:
         tp_groups=TPGroups(layers=[tp_group] * plan.num_layers, vocab=tp_group))
     _check_layout(groups)
     return groups
+
+
+def _build_layerwise_groups(plan: Plan, world: int) -> ParallelGroups:
+    """Per-layer TP: Megatron's global state gets TP 1 (layers get their groups explicitly); DeepSpeed's
+    data-parallel group is the set of ranks holding identical parameters in every layer."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=plan.pp_deg,
+                                 create_gloo_process_groups=False)
+    lw = LayerwiseLayout.from_plan(plan)
+    rank = dist.get_rank()
+    rg = build_rank_groups(lw, rank)
+    # tp/tp_rank/tp_group: the vocabulary layers' (what evaluation de-duplicates on); dp: DeepSpeed's group
+    return ParallelGroups(
+        world_size=world, rank=rank, tp=lw.vocab.tp, pp=plan.pp_deg, dp=lw.zero_dp,
+        tp_consecutive=lw.vocab.consecutive, tp_rank=lw.vocab.position(rg.j, lw.B), pp_rank=rg.stage,
+        dp_rank=lw.data_index(rg.j), tp_group=rg.tp[lw.vocab],
+        pp_group=ps.get_pipeline_model_parallel_group(), dp_group=rg.dp_group,
+        tp_groups=TPGroups(layers=[rg.layer_group(i) for i in range(plan.num_layers)], vocab=rg.tp[lw.vocab]),
+        layerwise=rg)
 
 
 def _check_layout(g: ParallelGroups) -> None:

@@ -84,3 +84,52 @@ class MegatronMPU:
 
     def get_sequence_data_parallel_group(self):
         return self.get_data_parallel_group()
+
+
+class LayerwiseMPU(MegatronMPU):
+    """The mpu for per-layer TP plans (backends/megatron/layerwise.py): DeepSpeed's data-parallel group is
+    the set of ranks holding identical parameters in every layer, the model-parallel group the ranks with
+    the same index in it (gradient norms are summed there), and the "tensor" group, as in DeepSpeed's
+    pipeline grid, the part of that group inside the stage: ZeRO counts every gradient on its rank 0
+    (which is also rank 0 of the model-parallel group and owns every shard it holds)."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.rg = groups.layerwise
+
+    def get_model_parallel_group(self):
+        return self.rg.mp_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=self.rg.mp_group)
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(group=self.rg.mp_group)
+
+    def get_tensor_model_parallel_group(self):
+        return self.rg.model_group
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=self.rg.model_group)
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return dist.get_rank(group=self.rg.model_group)
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.rg.model_group)[0]
+
+    get_slice_parallel_group = get_tensor_model_parallel_group
+    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
+    get_slice_parallel_rank = get_tensor_model_parallel_rank
+
+    def get_data_parallel_group(self):
+        return self.rg.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=self.rg.dp_group)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(group=self.rg.dp_group)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.rg.dp_group)
