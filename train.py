@@ -459,7 +459,7 @@ def train(args: argparse.Namespace) -> int:
         raise BadInput(str(e)) from None
     init_distributed()
     groups = build_parallel_groups(plan)
-    seed_everything(args.seed, groups.tp_rank, groups.pp_rank)
+    seed_everything(args.seed, groups.rng_rank, groups.pp_rank)
     log = tqdm.write if rank == 0 else (lambda *_: None)
 
     before_load = host_peak_mb()
@@ -509,6 +509,9 @@ def train(args: argparse.Namespace) -> int:
 
         eval_data = EvalData(adapter, choice.config, choice.task, plan, groups.dp_rank, args.seed, eval_set,
                              seq_len=choice.seq_len, tokenize=eval_tokenize)
+    for d in (data, eval_data):
+        if d is not None:
+            d.share = groups.batch_share          # per-layer TP plans: this rank's fine slices
     flops = adapter.flops_per_sample(choice.config, choice.task, seq_len=choice.seq_len)
     metrics = Metrics(args.metrics_file, rank)
     records: list[dict] = []

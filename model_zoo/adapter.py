@@ -19,6 +19,9 @@ The runtime (backends/, train.py) never knows a family by name. It asks the fami
    Every entry maps a tuple of tensors to a tuple of tensors (a single tensor is allowed at the
    very end, the head output); integer tensors (attention masks) may ride along between layers.
    The sequence ends in `loss_fn(head_output, labels) -> scalar` (mean over the micro-batch).
+   Per-layer TP re-lays out every tensor passed between layers along dim 0 (the batch); runs of
+   layers that pass TP-sharded tensors along (T5's position bias) are listed in
+   `meta["same_tp_layout"]` as (start, end) layer ranges, which the runtime keeps on one layout.
    Entries that must share a weight across the first and last stage (tied word embeddings) carry
    the same `tie_key` and the same module object; for pp > 1 DeepSpeed keeps one copy per stage
    and all-reduces their gradients (TiedLayerSpec). Give the first occurrence no `forward_fn`

@@ -47,6 +47,9 @@ class LayerType:
     # TP degree -> bytes saved for backward once per micro-batch whatever its size (tensors without a
     # batch dimension: T5 position-bias copies, causal masks, Swin relative-position bias, SDPA RNG seeds)
     act_fixed_bytes: Mapping[int, int] = field(default_factory=dict)
+    # False when consecutive layers of this type pass tensors split by attention head (T5's position
+    # bias): the TP layout may then not change between two of them (LayerSequence.meta["same_tp_layout"])
+    relayout_inside: bool = True
 
     def tp_ok(self, tp: int) -> bool:
         """TP must divide the heads of the layer (heads per partition)."""

@@ -46,10 +46,29 @@ CASES = {
         ("pp2uneven13-dp2", {"pp": 2, "pp_division": [1, 3]}),
     ],
 }
+# Per-layer TP (issue #8, backends/megatron/layerwise.py): `tp_sizes` per layer, `tp_consecutive_flags`
+# (0 = strided), `vtp` for embeddings and head; ZeRO 0/1/2, chunks, checkpointing, and pp = 2 with stages
+# of different TP. (With 4 ranks a pp = 2 stage has 2 ranks: stage TPs 1 and 2.)
+LAYERWISE = [
+    ("lw1242", {"tp_sizes": [1, 2, 4, 2], "vtp": 1}),
+    ("lw1242-zero1", {"tp_sizes": [1, 2, 4, 2], "vtp": 1, "zero_stage": 1}),
+    ("lw1242-zero2", {"tp_sizes": [1, 2, 4, 2], "vtp": 1, "zero_stage": 2}),
+    ("lw4114-vtp4", {"tp_sizes": [4, 1, 1, 4], "vtp": 4}),
+    ("lw4114-vtp4-zero1-chunks2", {"tp_sizes": [4, 1, 1, 4], "vtp": 4, "zero_stage": 1, "chunks": 2}),
+    ("lw4114-vtp4-zero2", {"tp_sizes": [4, 1, 1, 4], "vtp": 4, "zero_stage": 2}),
+    ("lw2c2s11-vtp2-ckpt1001", {"tp_sizes": [2, 2, 1, 1], "tp_consecutive_flags": [1, 0, 1, 1], "vtp": 2,
+                                "checkpoint": [1, 0, 0, 1]}),
+    ("lw2s2s11-zero1", {"tp_sizes": [2, 2, 1, 1], "tp_consecutive_flags": [0, 0, 1, 1], "vtp": 1, "zero_stage": 1}),
+    ("lw2211-vtp2-zero2-chunks2", {"tp_sizes": [2, 2, 1, 1], "vtp": 2, "zero_stage": 2, "chunks": 2}),
+    ("pp2-lw22|11-vtp2", {"pp": 2, "tp_sizes": [2, 2, 1, 1], "vtp": 2}),
+    ("pp2-lw21|21-zero1-chunks2", {"pp": 2, "tp_sizes": [2, 1, 2, 1], "vtp": 1, "zero_stage": 1, "chunks": 2}),
+    ("tp2-vtp1", {"tp": 2, "vtp": 1}),
+]
 # extra cases for one model/task only
 EXTRA = {
     2: [("bert-test", "text-classification", "cls-tp2", {"tp": 2})],
-    4: [("bert-test", "text-classification", "cls-pp2-tp2", {"pp": 2, "tp": 2})],
+    4: [("bert-test", "text-classification", "cls-pp2-tp2", {"pp": 2, "tp": 2})]
+    + [("bert-test", None, cid, kw) for cid, kw in LAYERWISE],
 }
 
 

@@ -28,6 +28,7 @@ from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
 from model_zoo.swin.model import stage_resolutions
 from tests.dist_launcher import REPO, assert_case_matches_reference, run_ranks
+from tests.test_runtime_plans import LAYERWISE
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -167,7 +168,10 @@ CASES = {
         ("tp2strided-dp2-zero3", "swin-test", {"tp": 2, "tp_consecutive": 0, "zero_stage": 3}),
         ("pp2-dp2-zero1-chunks4", "swin-test", {"pp": 2, "zero_stage": 1, "chunks": 4}),
         ("var-pp2-tp2", "var", {"pp": 2, "tp": 2}),
-    ],
+    ]
+    # Per-layer TP (see LAYERWISE in tests/test_runtime_plans.py): the first stage's 4 heads, the second's 8
+    + [(cid, "swin-test", kw) for cid, kw in LAYERWISE]
+    + [("var-lw1244-zero2", "var", {"tp_sizes": [1, 2, 4, 4], "vtp": 1, "zero_stage": 2})],   # heads 2 | 4 4 | 8
 }
 
 _results: dict[int, dict] = {}

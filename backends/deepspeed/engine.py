@@ -230,9 +230,10 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
 def _prepare_layerwise(plan: Plan, groups: ParallelGroups, seq: LayerSequence, cfg: dict):
     """Per-layer TP (backends/megatron/layerwise.py): gradient hooks and norm owners on the parameters,
     DeepSpeed's batch sizes over its data-parallel group, and the wrapper that re-lays out activations."""
-    from backends.megatron.layerwise import prepare_gradients, wrap_layer
+    from backends.megatron.layerwise import check_sequence, prepare_gradients, wrap_layer
 
     rg = groups.layerwise
+    check_sequence(seq, rg.lw)
     prepare_gradients(seq, rg)
     # DeepSpeed checks train_batch = micro-batch x accumulation x its data-parallel size
     cfg["train_micro_batch_size_per_gpu"] = plan.global_bsz // (plan.chunks * groups.dp)

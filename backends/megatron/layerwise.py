@@ -74,6 +74,34 @@ class Layout:
         return sorted({tuple(self.replicas(j, B)) for j in range(B)})
 
 
+def grid_dims(layouts, B: int) -> tuple[list[str], list[int]]:
+    """(axes, dims) of one stage of DeepSpeed's topology for these layouts (see LayerwiseLayout.grid)."""
+    t_cons = max([x.tp for x in layouts if x.consecutive] + [1])
+    t_str = max([x.tp for x in layouts if not x.consecutive] + [1])
+    if t_str == 1:
+        return ["data", "model"], [B // t_cons, t_cons]
+    if t_cons == 1:
+        return ["model", "data"], [t_str, B // t_str]
+    return ["data", "model"], [1, B]
+
+
+def vocab_layout(layers, vtp: int, B: int) -> Layout:
+    """Embeddings and heads take the layout of the first (else last) layer if it has TP vtp (no
+    relayout there), else consecutive groups."""
+    for x in (layers[0], layers[-1]) if layers else ():
+        if x.tp == vtp:
+            return x
+    return Layout.make(vtp, True, B)
+
+
+def zero_group_size(layer_layouts: list[tuple[int, bool]], vtp: int, B: int) -> int:
+    """Ranks DeepSpeed's data-parallel group (what ZeRO shards over) has for a plan whose layers have
+    these (tp, consecutive) layouts on stages of B ranks: B / max TP, or 1 with both kinds of layout."""
+    layers = [Layout.make(t, c, B) for t, c in layer_layouts]
+    axes, dims = grid_dims(set(layers) | {vocab_layout(layers, vtp, B)}, B)
+    return dims[axes.index("data")]
+
+
 def needs_layerwise(plan: Plan) -> bool:
     """Plans the uniform runtime cannot run: per-layer TP degrees or layouts, or vtp != layer TP."""
     return not plan.uniform_tp or (plan.num_layers > 0 and plan.vtp != plan.tp_sizes_enc[0])
@@ -94,13 +122,7 @@ class LayerwiseLayout:
         W, pp = plan.world_size, plan.pp_deg
         B = W // pp
         layers = tuple(Layout.make(t, bool(c), B) for t, c in zip(plan.tp_sizes_enc, plan.tp_consecutive_flags))
-        # vocabulary layers take the layout of an adjacent layer of the same degree (no relayout there)
-        flag = True
-        for i in (0, plan.num_layers - 1):
-            if plan.num_layers and layers[i].tp == plan.vtp:
-                flag = layers[i].consecutive
-                break
-        return cls(W, pp, layers, Layout.make(plan.vtp, flag, B), tuple(plan.stage_of_layer()))
+        return cls(W, pp, layers, vocab_layout(layers, plan.vtp, B), tuple(plan.stage_of_layer()))
 
     @property
     def B(self) -> int:
@@ -113,14 +135,8 @@ class LayerwiseLayout:
     def grid(self) -> tuple[list[str], list[int]]:
         """(axes, dims) of DeepSpeed's ProcessTopology: 'data' indexes the ranks holding identical
         parameters in every layer (DeepSpeed's data-parallel group D), 'model' the rest of a stage."""
-        B = self.B
-        t_cons = max([x.tp for x in self.all_layouts if x.consecutive] + [1])
-        t_str = max([x.tp for x in self.all_layouts if not x.consecutive] + [1])
-        if t_str == 1:
-            return ["pipe", "data", "model"], [self.pp, B // t_cons, t_cons]
-        if t_cons == 1:
-            return ["pipe", "model", "data"], [self.pp, t_str, B // t_str]
-        return ["pipe", "data", "model"], [self.pp, 1, B]
+        axes, dims = grid_dims(self.all_layouts, self.B)
+        return ["pipe"] + axes, [self.pp] + dims
 
     @property
     def zero_dp(self) -> int:
@@ -152,6 +168,16 @@ class LayerwiseLayout:
             raise PlanError(f"plan key 'global_bsz'={plan.global_bsz}: with per-layer TP every rank of a pipeline "
                             f"stage takes 1/{B} of each of the {plan.chunks} micro-batches; use a multiple of "
                             f"chunks*{B}={plan.chunks * B}")
+
+
+def check_sequence(seq, lw: LayerwiseLayout) -> None:
+    """Runs of layers that pass TP-sharded state to each other (LayerSequence.meta['same_tp_layout'],
+    e.g. T5's position bias, split by heads) must share one layout."""
+    for start, end in seq.meta.get("same_tp_layout", []):
+        if len(set(lw.layers[start:end])) > 1:
+            raise PlanError(f"layers {start}-{end - 1} pass tensors split by attention head to each other, so they "
+                            f"need one TP degree and layout; set one tp_sizes_enc / tp_consecutive_flags value "
+                            f"for them")
 
 
 def shard_owner(lw: LayerwiseLayout, layout: Layout | None, j: int) -> bool:

@@ -235,7 +235,9 @@ class T5Adapter(FamilyAdapter):
             embed=[first, PipeEntry(EmbedDropout(enc.dropout, dec.dropout), "embed")],
             layers=layers,
             head=[PipeEntry(StackEnd(dec.final_layer_norm, dec.dropout, _output_scale(config)), "head"), logits],
-            loss_fn=_lm_loss(model.shared if tied else model.lm_head, config.vocab_size))
+            loss_fn=_lm_loss(model.shared if tied else model.lm_head, config.vocab_size),
+            # each stack hands its position bias (split by heads under TP) from layer to layer
+            meta={"same_tp_layout": [(0, n_enc), (n_enc, n_enc + n_dec)]})
 
     # ------------------------------------------------------------------ data
     def synthetic_batch(self, config: T5Config, task: str, num_samples: int, seed: int, step: int,

@@ -165,7 +165,8 @@ def layer_type(config: T5Config, type_index: int, enc: int, dec: int, precision:
         ckpt_bytes=S * H * a,                                   # the hidden stream; shared inputs counted once
         tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=3 if type_index == DECODER else 2,
         boundary_bytes=(enc + dec) * H * a,
-        act_fixed_bytes={tp: layer_fixed(config, type_index, enc, dec, precision, device, tp).at_tp(tp) for tp in tps})
+        act_fixed_bytes={tp: layer_fixed(config, type_index, enc, dec, precision, device, tp).at_tp(tp) for tp in tps},
+        relayout_inside=False)                                  # the position bias is split by heads
 
 
 # ---------------------------------------------------------------------------------------------- other
