@@ -32,9 +32,16 @@ class Setting:
     global_bsz: int
     precision: str = "bf16"
     vtp: int = 1
+    # Ranks ZeRO shards over when that is fewer than a layer's DP degree; 0: the layer's DP. Per-layer TP
+    # plans: DeepSpeed's one data-parallel group holds identical parameters in every layer, B / max TP
+    # ranks of a stage (one with consecutive and strided layouts mixed; backends/megatron/layerwise.py).
+    zero_dp: int = 0
 
     def dp(self, tp: int) -> int:
         return self.world // self.pp // tp
+
+    def zero_divisor(self, tp: int) -> int:
+        return min(self.dp(tp), self.zero_dp) if self.zero_dp else self.dp(tp)
 
     def micro_batch(self, tp: int) -> float:
         """Samples one rank processes per micro-batch: the global batch split over chunks and DP replicas."""
@@ -249,14 +256,14 @@ class CostModel:
                     - (fwd + (rc if s.checkpoint else 0))
                 bwd_side = overlap(ag + rs, bwd, coe) - bwd
                 exposed = m * (fwd_side + bwd_side)
-        states, states_detail = self.states_bytes(shard, dp, setting.zero)
+        states, states_detail = self.states_bytes(shard, setting.zero_divisor(s.tp), setting.zero)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
             # Tensors without a batch dimension (position-bias copies, masks, RNG state): once per micro-batch.
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
-        local = shard / dp if setting.zero >= 1 else shard
+        local = shard / setting.zero_divisor(s.tp) if setting.zero >= 1 else shard
         optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
@@ -322,9 +329,9 @@ class CostModel:
         if vtp > 1 and part == "last":
             # Vocab-parallel cross-entropy: all-reduces of per-token max, sum and target logit (fp32).
             tp_comm = m * 3 * self.allreduce_s(4 * self.spec.layer(self.spec.num_layers - 1).seq_len * b, vtp)
-        states, detail = self.states_bytes(shard, dp, setting.zero)
+        states, detail = self.states_bytes(shard, setting.zero_divisor(vtp), setting.zero)
         inflight = setting.inflight(stage)
-        local = shard / dp if setting.zero >= 1 else shard
+        local = shard / setting.zero_divisor(vtp) if setting.zero >= 1 else shard
         return Cost(compute_s=m * (fwd + bwd), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9),
                     states_bytes=states, act_bytes=act_per_sample * b * inflight,

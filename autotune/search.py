@@ -3,8 +3,8 @@
     python autotune/search.py --model bert-large --gpus 8 --gpu-memory-gb 40 --out plan.json
 
 Outer loops (pp, tp, tp layout, ZeRO stage, chunks, global batch, pp_division candidates) around a
-per-stage dynamic program (autotune/dp.py) that chooses per-layer strategies — in this version the
-TP degree is one for the whole model and the DP chooses per-layer activation checkpointing.
+per-stage dynamic program (autotune/dp.py) that chooses per-layer strategies: activation
+checkpointing, and in the default `layerwise` space also each layer's TP degree and rank layout.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 if __package__ in (None, ""):  # run as `python autotune/search.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,11 +139,14 @@ class Searcher:
     def layerwise_candidates(self, batches: list[int]) -> list[Candidate]:
         """TP chosen per layer; ZeRO <= 2 (the runtime averages replicated gradients per layer group)."""
         W, L = self.world, self.spec.num_layers
+        # Layers passing head-split tensors along (T5) keep one layout per run of their type; a pipeline
+        # stage boundary inside such a run would need the DP of two stages to agree, so pp = 1 only.
+        fixed_runs = not all(lt.relayout_inside for lt in self.spec.layer_types)
         out = []
         for B in batches:
             for pp in pow2_upto(min(W, L)):
                 per_stage = W // pp
-                if W % pp or len(self.layer_tps(pp)) < 2 or B % per_stage:
+                if W % pp or len(self.layer_tps(pp)) < 2 or B % per_stage or (fixed_runs and pp > 1):
                     continue
                 local = B // per_stage
                 # Vocabulary TP pays for text heads; vision heads are tiny, so they keep vtp = 1.
@@ -224,6 +227,8 @@ class Searcher:
         best = None
         for division in self.partitions(cand, setting):
             res = self.evaluate_division(cand, setting, division, strategies, bound=bound, groups=groups)
+            if res is not None and cand.layerwise and cand.zero >= 1:
+                res = self.reprice_zero_group(cand, setting, division, strategies, groups, res, bound)
             if res is not None and (best is None or res.step_time_s < best.step_time_s):
                 best = res
                 bound = min(bound, res.step_time_s / cand.global_bsz)
@@ -284,6 +289,31 @@ class Searcher:
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
                          cand.spaces(self.world))
 
+    def reprice_zero_group(self, cand, setting, division, strategies, groups, res, bound):
+        """Per-layer TP with ZeRO: the DP priced each layer's states sharded over the layer's own DP
+        degree, but DeepSpeed shards all of them over the ranks identical in every layer (fewer, when TP
+        degrees differ). Price the chosen plan with that group; if a stage then no longer fits, search
+        again assuming no sharding (an upper bound) and price that plan exactly."""
+        B = setting.world // setting.pp
+        for attempt in range(2):
+            D = self.zero_group(res.strategies, cand.vtp, setting)
+            if not attempt and all(B // t == D for t in [s.tp for s in res.strategies] + [cand.vtp]):
+                return res                     # one TP degree everywhere: the DP priced it exactly
+            forced = [strategies.index(s) for s in res.strategies]
+            exact = self.evaluate_division(cand, replace(setting, zero_dp=D), division, strategies, forced=forced)
+            if attempt or exact.peak_mb * MB <= self.budget:
+                return exact
+            res = self.evaluate_division(cand, replace(setting, zero_dp=1), division, strategies, bound=bound,
+                                         groups=groups)
+            if res is None:
+                return None
+        return None
+
+    def zero_group(self, chosen: list[LayerStrategy], vtp: int, setting: Setting) -> int:
+        from backends.megatron.layerwise import zero_group_size
+
+        return zero_group_size([(s.tp, s.tp_consecutive) for s in chosen], vtp, setting.world // setting.pp)
+
     def solve_stage_memory(self, setting, k, layers, costs, strategies, groups, fixed, by_type, counts):
         """Run the DP against the stage budget, then check the exact fixed memory of the chosen
         strategies; if it is larger than the bound the DP assumed and the stage no longer fits,
@@ -327,10 +357,11 @@ class Searcher:
         out = np.zeros((len(layers), G, G))
         for j in range(1, len(layers)):
             lt = self.spec.layer(layers[j])
+            fixed = not lt.relayout_inside and self.spec.layer_order[layers[j - 1]] == self.spec.layer_order[layers[j]]
             for a in range(G):
                 for b in range(G):
                     if a != b:
-                        out[j, a, b] = self.cm.redistribution_s(lt, rep[a], rep[b], setting)
+                        out[j, a, b] = math.inf if fixed else self.cm.redistribution_s(lt, rep[a], rep[b], setting)
         return out
 
     def stage_fixed(self, setting: Setting, k: int, by_type: dict[int, list[Cost]], counts: dict[int, int],
@@ -380,6 +411,10 @@ class Searcher:
                          plan.chunks, plan.global_bsz, plan.vtp)
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz, self.spec.precision,
                           vtp=plan.vtp)
+        if not uniform or plan.vtp != tp0:
+            from backends.megatron.layerwise import LayerwiseLayout
+
+            setting = replace(setting, zero_dp=LayerwiseLayout.from_plan(plan).zero_dp)
         self._cost_cache = {}
         forced = [strategies.index(s) for s in per_layer]
         return self.evaluate_division(cand, setting, list(plan.pp_division), strategies, forced=forced,
@@ -626,7 +661,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample for text models")
     ap.add_argument("--hardware", default="8xH100", help="hardware preset or JSON from profile_hardware.py")
     ap.add_argument("--model-profile", default=None, help="JSON from autotune/profile_model.py")
-    ap.add_argument("--space", default="uniform", choices=SPACES, help="search space (baselines: dp zero3 tp pp 3d)")
+    ap.add_argument("--space", default="layerwise", choices=SPACES,
+                    help="search space: layerwise (default: per-layer TP, layout and checkpointing), uniform (one TP "
+                         "degree), or a baseline: dp zero3 tp pp 3d deepspeed")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--max-tp", type=int, default=None, help="largest TP degree to consider")
     ap.add_argument("--out", default="plan.json", help="plan file; ds_config.json is written beside it")

@@ -1,6 +1,6 @@
-"""Search-time benchmark on this machine: prints a table (full `uniform` space, batch searched).
+"""Search-time benchmark on this machine: prints a table (full `layerwise` space by default, batch searched).
 
-    python scripts/bench_search.py [--repeat 3]
+    python scripts/bench_search.py [--repeat 3] [--space uniform]
 
 Targets (2-core CPU): 8 GPUs x bert-large <= 1 s; 64 GPUs x t5-3b <= 10 s; 1024 GPUs x t5-3b <= 60 s.
 """
@@ -27,7 +27,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out-dir", default=os.environ.get("TMPDIR", "/tmp"))
-    ap.add_argument("--space", default="uniform", help="search space (uniform is the default of search.py)")
+    ap.add_argument("--space", default="layerwise", help="search space (layerwise is the default of search.py)")
     a = ap.parse_args()
     rows = []
     for model, gpus, nodes, mem, target in CASES:

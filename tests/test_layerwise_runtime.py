@@ -16,7 +16,7 @@ import torch
 from autotune.plan import Plan, PlanError
 from backends.data import fine_share, split_micro
 from backends.megatron.groups import check_executable
-from backends.megatron.layerwise import Layout, LayerwiseLayout, needs_layerwise, shard_owner
+from backends.megatron.layerwise import Layout, LayerwiseLayout, needs_layerwise, shard_owner, zero_group_size
 from tests.dist_launcher import REPO, run_ranks
 
 
@@ -111,3 +111,48 @@ def test_train_py_runs_a_per_layer_plan(tmp_path):
     steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("summary")]
     assert [s["step"] for s in steps] == [0, 1, 2]
     assert all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps)
+
+
+@pytest.mark.parametrize("layers,vtp,expect", [
+    ([(1, True), (2, True), (4, True), (2, True)], 1, 1),     # B / max TP = 4 / 4
+    ([(2, True), (1, True)], 1, 2),
+    ([(2, False), (2, False)], 2, 2),                        # vocab takes the layers' strided layout
+    ([(2, True), (2, False)], 2, 1),                         # both kinds of layout: one rank
+    ([(1, True)], 4, 1),
+])
+def test_zero_group_size(layers, vtp, expect):
+    assert zero_group_size(layers, vtp, 4) == expect
+
+
+def test_cost_model_zero_divisor_for_layerwise_plans():
+    """bf16 ZeRO-1 per rank and parameter: param 2 + fp32 grad 4 + (master + Adam 12) / ZeRO ranks.
+    A TP-1 layer of 10M parameters in a stage of 4 ranks: 10M x (6 + 12/4) = 90 MB when ZeRO shards
+    over its 4 replicas, 10M x (6 + 12/2) = 120 MB over the 2 ranks of a layer-wise plan's group
+    (zero_dp = 2), 10M x 18 over 1; a TP-4 layer (one replica) is not sharded either way: 2.5M x 18."""
+    from autotune.cost_model import CostModel, LayerStrategy, OPTIMIZER_BYTES_PER_PARAM, Setting
+    from tests import synthetic as syn
+
+    lt = syn.layer(params=10_000_000, heads=8)
+    cm = CostModel(syn.spec([lt], [0] * 4), syn.hardware(gpus=4))
+    for zero_dp, tp, expect in [(0, 1, 10e6 * 9), (2, 1, 10e6 * 12), (1, 1, 10e6 * 18), (2, 4, 2.5e6 * 18)]:
+        c = cm.layer_cost(lt, LayerStrategy(tp), Setting(4, 1, 1, 1, 8, zero_dp=zero_dp), 0)
+        assert c.states_bytes == pytest.approx(expect), (zero_dp, tp)
+        dp = 4 // tp
+        local = 10e6 / tp / (min(dp, zero_dp) if zero_dp else dp)
+        assert c.optimizer_s == pytest.approx(local * OPTIMIZER_BYTES_PER_PARAM / 1e12)
+
+
+def test_search_prices_a_layerwise_zero_plan_with_deepspeeds_group():
+    """predict() of a per-layer plan under ZeRO-1 charges optimizer states over the ranks identical in
+    every layer: with TP 4 somewhere, a TP-1 layer's states are not sharded at all."""
+    from autotune.search import Searcher
+    from tests import synthetic as syn
+
+    lt = syn.layer(params=10_000_000, heads=8)
+    searcher = Searcher(syn.spec([lt], [0] * 4), syn.hardware(gpus=4), 80.0)
+    mixed = _plan([1, 1, 1, 4], vtp=1, zero=1)
+    flat = _plan([1, 1, 1, 1], vtp=1, zero=1)
+    mem = lambda plan: searcher.predict(plan).stage_memory[0]["model_states_mb"] * 1024 * 1024  # noqa: E731
+    # three TP-1 layers: 9 -> 18 bytes per parameter; the TP-4 layer (one replica): 2.5M x 18 in both
+    assert mem(mixed) == pytest.approx(3 * 10e6 * 18 + 2.5e6 * 18)
+    assert mem(flat) == pytest.approx(4 * 10e6 * 9)
