@@ -8,6 +8,8 @@ Modes (all at the anchor batch of shared/reference/anchors.md, one micro-batch, 
   ds-bf16-z<k>  DeepSpeed bf16 engine (bf16 weights + fp32 master copy), ZeRO stage k
   ds-amp-z<k>   DeepSpeed `torch_autocast` engine (fp32 weights, bf16 autocast), ZeRO stage k
   ...-compile   the same with every Transformer layer torch.compile'd
+  ...-noclip    DeepSpeed modes without gradient clipping (what clipping costs)
+  ...-nohook    DeepSpeed bf16 with immediate_grad_update off (fp32 gradients filled after backward)
 Every mode reports the median step time, samples/s, TFLOP/s and its share of the bf16 GEMM
 ceiling, peak memory, and a per-phase split (forward / backward / optimizer step, each timed
 between two synchronisations in separate steps). With --profile-dir, torch.profiler tables of
@@ -98,7 +100,9 @@ class HFRunner:
 class DSRunner:
     """train.py's engine (Megatron groups + DeepSpeed) for a dp = 1 plan."""
 
-    def __init__(self, adapter, config, task, seq, state, batch, zero: int, amp: bool, compile_layers: bool):
+    def __init__(self, adapter, config, task, seq, state, batch, zero: int, amp: bool, compile_layers: bool,
+                 overrides: dict | None = None):
+        import backends.deepspeed.engine as engine_module
         from autotune.plan import Plan
         from backends.data import SyntheticData
         from backends.deepspeed.engine import _to, build_engine, device
@@ -110,8 +114,23 @@ class DSRunner:
         groups = build_parallel_groups(plan)
         model = adapter.build_model(config, task, state)
         adapter.tensor_parallelize(model, task, groups.tp_groups)
-        self.trainer = build_engine(plan, groups, adapter.layer_sequence(model, task), autocast=amp,
-                                    compile_layers=compile_layers)
+        make = engine_module.make_ds_config
+
+        def patched(*a, **k):
+            cfg = make(*a, **k)
+            for key, value in (overrides or {}).items():
+                if isinstance(value, dict):
+                    cfg.setdefault(key, {}).update(value)
+                else:
+                    cfg[key] = value
+            return cfg
+
+        engine_module.make_ds_config = patched
+        try:
+            self.trainer = build_engine(plan, groups, adapter.layer_sequence(model, task), autocast=amp,
+                                        compile_layers=compile_layers)
+        finally:
+            engine_module.make_ds_config = make
         self.source = SyntheticData(adapter, config, task, plan, 0, 1234, seq_len=seq)
         self._to, self._device = _to, device
         import torch
@@ -136,15 +155,22 @@ class DSRunner:
         self.trainer.destroy()
 
 
+SUFFIXES = {"-compile": {}, "-noclip": {"gradient_clipping": 0.0}, "-nohook": {"bf16": {"immediate_grad_update": False}}}
+
+
 def make_runner(mode: str, setup, batch: int):
-    compile_layers = mode.endswith("-compile")
-    base = mode.removesuffix("-compile")
+    base, overrides, compile_layers = mode, {}, False
+    while any(base.endswith(s) for s in SUFFIXES):
+        suffix = next(s for s in SUFFIXES if base.endswith(s))
+        base = base.removesuffix(suffix)
+        overrides.update(SUFFIXES[suffix])
+        compile_layers |= suffix == "-compile"
     if base == "hf":
         return HFRunner(*setup, batch, compile_layers)
     kind, zero = base.rsplit("-z", 1)
     if kind not in ("ds-bf16", "ds-amp"):
-        raise SystemExit(f"unknown mode {mode!r}; use hf, ds-bf16-z<k>, ds-amp-z<k> (+ -compile)")
-    return DSRunner(*setup, batch, int(zero), kind == "ds-amp", compile_layers)
+        raise SystemExit(f"unknown mode {mode!r}; use hf, ds-bf16-z<k>, ds-amp-z<k> (+ {', '.join(SUFFIXES)})")
+    return DSRunner(*setup, batch, int(zero), kind == "ds-amp", compile_layers, overrides)
 
 
 def measure(runner, steps: int, warmup: int, profile_path: str | None) -> dict:
@@ -240,7 +266,7 @@ def main() -> int:
             try:
                 runner = make_runner(mode, setup, batch)
                 prof = os.path.join(args.profile_dir, f"{model}-{mode}.txt") if args.profile_dir else None
-                warmup = args.warmup + (3 if mode.endswith("-compile") else 0)
+                warmup = args.warmup + (3 if "-compile" in mode else 0)
                 rec.update(measure(runner, args.steps, warmup, prof))
                 runner.destroy()
                 del runner

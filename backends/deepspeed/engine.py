@@ -19,6 +19,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from autotune.plan import Plan
+from backends.deepspeed import fast_clip
 from backends.deepspeed.config import make_ds_config
 from backends.deepspeed.layers import SequentialWithLoss
 from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm_owners
@@ -26,6 +27,7 @@ from backends.megatron.groups import ParallelGroups
 from backends.megatron.mpu import LayerwiseMPU, MegatronMPU
 from model_zoo.adapter import LayerSequence
 
+fast_clip.install()                         # DeepSpeed's bf16 clipping without per-tensor kernels / host sync
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,0 +1,50 @@
+"""backends/deepspeed/fast_clip.py against DeepSpeed's own per-tensor norm and clipping."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backends.deepspeed import fast_clip
+
+
+def _tensors(scale: float) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (13,), (3, 4, 2), (1,)]
+    return [torch.randn(s, generator=g) * scale for s in shapes]
+
+
+def test_norm_equals_deepspeed_and_hand_computed():
+    ts = _tensors(1.0)
+    ours = fast_clip.global_norm(ts)
+    theirs = fast_clip._ORIGINAL_NORM(ts)
+    by_hand = math.sqrt(sum(float((t.double() ** 2).sum()) for t in ts))
+    assert float(ours) == pytest.approx(by_hand, rel=1e-6)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])      # below and above max_norm=1
+def test_clip_equals_deepspeed(scale):
+    ours, theirs = _tensors(scale), _tensors(scale)
+    n1 = fast_clip.clip_by_global_norm(ours, max_norm=1.0, global_norm=fast_clip.global_norm(ours))
+    n2 = fast_clip._ORIGINAL_CLIP(theirs, max_norm=1.0, global_norm=fast_clip._ORIGINAL_NORM(theirs))
+    assert float(n1) == pytest.approx(float(n2), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    after = math.sqrt(sum(float((t.double() ** 2).sum()) for t in ours))
+    assert after == pytest.approx(min(1.0, float(n2)), rel=1e-5)
+
+
+def test_non_finite_norm_is_flagged_like_deepspeed():
+    ts = _tensors(1.0)
+    ts[1][3] = float("inf")
+    assert float(fast_clip.global_norm(ts)) == -1.0 == float(fast_clip._ORIGINAL_NORM(ts))
+
+
+def test_installed_into_deepspeed_bf16_optimizer():
+    from deepspeed.runtime import bf16_optimizer
+
+    import backends.deepspeed.engine  # noqa: F401  (installs on import)
+    assert bf16_optimizer.get_global_norm_of_tensors is fast_clip.global_norm
+    assert bf16_optimizer.clip_tensors_by_global_norm is fast_clip.clip_by_global_norm
