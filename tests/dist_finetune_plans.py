@@ -32,6 +32,7 @@ from backends.export import capture_layout, save_hf, to_hf_state_dict  # noqa: E
 from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed  # noqa: E402
 from backends.megatron.random import seed_everything  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
+from tests.dist_launcher import finish_launch, record_case  # noqa: E402
 from train import initial_state_dict, make_tokenizer, resolve_model  # noqa: E402
 
 SEED = 1234
@@ -128,16 +129,8 @@ def main() -> None:
                             tokenize=tokenize)
             out["reference"] = hf_fine_tuning(adapter, choice, state, data, args)
         res = run_case(adapter, choice, state, dataset, tokenize, plan, args, bool(case.get("export")))
-        every = [None] * world
-        dist.all_gather_object(every, res["loss"])
-        out["cases"].append({"plan": case["plan"], "describe": plan.describe(), **res, "loss_by_rank": every})
-        if rank == 0:
-            print(f"{plan.describe()}: loss {res['loss']}", flush=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+        record_case(out, {"plan": case["plan"], "describe": plan.describe()}, res, plan.describe())
+    finish_launch(out, args.out)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,30 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(keep[-lines:])
 
 
+def record_case(out: dict, entry: dict, res: dict, label: str) -> None:
+    """Rank side of a many-plans launch: add a case's results with every rank's losses (rank 0 prints them)."""
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, res["loss"])
+    out["cases"].append({**entry, **res, "loss_by_rank": every})
+    if dist.get_rank() == 0:
+        print(f"{label}: loss {res['loss']}", flush=True)
+
+
+def finish_launch(out: dict, path: str) -> None:
+    """Rank side: rank 0 writes the launch's results as JSON; every rank leaves the process group."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def assert_case_matches_reference(res: dict, index: int, rtol: float) -> None:
     """One plan of a dist_runtime_plans.py launch against its single-process HF reference: the loss and
     the pre-clipping gradient norm of every step within `rtol`, all ranks agreeing on the loss, and a

@@ -27,6 +27,7 @@ from backends.megatron.groups import build_parallel_groups, destroy_parallel_gro
 from backends.megatron.random import seed_everything  # noqa: E402
 from model_zoo.registry import FAMILIES, PRESETS, load_hf_config  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
+from tests.dist_launcher import finish_launch, record_case  # noqa: E402
 
 SEED = 1234
 DATA_SEED = 7
@@ -112,16 +113,8 @@ def main() -> None:
         kw = dict(case["plan"])
         plan = make_plan(kw, adapter.num_layers(config), world, args.global_batch)
         res = run_case(adapter, config, task, models[key], plan, args, seq_len)
-        every = [None] * world
-        dist.all_gather_object(every, res["loss"])
-        out["cases"].append({"key": key, "plan": kw, "describe": plan.describe(), **res, "loss_by_rank": every})
-        if rank == 0:
-            print(f"{key} {kw}: loss {res['loss']}", flush=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+        record_case(out, {"key": key, "plan": kw, "describe": plan.describe()}, res, f"{key} {kw}")
+    finish_launch(out, args.out)
 
 
 if __name__ == "__main__":
