@@ -156,3 +156,22 @@ def test_search_prices_a_layerwise_zero_plan_with_deepspeeds_group():
     # three TP-1 layers: 9 -> 18 bytes per parameter; the TP-4 layer (one replica): 2.5M x 18 in both
     assert mem(mixed) == pytest.approx(3 * 10e6 * 18 + 2.5e6 * 18)
     assert mem(flat) == pytest.approx(4 * 10e6 * 9)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_layerwise_search_plans_are_executable_and_fit(seed):
+    """Plans of the (default) layer-wise space pass the runtime's checks, and the plan as the runtime
+    runs it (ZeRO over DeepSpeed's one data-parallel group) still fits the budget."""
+    import random
+
+    from autotune.search import Searcher, to_plan
+    from tests.test_search import MB, random_case
+
+    spec, hw, mem, bsz = random_case(random.Random(seed))
+    s = Searcher(spec, hw, mem, space="layerwise")
+    for ev in s.run([bsz])[:10]:
+        plan = to_plan(ev, spec, hw, mem)
+        plan.validate(world_size=hw.world_size, num_layers=spec.num_layers)
+        check_executable(plan)
+        assert s.predict(plan).peak_mb * MB <= s.budget * (1 + 1e-9)
+        assert ev.peak_mb == pytest.approx(s.predict(plan).peak_mb)
