@@ -98,19 +98,28 @@ def test_redistribution_forward_and_backward_by_hand():
 
 
 @pytest.mark.distributed
-def test_train_py_runs_a_per_layer_plan(tmp_path):
-    """A plan.json with per-layer TP (and vtp != layer TP) trained by train.py on 4 ranks."""
-    plan = _plan([1, 2, 4, 2], flags=[1, 0, 1, 1], vtp=2, zero=1, chunks=2, bsz=16)
-    plan.model = {"name": "bert-test"}
-    path = tmp_path / "plan.json"
+def test_train_py_runs_a_per_layer_plan_and_exports_it(tmp_path):
+    """train.py with a plan.json of per-layer TP (Swin: TP 1 | strided 2 | 4 | 2, vtp 1, ZeRO 1, 2 chunks)
+    on 4 ranks, exported with --export-hf: the weights equal a single-process HF model trained the same
+    steps (tests/test_export_hf.py's reference), so every layer's shards -- the relative-position bias
+    tables included -- are gathered over that layer's own group."""
+    from tests.test_export_hf import GLOBAL_BATCH, LR, SEED, STEPS, _load_export, _reference
+
+    plan = _plan([1, 2, 4, 2], flags=[1, 0, 1, 1], vtp=1, zero=1, chunks=2, bsz=GLOBAL_BATCH)
+    plan.model = {"name": "swin-test"}
+    path, out, metrics = tmp_path / "plan.json", tmp_path / "hf", tmp_path / "m.jsonl"
     plan.save(str(path))
     assert json.loads(path.read_text())["tp_sizes_enc"] == "1,2,4,2"
-    metrics = tmp_path / "m.jsonl"
-    run_ranks(REPO / "train.py", 4, ["--model", "bert-test", "--galvatron-plan", str(path), "--steps", "3",
-                                     "--lr", "1e-3", "--metrics-file", str(metrics)], timeout=300)
+    run_ranks(REPO / "train.py", 4, ["--model", "swin-test", "--galvatron-plan", str(path), "--steps", str(STEPS),
+                                     "--lr", str(LR), "--seed", str(SEED), "--metrics-file", str(metrics),
+                                     "--export-hf", str(out)], timeout=300)
     steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("summary")]
-    assert [s["step"] for s in steps] == [0, 1, 2]
-    assert all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps)
+    assert [s["step"] for s in steps] == list(range(STEPS)) and all(s["grad_norm"] > 0 for s in steps)
+    exported = _load_export(out, "swin-test").state_dict()
+    init, ref = _reference("swin-test")
+    assert set(exported) == set(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("layers,vtp,expect", [

@@ -104,6 +104,7 @@ def _shard_bias_table(bias: nn.Module, group: Any) -> None:
     shard = nn.Parameter(table.detach()[:, rank * local:(rank + 1) * local].clone())
     set_tensor_model_parallel_attributes(shard, True, 1, 1)
     bias.relative_position_bias_table = shard
+    bias.tp_group = group             # the shard's group, for exports (backends/export.py)
 
 
 def _parallelize_layer(layer: nn.Module, group: Any) -> None:

@@ -150,6 +150,7 @@ def _shard_relative_bias(table: nn.Embedding, group: Any) -> nn.Embedding:
     with torch.no_grad():
         sharded.weight.copy_(table.weight[:, rank * local:(rank + 1) * local])
     set_tensor_model_parallel_attributes(sharded.weight, True, 1, 1)
+    sharded.tp_group = group          # the shard's group, for exports (backends/export.py)
     return sharded
 
 
