@@ -86,6 +86,20 @@ class MegatronMPU:
         return self.get_data_parallel_group()
 
 
+def _group_api(attr: str):
+    """(group, world size, rank) getters for the RankGroups field `attr`."""
+    def group(self):
+        return getattr(self.rg, attr)
+
+    def size(self) -> int:
+        return dist.get_world_size(group=group(self))
+
+    def rank(self) -> int:
+        return dist.get_rank(group=group(self))
+
+    return group, size, rank
+
+
 class LayerwiseMPU(MegatronMPU):
     """The mpu for per-layer TP plans (backends/megatron/layerwise.py): DeepSpeed's data-parallel group is
     the set of ranks holding identical parameters in every layer, the model-parallel group the ranks with
@@ -97,23 +111,10 @@ class LayerwiseMPU(MegatronMPU):
         self.groups = groups
         self.rg = groups.layerwise
 
-    def get_model_parallel_group(self):
-        return self.rg.mp_group
-
-    def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(group=self.rg.mp_group)
-
-    def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(group=self.rg.mp_group)
-
-    def get_tensor_model_parallel_group(self):
-        return self.rg.model_group
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(group=self.rg.model_group)
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return dist.get_rank(group=self.rg.model_group)
+    get_model_parallel_group, get_model_parallel_world_size, get_model_parallel_rank = _group_api("mp_group")
+    get_tensor_model_parallel_group, get_tensor_model_parallel_world_size, get_tensor_model_parallel_rank = \
+        _group_api("model_group")
+    get_data_parallel_group, get_data_parallel_world_size, get_data_parallel_rank = _group_api("dp_group")
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return dist.get_process_group_ranks(self.rg.model_group)[0]
@@ -121,15 +122,6 @@ class LayerwiseMPU(MegatronMPU):
     get_slice_parallel_group = get_tensor_model_parallel_group
     get_slice_parallel_world_size = get_tensor_model_parallel_world_size
     get_slice_parallel_rank = get_tensor_model_parallel_rank
-
-    def get_data_parallel_group(self):
-        return self.rg.dp_group
-
-    def get_data_parallel_world_size(self) -> int:
-        return dist.get_world_size(group=self.rg.dp_group)
-
-    def get_data_parallel_rank(self) -> int:
-        return dist.get_rank(group=self.rg.dp_group)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.rg.dp_group)
