@@ -270,16 +270,24 @@ def make_tokenizer(adapter, choice: ModelChoice):
     return tokenize
 
 
-def initial_state_dict(adapter, choice: ModelChoice, seed: int) -> dict:
-    """One full state dict every rank starts from: the checkpoint's weights, or a seeded init."""
+def initial_model(adapter, choice: ModelChoice, seed: int):
+    """The full model every rank starts from: the checkpoint's weights in fp32 (read once; a head the
+    checkpoint lacks, or one of another size from --num-labels, starts from a seeded init), or a seeded
+    init."""
     import torch
 
     torch.manual_seed(seed)
-    model = adapter.build_model(choice.config, choice.task)
-    if choice.checkpoint_dir is not None:     # a head of another size (--num-labels) starts from the seeded init
-        model = type(model).from_pretrained(str(choice.checkpoint_dir), config=choice.config,
-                                            ignore_mismatched_sizes=True)
-    return model.state_dict()
+    if choice.checkpoint_dir is None:
+        return adapter.build_model(choice.config, choice.task)
+    with torch.device("meta"):                # only the class: no second full copy of the weights
+        cls = type(adapter.build_model(choice.config, choice.task))
+    return cls.from_pretrained(str(choice.checkpoint_dir), config=choice.config, dtype=torch.float32,
+                               ignore_mismatched_sizes=True).train()
+
+
+def initial_state_dict(adapter, choice: ModelChoice, seed: int) -> dict:
+    """One full state dict every rank (and a single-process reference) starts from."""
+    return initial_model(adapter, choice, seed).state_dict()
 
 
 def host_peak_mb() -> float:
@@ -463,9 +471,7 @@ def train(args: argparse.Namespace) -> int:
     log = tqdm.write if rank == 0 else (lambda *_: None)
 
     before_load = host_peak_mb()
-    state = initial_state_dict(adapter, choice, args.seed)
-    model = adapter.build_model(choice.config, choice.task, state)
-    del state
+    model = initial_model(adapter, choice, args.seed)
     adapter.tensor_parallelize(model, choice.task, groups.tp_groups)
     load_peaks = gather_floats(host_peak_mb())
     load_growth = gather_floats(host_peak_mb() - before_load)
