@@ -32,10 +32,13 @@ The runtime (backends/, train.py) never knows a family by name. It asks the fami
    same number of labelled targets each (e.g. a fixed count of masked tokens) so that the mean of
    micro-batch means equals the mean over the whole global batch in any layout.
    `collate(config, task, records, seed, step, seq_len)` does the same from dataset records
-   (`--data PATH`); its random choices (masking) also come from (seed, step) only.
+   (`--data PATH`); its random choices (masking) also come from (seed, step) only. Records of raw
+   text (the family's `text_fields`, e.g. BERT `text`, T5 `source`/`target`) first go through
+   `tokenize(tokenizer, record, seq_len)` with the checkpoint folder's tokenizer.
 5. `split_batch(batch, task)`: (pipeline inputs tuple, labels) from a batch dict; `hf_loss(model,
    batch)` the plain HF loss of the same batch (the single-process reference).
 6. `flops_per_sample(config, task, seq_len)`: forward+backward model FLOPs per sample, for TFLOP/s metrics.
+7. `set_dropout(config, p)`: every dropout probability of the config set to p (`--dropout`).
 """
 from __future__ import annotations
 
