@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def test_minilm_eval_accuracy_then_convert_and_continue_under_another_plan(tmp_p
 def _launch_two_ranks(args: list[str], log) -> subprocess.Popen:
     """Both ranks of train.py under one shell, in a process group of their own (so one killpg ends all)."""
     port = free_port()
-    ranks = " & ".join(f"RANK={r} LOCAL_RANK={r} {sys.executable} train.py {' '.join(args)}" for r in range(2))
+    cmd = shlex.join([sys.executable, "train.py", *args])
+    ranks = " & ".join(f"RANK={r} LOCAL_RANK={r} {cmd}" for r in range(2))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     return subprocess.Popen(["sh", "-c", f"{ranks} & wait"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
