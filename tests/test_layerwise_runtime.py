@@ -184,3 +184,16 @@ def test_layerwise_search_plans_are_executable_and_fit(seed):
         check_executable(plan)
         assert s.predict(plan).peak_mb * MB <= s.budget * (1 + 1e-9)
         assert ev.peak_mb == pytest.approx(s.predict(plan).peak_mb)
+
+
+def test_layout_change_inside_a_t5_stack_is_refused():
+    from backends.megatron.layerwise import check_sequence
+    from model_zoo.registry import load_hf_config
+    from model_zoo.runtime import get_adapter
+
+    adapter = get_adapter("t5")
+    seq = adapter.layer_sequence(adapter.build_model(load_hf_config("t5-test"), "seq2seq"), "seq2seq")
+    assert seq.meta["same_tp_layout"] == [(0, 2), (2, 4)]
+    check_sequence(seq, LayerwiseLayout.from_plan(_plan([4, 4, 1, 1], vtp=2)))
+    with pytest.raises(PlanError, match="layers 2-3 pass tensors split by attention head"):
+        check_sequence(seq, LayerwiseLayout.from_plan(_plan([4, 4, 1, 2])))

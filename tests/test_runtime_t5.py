@@ -181,6 +181,10 @@ CASES = {
         ("tp2strided-dp2-zero3", "t5-test", {"tp": 2, "tp_consecutive": 0, "zero_stage": 3}),
         ("pp2-dp2-zero1-chunks4", "t5-test", {"pp": 2, "zero_stage": 1, "chunks": 4}),
         ("v11-pp2-tp2", "v11", {"pp": 2, "tp": 2}),
+        # per-layer TP: one layout per stack (the position bias is split by heads), vtp of its own
+        ("lw-enc4-dec1-vtp2-zero2", "t5-test", {"tp_sizes": [4, 4, 1, 1], "vtp": 2, "zero_stage": 2}),
+        ("lw-enc1-dec2s-zero1-chunks2", "t5-test", {"tp_sizes": [1, 1, 2, 2], "tp_consecutive_flags": [1, 1, 0, 0],
+                                                    "vtp": 1, "zero_stage": 1, "chunks": 2}),
     ],
 }
 
