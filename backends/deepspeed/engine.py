@@ -56,19 +56,23 @@ class TrainEngine:
     def pipelined(self) -> bool:
         return self.plan.pp_deg > 1
 
-    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
-        """One optimizer step over this rank's micro-batches."""
-        if len(micro_batches) != self.plan.chunks:
-            raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
+    def to_device(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        """The micro-batches on this rank's device, float inputs in the compute dtype (a no-op when there)."""
         dev = device()
         dtype = torch.float32 if self.autocast else COMPUTE_DTYPES[self.plan.precision]
-        moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
+        return [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches (moved to the device first if needed)."""
+        if len(micro_batches) != self.plan.chunks:
+            raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
+        moved = self.to_device(micro_batches)
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=iter(moved))
             if self.groups.layerwise is not None:
                 loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()))
-        total = torch.zeros((), device=dev, dtype=torch.float32)
+        total = torch.zeros((), device=device(), dtype=torch.float32)
         for inputs, labels in moved:
             loss = self.engine(inputs, labels)
             self.engine.backward(loss)
@@ -97,8 +101,7 @@ class TrainEngine:
         the last pipeline stage (every rank when pp = 1), None on the other stages."""
         if len(micro_batches) != self.plan.chunks:
             raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
-        dev, dtype = device(), COMPUTE_DTYPES[self.plan.precision]
-        moved = [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
+        moved = self.to_device(micro_batches)
         module = self.engine.module
         loss_fn, module.loss_fn = module.loss_fn, stats_fn
         try:
