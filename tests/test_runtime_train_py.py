@@ -116,3 +116,15 @@ def test_file_data(tmp_path, capsys):
         assert len(steps) == 3 and all(s["loss"] > 0 for s in steps)
     code, errors = _main_exit(capsys, "--model", "vit-test", "--data", str(text))   # token ids are not images
     assert code == 2 and "pixel_values" in errors[0]
+
+
+def test_compiled_layers_train_like_eager(tmp_path):
+    """--compile (torch.compile per Transformer layer) changes speed, not the losses."""
+    losses = {}
+    for flag in ((), ("--compile",)):
+        metrics = tmp_path / f"m{len(flag)}.jsonl"
+        r = _train("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics), *flag,
+                   timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        losses[bool(flag)] = [s["loss"] for s in _records(metrics)[0]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
