@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from autotune.plan import Plan
 from backends.data import SyntheticData
@@ -14,10 +15,22 @@ from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
 
 
-def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float], torch.dtype, dict]:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29655")
+@pytest.fixture
+def world_of_one():
+    """A one-process world on a free port, torn down afterwards with the environment as it was (train.py
+    subprocesses of later tests inherit os.environ and would try the same port)."""
+    saved = dict(os.environ)
+    for key in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
     init_distributed()
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float], torch.dtype, dict]:
     adapter, config = get_adapter("bert"), load_hf_config("bert-test")
     plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=1, global_bsz=4, precision=precision)
     groups = build_parallel_groups(plan)
@@ -34,7 +47,7 @@ def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float]
     return losses, dtype, cfg
 
 
-def test_autocast_mode_keeps_fp32_weights_and_tracks_fp32_training():
+def test_autocast_mode_keeps_fp32_weights_and_tracks_fp32_training(world_of_one):
     ref, ref_dtype, _ = _losses("fp32", autocast=False)
     amp, amp_dtype, cfg = _losses("bf16", autocast=True)
     assert ref_dtype == amp_dtype == torch.float32
