@@ -79,12 +79,12 @@ def gather_full_state_dict(layout: ExportLayout, owned: set[int], *, first_of_st
     Ranks of one TP group own the same parameters, so their all-gathers line up.
     """
     local: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}
+    done: dict[int, torch.Tensor | None] = {}     # tied names share one gather (and one copy)
     for name, p in layout.named:
         if id(p) not in owned:
             continue
         if id(p) not in done:
-            with _zero3_gather(p):
+            with _zero3_gather(p):            # every rank takes part in the gathers ...
                 t = p.detach()
                 if id(p) in layout.shard:
                     dim, group = layout.shard[id(p)]
@@ -92,7 +92,8 @@ def gather_full_state_dict(layout: ExportLayout, owned: set[int], *, first_of_st
                     parts = [torch.empty_like(t) for _ in range(group.size())]
                     dist.all_gather(parts, t, group=group)
                     t = torch.cat(parts, dim=dim)
-                done[id(p)] = t.to("cpu", dtype=dtype, copy=True)
+                # ... but only the rank that sends its stage keeps a host copy
+                done[id(p)] = t.to("cpu", dtype=dtype, copy=True) if first_of_stage else None
         if first_of_stage:
             local[name] = done[id(p)]
     if not dist.is_initialized() or dist.get_world_size() == 1:
