@@ -111,18 +111,16 @@ def gather_full_state_dict(layout: ExportLayout, owned: set[int], *, first_of_st
 
 def to_hf_state_dict(full: dict[str, torch.Tensor], hf_model: nn.Module) -> dict[str, torch.Tensor]:
     """Fit gathered tensors to a fresh HF model: cut vocabulary padding, fill tied names from their twin."""
-    twins: dict[int, list[str]] = {}
+    twins: dict[int, tuple[nn.Parameter, list[str]]] = {}     # one entry per parameter, all its (tied) names
     for name, p in hf_model.named_parameters(remove_duplicate=False):
-        twins.setdefault(id(p), []).append(name)
-    params = dict(hf_model.named_parameters(remove_duplicate=False))
+        twins.setdefault(id(p), (p, []))[1].append(name)
     out: dict[str, torch.Tensor] = {}
     missing = []
-    for names in twins.values():
+    for target, names in twins.values():
         source = next((n for n in names if n in full), None)
         if source is None:
             missing.extend(names)
             continue
-        target = params[names[0]]
         t = full[source]
         if t.shape != target.shape:
             if t.dim() != target.dim() or any(a < b for a, b in zip(t.shape, target.shape)):
