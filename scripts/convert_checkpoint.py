@@ -47,9 +47,11 @@ def build_command(save_dir: Path, out_dir: Path, nproc: int | None, on_gpu: bool
         raise ValueError(str(e)) from None
     run = json.loads((save_dir / "run.json").read_text())
     world = plan.world_size or nproc
-    if world is None or nproc is not None and nproc != world:
-        raise ValueError(f"the checkpoint was saved by {plan.world_size} processes; run the conversion with "
-                         f"--nproc {plan.world_size}")
+    if world is None:
+        raise ValueError(f"{save_dir / 'plan.json'} does not say its world_size; give --nproc N, the number of "
+                         f"processes that saved the checkpoint")
+    if nproc is not None and nproc != world:
+        raise ValueError(f"the checkpoint was saved by {world} processes; run the conversion with --nproc {world}")
     step = int(match.group(1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
            str(REPO / "train.py"), "--model", run["model"], "--task", run["task"], "--seed", str(run.get("seed", 1234)),
