@@ -19,6 +19,15 @@ STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 GRADIENT_CLIPPING = 1.0
 
 
+def deepspeed_dp_size(plan: Plan) -> int:
+    """DeepSpeed's data-parallel group size for `plan` (what its batch sizes and ZeRO partitions use):
+    world / (pp * tp) for one TP layout; for per-layer layouts, the ranks holding identical parameters in
+    every layer (backends/megatron/layerwise.py)."""
+    from backends.megatron.layerwise import LayerwiseLayout, needs_layerwise
+
+    return LayerwiseLayout.from_plan(plan).zero_dp if needs_layerwise(plan) else plan.dp_deg
+
+
 def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, betas=(0.9, 0.999),
                    eps: float = 1e-8, torch_adam: bool = True, fused: bool | None = None,
                    autocast: bool = False) -> dict:
@@ -43,9 +52,9 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
                     stage3_max_live_parameters=STAGE3_MAX_LIVE_PARAMETERS, overlap_comm=True,
                     contiguous_gradients=True)
     cfg = {
-        # DeepSpeed derives the data-parallel size from the mpu adapter: world / (pp * tp).
+        # DeepSpeed checks train_batch = micro-batch x accumulation x its data-parallel size
         "train_batch_size": plan.global_bsz,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "train_micro_batch_size_per_gpu": plan.global_bsz // (plan.chunks * deepspeed_dp_size(plan)),
         "gradient_accumulation_steps": plan.chunks,
         "gradient_clipping": GRADIENT_CLIPPING,
         "zero_optimization": zero,

@@ -217,7 +217,7 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     if compile_layers:
         for entry in seq.layers:
             entry.module.compile()
-    wrap = _prepare_layerwise(plan, groups, seq, cfg) if groups.layerwise is not None else None
+    wrap = _prepare_layerwise(plan, groups, seq) if groups.layerwise is not None else None
     if plan.pp_deg > 1:
         model = build_pipeline_module(plan, groups, seq, wrap)
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
@@ -232,16 +232,14 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast)
 
 
-def _prepare_layerwise(plan: Plan, groups: ParallelGroups, seq: LayerSequence, cfg: dict):
+def _prepare_layerwise(plan: Plan, groups: ParallelGroups, seq: LayerSequence):
     """Per-layer TP (backends/megatron/layerwise.py): gradient hooks and norm owners on the parameters,
-    DeepSpeed's batch sizes over its data-parallel group, and the wrapper that re-lays out activations."""
+    and the wrapper that re-lays out activations."""
     from backends.megatron.layerwise import check_sequence, prepare_gradients, wrap_layer
 
     rg = groups.layerwise
     check_sequence(seq, rg.lw)
     prepare_gradients(seq, rg)
-    # DeepSpeed checks train_batch = micro-batch x accumulation x its data-parallel size
-    cfg["train_micro_batch_size_per_gpu"] = plan.global_bsz // (plan.chunks * groups.dp)
     return lambda module, i: wrap_layer(module, i, rg, plan)
 
 
