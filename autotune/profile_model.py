@@ -307,23 +307,11 @@ def _key(t: torch.Tensor) -> tuple[str, int]:
 
 def saved_bytes(module: nn.Module, inputs: tuple, exclude: Iterable[torch.Tensor], ckpt: bool) -> int:
     """Bytes autograd keeps for backward in one forward of `module` (model_zoo/accounting.py)."""
-    from model_zoo.accounting import saved_tensors
+    from model_zoo.accounting import saved_tensor_bytes
     skip = list(exclude) + list(module.parameters()) + list(module.buffers())
     fn = (lambda *a: checkpoint(module, *a, use_reentrant=False)) if ckpt else module
     with torch.random.fork_rng(devices=[module_device(module)] if module_device(module).type == "cuda" else []):
-        storages, out = saved_tensors(fn, *inputs, exclude=skip)
-    release_graph(out, module, inputs)
-    return sum(s.nbytes for s in storages)
-
-
-def release_graph(out: Any, module: nn.Module, inputs: tuple) -> None:
-    """Free the graph of a forward run under saved-tensor hooks that return the tensor itself: a saved
-    *output* then refers to its own grad_fn through the hook, a cycle Python's gc cannot see, and the
-    graph would stay in memory for good. A backward releases every saved tensor and breaks it."""
-    t = first_tensor(out)
-    if t.requires_grad:
-        t.float().sum().backward()
-    _clear_grads(module, inputs)
+        return saved_tensor_bytes(fn, *inputs, exclude=skip)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -363,7 +351,6 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
             unsaved_rounded += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
     requested = req_after - req_before - unsaved_out
     alloc = after - before - unsaved_rounded
-    release_graph(out, module, inputs)
     del out
     rel = (requested - saved_new) / saved_new if saved_new else 0.0
     return {"saved_bytes": saved_new, "allocator_requested_bytes": requested, "rel_diff": rel,
@@ -384,7 +371,7 @@ def _saved_keys(module: nn.Module, inputs: tuple, exclude: list[torch.Tensor]) -
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         keys.add(_storage_key(t))
-        return t.detach()   # not t itself: see release_graph
+        return t.detach()   # not t itself: see model_zoo/accounting.py saved_tensors
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(*inputs)
@@ -699,7 +686,7 @@ def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> di
             if region == "layer" and k in state.shared_keys:
                 region = "between"   # a layer saving an input all layers share (T5's encoder output)
             found[k] = (region, t.untyped_storage().nbytes())
-        return t.detach()   # not t itself: see release_graph
+        return t.detach()   # not t itself: see model_zoo/accounting.py saved_tensors
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = ctx.model(**batch).loss

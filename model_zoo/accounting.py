@@ -44,6 +44,10 @@ def saved_tensors(fn: Callable, *args: Any, exclude: Iterable[torch.Tensor] = ()
     Storages of `exclude` and of a module's own parameters/buffers are skipped. Every saved tensor is
     kept referenced until the forward returns so that a freed storage's address cannot be reused and
     miscounted. Returns (storages, fn's return value).
+
+    The hook packs a detached alias, never the tensor itself: a saved *output* would then refer to its
+    own grad_fn through the hook, a cycle Python's gc cannot see, and the graph (with every activation)
+    would stay in memory after the return value is dropped.
     """
     skip = _excluded_keys(fn, exclude)
     found: dict[tuple[str, int], SavedStorage] = {}
@@ -54,7 +58,7 @@ def saved_tensors(fn: Callable, *args: Any, exclude: Iterable[torch.Tensor] = ()
         if key not in skip and key not in found:
             found[key] = SavedStorage(t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
             keep.append(t)
-        return t
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kwargs)
