@@ -32,7 +32,8 @@ ANCHORS = {"bert-large": 32, "vit-large": 64, "swin-base": 64, "t5-large": 16}
 GEMM_CEILING_TFLOPS = 734.5
 
 
-def _setup(model_name: str):
+def setup_model(model_name: str):
+    """(adapter, config, task, seq_len, seeded full state dict) of a preset: what every runner starts from."""
     import torch
 
     from model_zoo.registry import FAMILIES, PRESETS, default_task, load_hf_config
@@ -61,12 +62,14 @@ def _dev() -> str:
 
 
 class HFRunner:
-    """The plain loop users write without a planner (what anchors.md measured)."""
+    """The plain loop users write without a planner (what anchors.md measured: bf16 autocast over fp32
+    weights; `autocast=False` for a plain fp32 loop)."""
 
-    def __init__(self, adapter, config, task, seq, state, batch, compile_layers: bool):
+    def __init__(self, adapter, config, task, seq, state, batch, compile_layers: bool, autocast: bool = True):
         import torch
 
         self.adapter, self.config, self.task, self.seq, self.batch = adapter, config, task, seq, batch
+        self.autocast = autocast
         self.model = adapter.build_model(config, task, state).to(_dev())
         if compile_layers:
             for entry in adapter.layer_sequence(self.model, task).layers:
@@ -80,7 +83,7 @@ class HFRunner:
     def forward(self, data):
         import torch
 
-        with torch.autocast(_dev(), dtype=torch.bfloat16):
+        with torch.autocast(_dev(), dtype=torch.bfloat16, enabled=self.autocast):
             return self.adapter.hf_loss(self.model, data)
 
     def backward(self, loss):
@@ -173,10 +176,10 @@ def make_runner(mode: str, setup, batch: int):
     return DSRunner(*setup, batch, int(zero), kind == "ds-amp", compile_layers, overrides)
 
 
-def measure(runner, steps: int, warmup: int, profile_path: str | None) -> dict:
-    import torch
-
-    step_times, phases = [], {"forward": [], "backward": [], "step": []}
+def timed_steps(runner, steps: int, warmup: int = 0) -> list[float]:
+    """Seconds of each whole step (forward, backward, optimizer) after `warmup` untimed ones; the batch
+    reaches the device before the timer starts."""
+    times = []
     for i in range(warmup + steps):
         data = runner.data(i)
         _sync()
@@ -187,7 +190,14 @@ def measure(runner, steps: int, warmup: int, profile_path: str | None) -> dict:
         float(loss)
         _sync()
         if i >= warmup:
-            step_times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(runner, steps: int, warmup: int, profile_path: str | None) -> dict:
+    import torch
+
+    step_times, phases = timed_steps(runner, steps, warmup), {"forward": [], "backward": [], "step": []}
     for i in range(3):                                  # phase split: synchronise between phases
         data = runner.data(i)
         _sync()
@@ -258,7 +268,7 @@ def main() -> int:
         os.makedirs(args.profile_dir, exist_ok=True)
     for model in args.models.split(","):
         batch = ANCHORS.get(model, 16)
-        setup = _setup(model)
+        setup = setup_model(model)
         flops = setup[0].flops_per_sample(setup[1], setup[2], seq_len=setup[3]) * batch
         for mode in args.modes.split(","):
             t0 = time.time()

@@ -15,45 +15,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # scripts/bench_engine_modes.py
 
 
-def plain_hf(model_name: str, batch: int, steps: int, device: str, precision: str) -> list[float]:
+def plain_hf(model_name: str, batch: int, steps: int, precision: str) -> list[float]:
+    """Step times of the plain HF loop (scripts/bench_engine_modes.py's HFRunner: torch AdamW, clip 1.0,
+    bf16 autocast only for bf16)."""
     import torch
 
-    from model_zoo.registry import FAMILIES, PRESETS, default_task, load_hf_config
-    from model_zoo.runtime import get_adapter
+    from bench_engine_modes import HFRunner, setup_model, timed_steps
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    config = load_hf_config(model_name)
-    adapter = get_adapter(FAMILIES[config.model_type])
-    task = default_task(config, PRESETS.get(model_name))
-    torch.manual_seed(1234)
-    model = adapter.build_model(config, task).to(device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device == "cuda")
-    seq = PRESETS[model_name].seq_len if model_name in PRESETS else None
-    times = []
-    for step in range(steps):
-        data = adapter.synthetic_batch(config, task, batch, 1234, step, seq_len=seq)
-        data = {k: v.to(device) for k, v in data.items()}
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=dtype, enabled=precision == "bf16"):
-            loss = adapter.hf_loss(model, data)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+    runner = HFRunner(*setup_model(model_name), batch, compile_layers=False, autocast=precision == "bf16")
+    return timed_steps(runner, steps)
 
 
 def ours(model_name: str, batch: int, steps: int, precision: str) -> list[float]:
@@ -77,7 +54,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     precision = "bf16" if a.device == "cuda" else "fp32"
     warm = max(2, a.steps // 5)
-    hf = statistics.median(plain_hf(a.model, a.batch, a.steps, a.device, precision)[warm:])
+    hf = statistics.median(plain_hf(a.model, a.batch, a.steps, precision)[warm:])
     us = statistics.median(ours(a.model, a.batch, a.steps, precision)[warm:])
     print(f"{a.model} batch {a.batch} on {a.device} ({precision}), median of {a.steps - warm} steps:")
     print(f"  plain HF loop   {hf * 1e3:8.2f} ms/step")
