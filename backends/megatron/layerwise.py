@@ -326,8 +326,8 @@ def side(rg: RankGroups, layout: Layout | None) -> Side:
     return Side(rg.tp[layout], layout.tp, layout.position(rg.j, rg.lw.B))
 
 
-def layer_relayouts(rg: RankGroups, plan: Plan) -> list[tuple[tuple | None, tuple | None]]:
-    """(before, after) layout changes of every Transformer layer of the model.
+def layer_relayout(rg: RankGroups, i: int) -> tuple[tuple | None, tuple | None]:
+    """(before, after) layout changes of Transformer layer i.
 
     Layer 0 starts from the vocabulary layout (embeddings), the last layer ends in it (head). A stage
     boundary sends the fine slices when the layouts on its two sides differ, else the group's layout
@@ -335,25 +335,22 @@ def layer_relayouts(rg: RankGroups, plan: Plan) -> list[tuple[tuple | None, tupl
     """
     lw = rg.lw
     n, stage_of = len(lw.layers), lw.stage_of_layer
-    out = []
-    for i in range(n):
-        cur = lw.layers[i]
-        if i == 0:
-            prev = lw.vocab
-        elif stage_of[i] != stage_of[i - 1]:
-            prev = None if lw.layers[i - 1] != cur else cur
-        else:
-            prev = lw.layers[i - 1]
-        if i == n - 1:
-            nxt = lw.vocab
-        elif stage_of[i] != stage_of[i + 1]:
-            nxt = None if lw.layers[i + 1] != cur else cur
-        else:
-            nxt = cur   # the next layer's `before` does it
-        before = None if prev == cur else (side(rg, prev), side(rg, cur))
-        after = None if nxt == cur else (side(rg, cur), side(rg, nxt))
-        out.append((before, after))
-    return out
+    cur = lw.layers[i]
+    if i == 0:
+        prev = lw.vocab
+    elif stage_of[i] != stage_of[i - 1]:
+        prev = None if lw.layers[i - 1] != cur else cur
+    else:
+        prev = lw.layers[i - 1]
+    if i == n - 1:
+        nxt = lw.vocab
+    elif stage_of[i] != stage_of[i + 1]:
+        nxt = None if lw.layers[i + 1] != cur else cur
+    else:
+        nxt = cur   # the next layer's `before` does it
+    before = None if prev == cur else (side(rg, prev), side(rg, cur))
+    after = None if nxt == cur else (side(rg, cur), side(rg, nxt))
+    return before, after
 
 
 def fine_size(plan: Plan) -> int:
@@ -364,7 +361,7 @@ def wrap_layer(module: nn.Module, i: int, rg: RankGroups | None, plan: Plan) -> 
     """Layer i's module with its layout changes (unchanged for uniform plans, rg None)."""
     if rg is None:
         return module
-    before, after = layer_relayouts(rg, plan)[i]
+    before, after = layer_relayout(rg, i)
     if before is None and after is None:
         return module
     return Relayout(module, fine_size(plan), before, after)
