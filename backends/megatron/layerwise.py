@@ -368,7 +368,7 @@ def wrap_layer(module: nn.Module, i: int, rg: RankGroups | None, plan: Plan) -> 
 
 
 # ---------------------------------------------------------------------------------------------- gradients
-def param_layouts(seq, lw: LayerwiseLayout) -> dict[int, tuple[nn.Parameter, int | None]]:
+def param_layouts(seq) -> dict[int, tuple[nn.Parameter, int | None]]:
     """id(param) -> (param, layer index or None for the embeddings/heads) over the layer sequence."""
     out: dict[int, tuple[nn.Parameter, int | None]] = {}
     for e in seq.embed + seq.head:
@@ -391,21 +391,19 @@ def _average_hook(group: Any, size: int):
 def prepare_gradients(seq, rg: RankGroups) -> None:
     """Before deepspeed.initialize: average each layer's gradient contributions over its replica group
     D_l where that is more than DeepSpeed's group D, and tag gradient-norm owners (see shard_owner)."""
-    lw, B, j = rg.lw, rg.lw.B, rg.j
-    dp_ranks = tuple(sorted(dist.get_process_group_ranks(rg.dp_group)))
-    first_stage, last_stage = 0, lw.pp - 1
-    for p, layer in param_layouts(seq, lw).values():
-        stage = lw.stage_of_layer[layer] if layer is not None else None
-        if layer is None:
-            stage = rg.stage if rg.stage in (first_stage, last_stage) else -1
-        if stage != rg.stage:
+    lw = rg.lw
+    dp_ranks = sorted(dist.get_process_group_ranks(rg.dp_group))
+    averaged = {layout: g for layout, g in rg.replicas.items()      # layouts whose D_l is more than D
+                if g.size() > 1 and sorted(dist.get_process_group_ranks(g)) != dp_ranks}
+    end_stage = rg.stage in (0, lw.pp - 1)                         # embeddings and heads live there
+    for p, layer in param_layouts(seq).values():
+        if not (end_stage if layer is None else lw.stage_of_layer[layer] == rg.stage):
             continue
         layout = lw.layout_of(layer)
-        replica = rg.replicas[layout]
-        if replica.size() > 1 and tuple(sorted(dist.get_process_group_ranks(replica))) != dp_ranks:
-            p.register_hook(_average_hook(replica, replica.size()))
+        if layout in averaged:
+            p.register_hook(_average_hook(averaged[layout], averaged[layout].size()))
         sharded = bool(getattr(p, "tensor_model_parallel", False)) and layout.tp > 1
-        p.galvatron_norm_owner = shard_owner(lw, layout if sharded else None, j)
+        p.galvatron_norm_owner = shard_owner(lw, layout if sharded else None, rg.j)
 
 
 def tag_layerwise_owners(module: nn.Module) -> None:
