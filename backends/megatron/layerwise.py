@@ -233,26 +233,24 @@ def build_rank_groups(lw: LayerwiseLayout, rank: int) -> RankGroups:
     B = lw.B
     cache = GroupCache()
     stage, j = divmod(rank, B)
-    tp, replicas = {}, {}
-    for k in range(lw.pp):
-        for layout in lw.all_layouts:
-            for kind, lists in (("tp", layout.groups(B)), ("dp", layout.dp_groups(B))):
-                for members in lists:
-                    g = cache.get([k * B + m for m in members])
-                    if k == stage and j in members:
-                        (tp if kind == "tp" else replicas)[layout] = g
+
+    def own(rank_lists: list[list[int]]) -> Any:
+        """Create (collectively) every group of the list; return the one holding this rank."""
+        found = None
+        for ranks in rank_lists:
+            g = cache.get(ranks)
+            found = g if rank in ranks else found
+        return found
+
+    def on_every_stage(lists: list[list[int]]) -> list[list[int]]:
+        return [[k * B + m for m in members] for k in range(lw.pp) for members in lists]
+
+    tp = {layout: own(on_every_stage(layout.groups(B))) for layout in lw.all_layouts}
+    replicas = {layout: own(on_every_stage(layout.dp_groups(B))) for layout in lw.all_layouts}
     topo = ProcessTopology(*lw.grid())
-    dp_group = mp_group = model_group = None
-    for ranks in topo.get_axis_comm_lists("data"):
-        g = cache.get(ranks)
-        dp_group = g if rank in ranks else dp_group
-    for ranks in topo.get_axis_comm_lists("model"):
-        g = cache.get(ranks)
-        model_group = g if rank in ranks else model_group
-    for d in range(topo.get_dim("data")):
-        ranks = topo.get_axis_list("data", d)
-        g = cache.get(ranks)
-        mp_group = g if rank in ranks else mp_group
+    dp_group = own(topo.get_axis_comm_lists("data"))
+    model_group = own(topo.get_axis_comm_lists("model"))
+    mp_group = own([topo.get_axis_list("data", d) for d in range(topo.get_dim("data"))])
     return RankGroups(lw, j, stage, tp, replicas, dp_group, mp_group, model_group)
 
 
