@@ -108,7 +108,6 @@ class LayerwiseMPU(MegatronMPU):
     (which is also rank 0 of the model-parallel group and owns every shard it holds)."""
 
     def __init__(self, groups):
-        self.groups = groups
         self.rg = groups.layerwise
 
     get_model_parallel_group, get_model_parallel_world_size, get_model_parallel_rank = _group_api("mp_group")
