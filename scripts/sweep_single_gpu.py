@@ -111,10 +111,9 @@ def spawn_groups(args: argparse.Namespace) -> int:
     from model_zoo import get_model_spec
 
     for model in args.models.split(","):
-        n = get_model_spec(model).num_layers
-        chosen = list(range(len(configs(model, n))))[args.skip: args.limit]
-        groups = [[i for i in chosen if configs(model, n)[i]["zero"] != 3]]
-        groups += [[i] for i in chosen if configs(model, n)[i]["zero"] == 3]
+        every = configs(model, get_model_spec(model).num_layers)
+        chosen = list(range(len(every)))[args.skip: args.limit]
+        groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
         for group in (g for g in groups if g):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out]
