@@ -294,20 +294,21 @@ class Searcher:
         degree, but DeepSpeed shards all of them over the ranks identical in every layer (fewer, when TP
         degrees differ). Price the chosen plan with that group; if a stage then no longer fits, search
         again assuming no sharding (an upper bound) and price that plan exactly."""
+        def exact(chosen: list[LayerStrategy]) -> Evaluated:
+            D = self.zero_group(chosen, cand.vtp, setting)
+            return self.evaluate_division(cand, replace(setting, zero_dp=D), division, strategies,
+                                          forced=[strategies.index(s) for s in chosen])
+
         B = setting.world // setting.pp
-        for attempt in range(2):
-            D = self.zero_group(res.strategies, cand.vtp, setting)
-            if not attempt and all(B // t == D for t in [s.tp for s in res.strategies] + [cand.vtp]):
-                return res                     # one TP degree everywhere: the DP priced it exactly
-            forced = [strategies.index(s) for s in res.strategies]
-            exact = self.evaluate_division(cand, replace(setting, zero_dp=D), division, strategies, forced=forced)
-            if attempt or exact.peak_mb * MB <= self.budget:
-                return exact
-            res = self.evaluate_division(cand, replace(setting, zero_dp=1), division, strategies, bound=bound,
-                                         groups=groups)
-            if res is None:
-                return None
-        return None
+        D = self.zero_group(res.strategies, cand.vtp, setting)
+        if all(B // t == D for t in [s.tp for s in res.strategies] + [cand.vtp]):
+            return res                     # one TP degree everywhere: the DP priced it exactly
+        priced = exact(res.strategies)
+        if priced.peak_mb * MB <= self.budget:
+            return priced
+        res = self.evaluate_division(cand, replace(setting, zero_dp=1), division, strategies, bound=bound,
+                                     groups=groups)
+        return None if res is None else exact(res.strategies)
 
     def zero_group(self, chosen: list[LayerStrategy], vtp: int, setting: Setting) -> int:
         from backends.megatron.layerwise import zero_group_size
