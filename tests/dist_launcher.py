@@ -3,9 +3,14 @@
 Sets MASTER_ADDR/PORT (a free port), RANK, WORLD_SIZE, LOCAL_RANK and OMP_NUM_THREADS=1; keeps each
 rank's output in a file; on a failure or timeout kills every rank it started and raises with all
 ranks' output, so a hang or crash on rank 3 is visible from the pytest report.
+
+Also what the train.py and many-plans tests share: running train.py in one process (`train_py`,
+`main_exit`), reading its --metrics-file (`read_metrics`, `step_losses`), the single-process HF
+reference (`train_hf_reference`) and the rank side of many-plans launches (`record_case`, `finish_launch`).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,9 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str | Path, world_size: int, args: list[str] = (), timeout: float = 600,
-              env: dict | None = None, python: list[str] | None = None) -> list[str]:
-    """Run `python script args` on `world_size` ranks; return each rank's output (raise on failure)."""
+def start_ranks(script: str | Path, world_size: int, args: list[str] = (), env: dict | None = None,
+                python: list[str] | None = None) -> tuple[list[str], list[subprocess.Popen], list]:
+    """Start `python script args` on `world_size` ranks, each in a session of its own with its output in a
+    file; returns (command, processes, open log files). run_ranks waits for them; a test that kills the
+    ranks itself (os.killpg on each pid) uses this directly and reads the logs with read_logs."""
     port = free_port()
     base_env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                     OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -45,6 +52,24 @@ def run_ranks(script: str | Path, world_size: int, args: list[str] = (), timeout
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         logs.append(log)
+    return cmd, procs, logs
+
+
+def read_logs(logs: list) -> list[str]:
+    """Each rank's output so far; closes the log files."""
+    outputs = []
+    for log in logs:
+        log.flush()
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    return outputs
+
+
+def run_ranks(script: str | Path, world_size: int, args: list[str] = (), timeout: float = 600,
+              env: dict | None = None, python: list[str] | None = None) -> list[str]:
+    """Run `python script args` on `world_size` ranks; return each rank's output (raise on failure)."""
+    cmd, procs, logs = start_ranks(script, world_size, args, env, python)
     deadline = time.monotonic() + timeout
     failed = None
     try:
@@ -63,12 +88,7 @@ def run_ranks(script: str | Path, world_size: int, args: list[str] = (), timeout
     finally:
         if failed:
             _kill(procs)
-        outputs = []
-        for log in logs:
-            log.flush()
-            log.seek(0)
-            outputs.append(log.read())
-            log.close()
+        outputs = read_logs(logs)
     if failed:
         tails = "\n".join(f"----- rank {r} -----\n{_tail(o)}" for r, o in enumerate(outputs))
         raise DistRunError(f"{' '.join(cmd)} on {world_size} ranks: {failed}\n{tails}")
@@ -107,8 +127,6 @@ def record_case(out: dict, entry: dict, res: dict, label: str) -> None:
 
 def finish_launch(out: dict, path: str) -> None:
     """Rank side: rank 0 writes the launch's results as JSON; every rank leaves the process group."""
-    import json
-
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -131,3 +149,54 @@ def assert_case_matches_reference(res: dict, index: int, rtol: float) -> None:
     for rank_losses in case["loss_by_rank"]:
         assert rank_losses == pytest.approx(case["loss"], rel=1e-6), "ranks disagree on the loss"
     assert len(set(round(x, 6) for x in ref["loss"])) == len(ref["loss"]), "the reference did not train"
+
+
+# ---------------------------------------------------------------------------------------------- train.py runs
+def train_py(*args: str, cwd: str | Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py args` in one process (one thread), output captured."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def main_exit(capsys, *args: str) -> tuple[int, list[str]]:
+    """train.main in this process (bad input is rejected before any process group exists): the exit code
+    and the `error:` lines on stderr."""
+    import train
+
+    code = train.main(list(args))
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict], dict | None]:
+    """A train.py --metrics-file: (step records, eval records, the summary record or None)."""
+    recs = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    steps = [r for r in recs if not r.get("summary") and not r.get("eval")]
+    summary = [r for r in recs if r.get("summary")]
+    return steps, [r for r in recs if r.get("eval")], summary[-1] if summary else None
+
+
+def step_losses(path: str | Path) -> dict[int, float]:
+    """{step: loss} of a train.py --metrics-file, in file order."""
+    return {r["step"]: r["loss"] for r in read_metrics(path)[0]}
+
+
+def train_hf_reference(adapter, model, batches, lr: float, weight_decay: float = 0.01,
+                       eps: float = 1e-8) -> tuple[list[float], list[float]]:
+    """The single-process reference of the plan tests: the plain HF `model` trained on one global batch per
+    step with torch AdamW (DeepSpeed's hyper-parameters) and clipping at DeepSpeed's GRADIENT_CLIPPING;
+    returns (losses, gradient norms before clipping)."""
+    import torch
+
+    from backends.deepspeed.config import GRADIENT_CLIPPING
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=eps)
+    losses, norms = [], []
+    for batch in batches:
+        loss = adapter.hf_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)))
+        opt.step()
+        losses.append(float(loss))
+    return losses, norms

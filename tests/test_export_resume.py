@@ -7,16 +7,9 @@ uninterrupted run's (the model, the optimizer state and the data step all come b
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.dist_launcher import REPO, run_ranks
-
-
-def _losses(path) -> dict[int, float]:
-    recs = [json.loads(x) for x in path.read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if not r.get("summary")}
+from tests.dist_launcher import REPO, run_ranks, step_losses
 
 
 @pytest.mark.distributed
@@ -33,7 +26,7 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, plan):
     out = run_ranks(REPO / "train.py", 2, [*common, "--steps", "8", "--resume",
                                            "--metrics-file", str(tmp_path / "resumed.jsonl")], timeout=300)
     assert "resumed from" in out[0]
-    full, resumed = _losses(tmp_path / "full.jsonl"), _losses(tmp_path / "resumed.jsonl")
+    full, resumed = step_losses(tmp_path / "full.jsonl"), step_losses(tmp_path / "resumed.jsonl")
     assert sorted(full) == list(range(8)) and sorted(resumed) == [4, 5, 6, 7]
     for step in range(4, 8):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6), f"step {step}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -27,17 +26,11 @@ import time
 
 import pytest
 
-from tests.dist_launcher import REPO, free_port, run_ranks
+from tests.dist_launcher import REPO, main_exit, read_logs, read_metrics, run_ranks, start_ranks, step_losses
 from tests.finetune_data import (minilm_dir, save_random_checkpoint, save_word_tokenizer, write_image_folder,
                                  write_sentiment_csv, write_seq2seq_jsonl)
 
 RTOL = 1e-4
-
-
-def _metrics(path) -> tuple[dict[int, float], list[dict]]:
-    recs = [json.loads(x) for x in path.read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in recs if not r.get("summary") and not r.get("eval")}
-    return losses, [r for r in recs if r.get("eval")]
 
 
 @pytest.mark.distributed
@@ -73,7 +66,7 @@ def test_minilm_eval_accuracy_then_convert_and_continue_under_another_plan(tmp_p
     run_ranks(REPO / "train.py", 2, ["--model", str(minilm_dir()), *common, "--tp", "2", "--steps", "12",
                                      "--eval-data", str(eval_csv), "--eval-every", "6", "--save-dir", str(ckpt),
                                      "--save-every", "6", "--metrics-file", str(tmp_path / "tp2.jsonl")], timeout=600)
-    losses, evals = _metrics(tmp_path / "tp2.jsonl")
+    losses, evals = step_losses(tmp_path / "tp2.jsonl"), read_metrics(tmp_path / "tp2.jsonl")[1]
     assert [e["step"] for e in evals] == [6, 12] and all(e["eval_samples"] == 50 for e in evals)
     assert evals[-1]["eval_accuracy"] > 0.9 and evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
     assert (ckpt / "latest").read_text() == "step12" and (ckpt / "run.json").is_file()
@@ -91,20 +84,9 @@ def test_minilm_eval_accuracy_then_convert_and_continue_under_another_plan(tmp_p
     run_ranks(REPO / "train.py", 2, ["--model", str(conv), *common, "--pp", "2", "--chunks", "2",
                                      "--start-step", "6", "--steps", "8",
                                      "--metrics-file", str(tmp_path / "pp2.jsonl")], timeout=600)
-    continued, _ = _metrics(tmp_path / "pp2.jsonl")
+    continued = step_losses(tmp_path / "pp2.jsonl")
     assert sorted(continued) == [6, 7]
     assert continued[6] == pytest.approx(losses[6], rel=RTOL)     # same weights, same batch, another layout
-
-
-def _launch_two_ranks(args: list[str], log) -> subprocess.Popen:
-    """Both ranks of train.py under one shell, in a process group of their own (so one killpg ends all)."""
-    port = free_port()
-    cmd = shlex.join([sys.executable, "train.py", *args])
-    ranks = " & ".join(f"RANK={r} LOCAL_RANK={r} {cmd}" for r in range(2))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    return subprocess.Popen(["sh", "-c", f"{ranks} & wait"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 @pytest.mark.distributed
@@ -112,17 +94,22 @@ def test_sigkill_between_checkpoints_then_resume(tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ["--model", "bert-test", "--lr", "1e-3", "--zero-stage", "1"]
     killed = tmp_path / "killed.jsonl"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = _launch_two_ranks([*common, "--steps", "500", "--save-every", "4", "--save-dir", str(ckpt),
-                                  "--metrics-file", str(killed)], log)
+    _, procs, logs = start_ranks(REPO / "train.py", 2, [*common, "--steps", "500", "--save-every", "4",
+                                                        "--save-dir", str(ckpt), "--metrics-file", str(killed)])
+    try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if killed.is_file() and len(_metrics(killed)[0]) >= 6:     # past the step-4 checkpoint
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if killed.is_file() and len(step_losses(killed)) >= 6:     # past the step-4 checkpoint
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        running = all(p.poll() is None for p in procs)
+    finally:
+        for p in procs:                        # each rank leads a session of its own
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        outputs = read_logs(logs)
+    assert running, "\n".join(o[-3000:] for o in outputs)
     tag = (ckpt / "latest").read_text()
     assert not tag.startswith(".tmp") and (ckpt / tag).is_dir(), tag
     files = {f.name for f in (ckpt / tag).iterdir()}
@@ -133,7 +120,7 @@ def test_sigkill_between_checkpoints_then_resume(tmp_path):
                                      "--metrics-file", str(tmp_path / "resumed.jsonl")], timeout=300)
     run_ranks(REPO / "train.py", 2, [*common, "--steps", str(k + 5), "--metrics-file", str(tmp_path / "full.jsonl")],
               timeout=300)
-    resumed, full = _metrics(tmp_path / "resumed.jsonl")[0], _metrics(tmp_path / "full.jsonl")[0]
+    resumed, full = step_losses(tmp_path / "resumed.jsonl"), step_losses(tmp_path / "full.jsonl")
     assert sorted(resumed) == list(range(k, k + 5))
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], rel=1e-6), f"step {step}"
@@ -188,7 +175,7 @@ def test_random_checkpoint_trains_and_exports(tmp_path, family, plan):
                                      *plan, "--steps", "3", "--lr", "1e-3", "--global-batch-size", "8",
                                      "--metrics-file", str(tmp_path / "m.jsonl"), "--export-hf", str(out)],
               timeout=600)
-    losses, evals = _metrics(tmp_path / "m.jsonl")
+    losses, evals = step_losses(tmp_path / "m.jsonl"), read_metrics(tmp_path / "m.jsonl")[1]
     assert sorted(losses) == [0, 1, 2] and len(set(losses.values())) == 3
     assert evals and evals[-1]["eval_loss"] > 0
     assert (evals[-1]["eval_accuracy"] is None) == (family == "t5")
@@ -198,13 +185,6 @@ def test_random_checkpoint_trains_and_exports(tmp_path, family, plan):
     if family == "t5":
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
         assert tokenizer("great day")["input_ids"][-1] == 1          # the checkpoint's tokenizer travelled
-
-
-def _main_exit(capsys, *args: str) -> tuple[int, list[str]]:
-    import train
-
-    code = train.main(list(args))
-    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
 
 
 def test_bad_fine_tuning_input_exits_2(tmp_path, capsys):
@@ -219,7 +199,7 @@ def test_bad_fine_tuning_input_exits_2(tmp_path, capsys):
         ([*cls, "--eval-data", str(tmp_path / "missing.csv")], "--eval-data"),
         ([*cls, "--start-step", "3", "--resume", "--save-dir", str(tmp_path)], "--start-step"),
     ):
-        code, errors = _main_exit(capsys, *args)
+        code, errors = main_exit(capsys, *args)
         assert code == 2 and len(errors) == 1 and needle in errors[0], (args, errors)
     # a checkpoint saved under another plan: refused before any process group, with the conversion recipe
     from autotune.plan import Plan
@@ -228,5 +208,5 @@ def test_bad_fine_tuning_input_exits_2(tmp_path, capsys):
     ckpt.mkdir()
     (ckpt / "latest").write_text("step4")
     Plan.uniform(num_layers=6, world_size=2, tp=2, global_bsz=8, precision="fp32").save(str(ckpt / "plan.json"))
-    code, errors = _main_exit(capsys, *cls, "--resume", "--save-dir", str(ckpt))
+    code, errors = main_exit(capsys, *cls, "--resume", "--save-dir", str(ckpt))
     assert code == 2 and "convert_checkpoint.py" in errors[0], errors

@@ -31,7 +31,7 @@ import pytest
 from autotune.hardware import load_hardware
 from autotune.plan import Plan
 from backends.launch import LaunchError, check_master_reachable, check_world_size, parse_hostfile
-from tests.dist_launcher import REPO, run_ranks
+from tests.dist_launcher import REPO, run_ranks, step_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -108,14 +108,10 @@ def one_host_losses(plan_file, tmp_path_factory) -> list[float]:
     run_ranks(REPO / "train.py", 2 * SLOTS, ["--model", "bert-test", "--galvatron-plan", str(plan_file),
                                              "--steps", str(STEPS), "--metrics-file", str(metrics)],
               timeout=LAUNCH_TIMEOUT_S)
-    return _losses(metrics)
+    return list(step_losses(metrics).values())
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _losses(metrics: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("summary")]
-
-
 def _env(**extra: str) -> dict:
     """The test's environment for commands inside the hosts: this venv first on PATH, one thread per rank."""
     bindir = os.path.dirname(sys.executable)
@@ -200,7 +196,7 @@ def test_two_hosts_train_like_one_host(jobs, runner, plan_file, one_host_losses,
     _check_ok(outputs)
     if runner == "ssh":                        # pdsh prefixes every remote line with the host's name
         assert f"{cluster.hosts[1].name}: " in outputs[0][1]
-    assert _losses(metrics) == pytest.approx(one_host_losses, rel=1e-6)
+    assert list(step_losses(metrics).values()) == pytest.approx(one_host_losses, rel=1e-6)
     assert len(one_host_losses) == STEPS
 
 

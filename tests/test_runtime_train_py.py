@@ -2,34 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from autotune.plan import Plan
-from tests.dist_launcher import REPO, run_ranks
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
-def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _records(path) -> tuple[list[dict], dict]:
-    lines = [json.loads(x) for x in path.read_text().splitlines()]
-    return [r for r in lines if not r.get("summary")], lines[-1]
+from tests.dist_launcher import REPO, main_exit, read_metrics, run_ranks, train_py
 
 
 def test_single_process_writes_metrics(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    r = _train("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics),
-               "--save-dir", str(tmp_path / "ckpt"))
+    r = train_py("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics),
+                 "--save-dir", str(tmp_path / "ckpt"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    steps, summary = _records(metrics)
+    steps, _, summary = read_metrics(metrics)
     assert [s["step"] for s in steps] == [0, 1, 2]
     for s in steps:
         assert s["loss"] > 0 and s["grad_norm"] > 0 and s["step_time_s"] > 0 and s["peak_memory_mb"] > 0
@@ -49,21 +34,13 @@ def test_plan_file_on_two_ranks(tmp_path):
     metrics = tmp_path / "m.jsonl"
     out = run_ranks(REPO / "train.py", 2, ["--model", "vit-test", "--galvatron-plan", str(plan_path), "--steps", "2",
                                            "--metrics-file", str(metrics)], timeout=300)
-    steps, summary = _records(metrics)
+    steps, _, summary = read_metrics(metrics)
     assert [s["step"] for s in steps] == [0, 1] and all(s["loss"] > 0 for s in steps)
     assert summary["predicted"]["stage_peak_memory_mb"] == [100.0, 120.0]
     assert len(summary["measured"]["stage_peak_memory_mb"]) == 2
     assert "predicted" in out[0]                     # the side-by-side table on rank 0's stdout
     ds_cfg = json.loads((tmp_path / "plan.ds_config.json").read_text())
     assert ds_cfg["gradient_accumulation_steps"] == 2 and ds_cfg["bf16"]["enabled"] is False   # CPU runs fp32
-
-
-def _main_exit(capsys, *args: str) -> tuple[int, list[str]]:
-    """train.main in this process: bad input is rejected before any process group exists."""
-    import train
-
-    code = train.main(list(args))
-    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -74,7 +51,7 @@ def _main_exit(capsys, *args: str) -> tuple[int, list[str]]:
     (["--model", "bert-test", "--data", "/nonexistent/data.jsonl"], "save_to_disk folder"),
 ])
 def test_bad_input_exits_2(args, needle, capsys):
-    code, errors = _main_exit(capsys, *args)
+    code, errors = main_exit(capsys, *args)
     assert code == 2 and len(errors) == 1 and needle in errors[0], errors
 
 
@@ -82,14 +59,14 @@ def test_plan_for_other_world_size_exits_2(tmp_path, capsys):
     plan = Plan.uniform(num_layers=4, world_size=4, tp=2, global_bsz=8, precision="fp32")
     path = tmp_path / "plan.json"
     plan.save(str(path))
-    code, errors = _main_exit(capsys, "--model", "bert-test", "--galvatron-plan", str(path))
+    code, errors = main_exit(capsys, "--model", "bert-test", "--galvatron-plan", str(path))
     assert code == 2 and len(errors) == 1
     assert "world_size=4" in errors[0] and "launch 4 processes" in errors[0]
 
 
 def test_bad_input_exits_2_in_a_process():
     """The same through the command line: exit status 2 and one line on stderr."""
-    r = _train("--model", "no-such-model", timeout=120)
+    r = train_py("--model", "no-such-model", timeout=120)
     assert r.returncode == 2
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")][0].startswith("error: unknown model")
 
@@ -109,12 +86,12 @@ def test_file_data(tmp_path, capsys):
     for model, task, data in (("bert-test", "text-classification", text),
                               ("vit-test", "image-classification", tmp_path / "img")):
         metrics = tmp_path / f"{model}-{task}.jsonl"
-        r = _train("--model", model, "--task", task, "--data", str(data), "--steps", "3", "--metrics-file",
-                   str(metrics))
+        r = train_py("--model", model, "--task", task, "--data", str(data), "--steps", "3", "--metrics-file",
+                     str(metrics))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        steps, _ = _records(metrics)
+        steps, _, _ = read_metrics(metrics)
         assert len(steps) == 3 and all(s["loss"] > 0 for s in steps)
-    code, errors = _main_exit(capsys, "--model", "vit-test", "--data", str(text))   # token ids are not images
+    code, errors = main_exit(capsys, "--model", "vit-test", "--data", str(text))   # token ids are not images
     assert code == 2 and "pixel_values" in errors[0]
 
 
@@ -123,8 +100,8 @@ def test_compiled_layers_train_like_eager(tmp_path):
     losses = {}
     for flag in ((), ("--compile",)):
         metrics = tmp_path / f"m{len(flag)}.jsonl"
-        r = _train("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics), *flag,
-                   timeout=600)
+        r = train_py("--model", "bert-test", "--steps", "3", "--lr", "1e-3", "--metrics-file", str(metrics), *flag,
+                     timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        losses[bool(flag)] = [s["loss"] for s in _records(metrics)[0]]
+        losses[bool(flag)] = [s["loss"] for s in read_metrics(metrics)[0]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -1,16 +1,10 @@
 """train.py refuses a plan predicted not to fit, before building the model; --force overrides."""
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.dist_launcher import train_py
 
 
 def run(args, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "bert-test", "--steps", "1",
-                           "--global-batch-size", "8", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return train_py("--model", "bert-test", "--steps", "1", "--global-batch-size", "8", *args, cwd=tmp_path,
+                    timeout=600)
 
 
 def test_refused_with_suggestion_then_forced(tmp_path):
