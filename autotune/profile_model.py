@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError,
                                     fit_time)
+from model_zoo.accounting import _storage_key as _key   # (device, storage address), as the accounting keys
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FFN_KEYS = ("intermediate_size", "d_ff", "ffn_dim", "n_inner")   # HF names of the MLP width
@@ -301,8 +302,6 @@ def _unless_oom(fn: Callable[[], Any]) -> Any:
 
 
 # ============================================================================================ activations
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
 
 
 def saved_bytes(module: nn.Module, inputs: tuple, exclude: Iterable[torch.Tensor], ckpt: bool) -> int:
@@ -328,7 +327,7 @@ def per_sample(b1: int, v1: int, b2: int, v2: int) -> tuple[int, int]:
 def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> dict:
     """GPU cross-check at one batch size: saved-tensor bytes of storages created in the forward vs the
     allocator's increase over the forward (minus outputs that nothing saved)."""
-    from model_zoo.accounting import saved_tensors
+    from model_zoo.accounting import round_up, saved_tensors
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()   # fresh segments: fewer cached blocks handed out whole (see below)
@@ -339,7 +338,7 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
     after, req_after = torch.cuda.memory_allocated(device), _requested(device)
     peak = torch.cuda.max_memory_allocated(device)
     saved_new = sum(s.nbytes for s in storages)
-    saved_keys = _saved_keys(module, inputs, tensors)
+    saved_keys = {s.key for s in storages}   # outputs of this forward that it saved (inputs: input_keys)
     input_keys = {_key(t) for t in tensors}
     outs = [out] if isinstance(out, torch.Tensor) else [o for o in (out or ()) if isinstance(o, torch.Tensor)]
     seen, unsaved_out, unsaved_rounded = set(), 0, 0
@@ -348,7 +347,7 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
         if k not in saved_keys and k not in input_keys and k not in seen:
             seen.add(k)
             unsaved_out += o.untyped_storage().nbytes()
-            unsaved_rounded += -(-o.untyped_storage().nbytes() // 512) * 512   # the allocator's block rounding
+            unsaved_rounded += round_up(o.untyped_storage().nbytes(), 512)   # the allocator's block rounding
     requested = req_after - req_before - unsaved_out
     alloc = after - before - unsaved_rounded
     del out
@@ -363,20 +362,6 @@ def allocator_check(module: nn.Module, inputs: tuple, device: torch.device) -> d
 
 def _requested(device: torch.device) -> int:
     return int(torch.cuda.memory_stats(device).get("requested_bytes.all.current", 0))
-
-
-def _saved_keys(module: nn.Module, inputs: tuple, exclude: list[torch.Tensor]) -> set:
-    from model_zoo.accounting import _storage_key  # same key as the accounting uses
-    keys: set = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        keys.add(_storage_key(t))
-        return t.detach()   # not t itself: see model_zoo/accounting.py saved_tensors
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*inputs)
-    del out
-    return keys
 
 
 # ============================================================================================ layers

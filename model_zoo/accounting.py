@@ -23,6 +23,7 @@ class SavedStorage:
     nbytes: int
     shape: tuple[int, ...]   # shape of the first saved tensor that referred to it
     dtype: torch.dtype
+    key: tuple[str, int]     # (device, storage address): _storage_key
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -56,7 +57,7 @@ def saved_tensors(fn: Callable, *args: Any, exclude: Iterable[torch.Tensor] = ()
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in skip and key not in found:
-            found[key] = SavedStorage(t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
+            found[key] = SavedStorage(t.untyped_storage().nbytes(), tuple(t.shape), t.dtype, key)
             keep.append(t)
         return t.detach()
 
