@@ -412,9 +412,9 @@ class Searcher:
                          plan.chunks, plan.global_bsz, plan.vtp)
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz, self.spec.precision,
                           vtp=plan.vtp)
-        if not uniform or plan.vtp != tp0:
-            from backends.megatron.layerwise import LayerwiseLayout
+        from backends.megatron.layerwise import LayerwiseLayout, needs_layerwise
 
+        if needs_layerwise(plan):        # the runtime runs it layer-wise: ZeRO over DeepSpeed's one group
             setting = replace(setting, zero_dp=LayerwiseLayout.from_plan(plan).zero_dp)
         self._cost_cache = {}
         forced = [strategies.index(s) for s in per_layer]
