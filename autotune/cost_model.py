@@ -256,14 +256,15 @@ class CostModel:
                     - (fwd + (rc if s.checkpoint else 0))
                 bwd_side = overlap(ag + rs, bwd, coe) - bwd
                 exposed = m * (fwd_side + bwd_side)
-        states, states_detail = self.states_bytes(shard, setting.zero_divisor(s.tp), setting.zero)
+        zero_dp = setting.zero_divisor(s.tp)
+        states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
             # Tensors without a batch dimension (position-bias copies, masks, RNG state): once per micro-batch.
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
-        local = shard / setting.zero_divisor(s.tp) if setting.zero >= 1 else shard
+        local = shard / zero_dp if setting.zero >= 1 else shard
         optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
@@ -329,9 +330,10 @@ class CostModel:
         if vtp > 1 and part == "last":
             # Vocab-parallel cross-entropy: all-reduces of per-token max, sum and target logit (fp32).
             tp_comm = m * 3 * self.allreduce_s(4 * self.spec.layer(self.spec.num_layers - 1).seq_len * b, vtp)
-        states, detail = self.states_bytes(shard, setting.zero_divisor(vtp), setting.zero)
+        zero_dp = setting.zero_divisor(vtp)
+        states, detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
-        local = shard / setting.zero_divisor(vtp) if setting.zero >= 1 else shard
+        local = shard / zero_dp if setting.zero >= 1 else shard
         return Cost(compute_s=m * (fwd + bwd), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9),
                     states_bytes=states, act_bytes=act_per_sample * b * inflight,
