@@ -26,14 +26,13 @@ import torch.distributed as dist  # noqa: E402
 
 from autotune.plan import Plan  # noqa: E402
 from backends.data import FileData, load_records  # noqa: E402
-from backends.deepspeed.config import GRADIENT_CLIPPING  # noqa: E402
 from backends.deepspeed.engine import build_engine  # noqa: E402
-from backends.export import capture_layout, save_hf, to_hf_state_dict  # noqa: E402
+from backends.export import capture_layout  # noqa: E402
 from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed  # noqa: E402
 from backends.megatron.random import seed_everything  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
-from tests.dist_launcher import finish_launch, record_case  # noqa: E402
-from train import initial_state_dict, make_tokenizer, resolve_model  # noqa: E402
+from tests.dist_launcher import finish_launch, record_case, train_hf_reference  # noqa: E402
+from train import export_hf, initial_state_dict, make_tokenizer, resolve_model  # noqa: E402
 
 SEED = 1234
 
@@ -41,16 +40,7 @@ SEED = 1234
 def hf_fine_tuning(adapter, choice, state: dict, data: FileData, args) -> list[float]:
     """Losses of the plain HF model fine-tuned in one process on the same global batches."""
     model = adapter.build_model(choice.config, choice.task, state)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, eps=1e-8)
-    losses = []
-    for step in range(args.steps):
-        loss = adapter.hf_loss(model, data.global_batch(step))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)
-        opt.step()
-        losses.append(float(loss))
-    return losses
+    return train_hf_reference(adapter, model, (data.global_batch(step) for step in range(args.steps)), args.lr)[0]
 
 
 def export_logit_diff(trainer, layout, adapter, choice, data: FileData, step: int) -> float | None:
@@ -65,17 +55,16 @@ def export_logit_diff(trainer, layout, adapter, choice, data: FileData, step: in
         return torch.zeros(1)
 
     trainer.eval_step(data.micro_batches(step), capture)
-    full = trainer.full_state_dict(layout)
     groups = trainer.groups
     mine = (groups.dp_rank, torch.cat(captured)) if captured and groups.tp_rank == 0 else None
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
-    if dist.get_rank() != 0:
-        return None
-    sharded = torch.cat([t for _, t in sorted((p for p in parts if p is not None), key=lambda p: p[0])])
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = adapter.build_model(choice.config, choice.task)
-        save_hf(hf_model, to_hf_state_dict(full, hf_model), Path(tmp) / "hf", tokenizer_dir=choice.checkpoint_dir)
+    rank = dist.get_rank()
+    with tempfile.TemporaryDirectory() as tmp:           # train.py's export: only rank 0 writes (into its folder)
+        export_hf(trainer, layout, adapter, choice, str(Path(tmp) / "hf"), rank, log=lambda *_: None)
+        if rank != 0:
+            return None
+        sharded = torch.cat([t for _, t in sorted((p for p in parts if p is not None), key=lambda p: p[0])])
         loaded = AutoModelForSequenceClassification.from_pretrained(str(Path(tmp) / "hf")).eval()
         batch = data.global_batch(step)
         with torch.no_grad():

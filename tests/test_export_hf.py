@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from tests.dist_launcher import REPO, run_ranks
+from tests.dist_launcher import REPO, run_ranks, train_hf_reference
 
 # Adam's first updates are ~lr per element whatever the gradient's size, so an element whose gradient
 # is near round-off (summed in another order under TP) can differ by up to ~lr between layouts: lr 1e-4
@@ -22,7 +22,6 @@ STEPS, LR, SEED, GLOBAL_BATCH = 3, 1e-4, 1234, 8
 
 
 def _reference(model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from backends.deepspeed.config import GRADIENT_CLIPPING
     from model_zoo.registry import FAMILIES, PRESETS, load_hf_config
     from model_zoo.runtime import get_adapter
 
@@ -32,14 +31,9 @@ def _reference(model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torc
     torch.manual_seed(SEED)
     model = adapter.build_model(config, task)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=1e-8)
-    for step in range(STEPS):
-        batch = adapter.synthetic_batch(config, task, GLOBAL_BATCH, SEED, step, seq_len=PRESETS[model_name].seq_len)
-        loss = adapter.hf_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)
-        opt.step()
+    seq_len = PRESETS[model_name].seq_len
+    train_hf_reference(adapter, model, (adapter.synthetic_batch(config, task, GLOBAL_BATCH, SEED, step, seq_len=seq_len)
+                                        for step in range(STEPS)), LR)
     return init, model.state_dict()
 
 
