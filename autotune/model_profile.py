@@ -121,14 +121,14 @@ def fit_time(bs: list[float], ts: list[float]) -> TimeFit:
     pts = sorted(zip(bs, ts))
     bs, ts = [p[0] for p in pts], [p[1] for p in pts]
     line = TimeFit(*_line(bs, ts))
-    best = line
-    best_err = statistics.median(_errors(line, bs, ts))
+    line_err = statistics.median(_errors(line, bs, ts))
+    best, best_err = line, line_err
     for k in range(1, len(bs) - 1):          # the first k points on the floor, a line through the rest
         cand = TimeFit(*_line(bs[k:], ts[k:]), statistics.median(ts[:k]))
         err = statistics.median(_errors(cand, bs, ts))
         if err < best_err:
             best, best_err = cand, err
-    if statistics.median(_errors(line, bs, ts)) - best_err <= 0.002:
+    if line_err - best_err <= 0.002:
         best = line
     errs = _errors(best, bs, ts)
     return TimeFit(best.c, best.m, best.floor, statistics.median(errs), max(errs))
