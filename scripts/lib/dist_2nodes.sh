@@ -12,18 +12,18 @@ MODEL=${MODEL:?the family wrapper sets MODEL}
 PLAN=${PLAN:-configs/${MODEL}_16gpus.json}
 HOSTFILE=${HOSTFILE:-hostfile}
 # The hostfile gives the world in both modes (DeepSpeed's --no_ssh needs it too); GPUS_PER_NODE, when set,
-# overrides its slots (deepspeed --num_gpus).
-LAUNCH=(--hostfile "$HOSTFILE" --num_nodes 2 ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"})
+# overrides its slots (deepspeed --num_gpus). The check and the launch read the same arguments.
+HOSTS=(--hostfile "$HOSTFILE" --num_nodes 2 ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"})
+LAUNCH=()
 CHECK=()
 if [ "${NO_SSH:-0}" = 1 ]; then
   : "${NODE_RANK:?set NODE_RANK to 0 on the first node and 1 on the second}"
-  LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
+  LAUNCH=(--no_ssh --node_rank "$NODE_RANK")
   CHECK=(--port 0)                               # no ssh: host names must resolve, nothing to connect to
 fi
 # A bad hostfile (unknown or unreachable host, slots != the plan's world size) ends here in seconds with one
 # line, instead of a traceback or ranks waiting in the rendezvous for a host that never comes.
-"${PYTHON:-python3}" -m backends.launch --hostfile "$HOSTFILE" --plan "$PLAN" --num_nodes 2 \
-    ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} "${CHECK[@]}"
-exec deepspeed "${LAUNCH[@]}" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" train.py \
-    --model "$MODEL" ${TASK:+--task "$TASK"} --galvatron-plan "$PLAN" --steps "${STEPS:-20}" --lr "${LR:-1e-4}" \
-    ${METRICS:+--metrics-file "$METRICS"} "$@"
+"${PYTHON:-python3}" -m backends.launch "${HOSTS[@]}" --plan "$PLAN" "${CHECK[@]}"
+exec deepspeed "${HOSTS[@]}" "${LAUNCH[@]}" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+    train.py --model "$MODEL" ${TASK:+--task "$TASK"} --galvatron-plan "$PLAN" --steps "${STEPS:-20}" \
+    --lr "${LR:-1e-4}" ${METRICS:+--metrics-file "$METRICS"} "$@"
