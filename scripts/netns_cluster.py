@@ -239,11 +239,15 @@ class NetnsCluster:
         path.write_text(text)
         path.chmod(mode)
 
+    def pids(self, host: Host) -> list[int]:
+        """The processes inside the host's namespace (none once it is gone)."""
+        r = _run(["ip", "netns", "pids", host.netns], check=False)
+        return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
+
     def _kill_inside(self, host: Host, keep: set[int] = frozenset(), grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, every process inside the host's namespace but `keep` (all were started here)."""
         def pids() -> list[int]:
-            r = _run(["ip", "netns", "pids", host.netns], check=False)
-            return [int(p) for p in r.stdout.split() if int(p) not in keep] if r.returncode == 0 else []
+            return [p for p in self.pids(host) if p not in keep]
 
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids():

@@ -87,8 +87,8 @@ def jobs(cluster):
     yield cluster
     cluster.stop_jobs()
     for h in cluster.hosts:
-        left = subprocess.run(["ip", "netns", "pids", h.netns], capture_output=True, text=True).stdout.split()
-        assert set(map(int, left)) <= {p.pid for p in cluster.sshd}, f"processes left in {h.netns}: {left}"
+        left = cluster.pids(h)
+        assert set(left) <= {p.pid for p in cluster.sshd}, f"processes left in {h.netns}: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +158,13 @@ def _check_ok(outputs: list[tuple[int, str]]) -> None:
 
 
 def tp_groups(plan: Plan, layer: int) -> list[list[int]]:
-    """The TP rank groups of one layer under Galvatron's layout (backends/megatron/groups.py): stage k owns
-    ranks [k*W/pp, (k+1)*W/pp); inside it TP ranks are consecutive (flag 1) or strided by the DP degree."""
-    W, pp, tp = plan.world_size, plan.pp_deg, plan.tp_sizes_enc[layer]
-    block, dp = W // pp, W // pp // tp
-    groups = []
-    for k in range(pp):
-        base = k * block
-        if plan.tp_consecutive_flags[layer]:
-            groups += [[base + g * tp + i for i in range(tp)] for g in range(dp)]
-        else:
-            groups += [[base + g + i * dp for i in range(tp)] for g in range(dp)]
-    return groups
+    """The TP rank groups of one layer as the runtime makes them (backends/megatron/layerwise.Layout): stage k
+    owns ranks [k*W/pp, (k+1)*W/pp); inside it TP ranks are consecutive (flag 1) or strided by the DP degree."""
+    from backends.megatron.layerwise import Layout
+
+    B = plan.world_size // plan.pp_deg
+    layout = Layout.make(plan.tp_sizes_enc[layer], bool(plan.tp_consecutive_flags[layer]), B)
+    return [[k * B + j for j in group] for k in range(plan.pp_deg) for group in layout.groups(B)]
 
 
 # ---------------------------------------------------------------------------------------------- training
