@@ -5,6 +5,7 @@ keys); errors name the key and the fix.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -259,21 +260,18 @@ class Plan:
 
     def describe(self) -> str:
         """One line per distinct layer strategy, Galvatron style: pp-tp[*]-dp[f][-c] x count."""
-        runs, prev, count = [], None, 0
+        labels = []
         for i in range(self.num_layers):
             t = self.tp_sizes_enc[i]
             d = self.world_size // self.pp_deg // t if self.world_size else "?"
-            s = f"{self.pp_deg}-{t}{'*' if self.tp_consecutive_flags[i] and t > 1 else ''}-{d}" \
-                f"{'f' if self.dp_types_enc[i] else ''}{'-c' if self.checkpoint[i] else ''}"
-            if s == prev:
-                count += 1
-            else:
-                if prev is not None:
-                    runs.append(f"{prev} x{count}")
-                prev, count = s, 1
-        if prev is not None:
-            runs.append(f"{prev} x{count}")
-        return ", ".join(runs)
+            labels.append(f"{self.pp_deg}-{t}{'*' if self.tp_consecutive_flags[i] and t > 1 else ''}-{d}"
+                          f"{'f' if self.dp_types_enc[i] else ''}{'-c' if self.checkpoint[i] else ''}")
+        return count_runs(labels)
+
+
+def count_runs(labels: list[str]) -> str:
+    """Runs of equal consecutive labels, Galvatron style: `a x3, b x1, a x2`."""
+    return ", ".join(f"{label} x{len(list(run))}" for label, run in itertools.groupby(labels))
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

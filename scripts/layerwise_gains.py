@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autotune.cost_model import Setting  # noqa: E402
+from autotune.plan import count_runs  # noqa: E402
 from autotune.search import parse_args, run_search  # noqa: E402
 
 MODELS = ("swin-huge", "t5-3b", "bert-huge-32")
@@ -25,17 +26,7 @@ def describe(ev, world: int) -> str:
     """Galvatron-style runs of per-layer strategies, e.g. `4-1-2 x30, 4-2*-1 x4`."""
     c = ev.cand
     setting = Setting(world, c.pp, c.zero, c.chunks, c.global_bsz)
-    runs, prev, n = [], None, 0
-    for st in ev.strategies:
-        lab = st.label(setting)
-        if lab == prev:
-            n += 1
-        else:
-            if prev:
-                runs.append(f"{prev} x{n}")
-            prev, n = lab, 1
-    runs.append(f"{prev} x{n}")
-    return ", ".join(runs) + f" (vtp {ev.cand.vtp}, chunks {ev.cand.chunks})"
+    return count_runs([st.label(setting) for st in ev.strategies]) + f" (vtp {c.vtp}, chunks {c.chunks})"
 
 
 def main() -> int:
