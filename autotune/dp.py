@@ -42,9 +42,9 @@ def solve_stage(cost: np.ndarray, mem_units: np.ndarray, budget_units: int,
     # all on one layout), or even the smallest choices do not fit.
     best = cost.argmin(axis=1)
     best_mem = int(mem_units[np.arange(n), best].sum())
-    one_layout = len(set(groups[best].tolist())) == 1 and not no_switch and \
-        not switch[:, groups[best[0]], groups[best[0]]].any()
-    if best_mem <= V and (no_switch or one_layout):
+    free_path = no_switch or (len(set(groups[best].tolist())) == 1
+                              and not switch[:, groups[best[0]], groups[best[0]]].any())
+    if best_mem <= V and free_path:
         return DPResult(float(cost[np.arange(n), best].sum()), best.tolist(), best_mem)
     if mem_units.min(axis=1).sum() > V:
         return None
