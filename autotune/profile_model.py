@@ -177,11 +177,10 @@ def model_list(args: argparse.Namespace) -> list[str]:
     return [m for m in (args.model or "").split(",") if m]
 
 
-def out_path(args: argparse.Namespace, model: str, several: bool) -> str:
-    if not several:
-        return args.out
+def out_path(folder: str, model: str) -> str:
+    """<folder>/<model>.json for one model of a list (a config path gives its file or folder name)."""
     name = os.path.basename(os.path.normpath(model))
-    return os.path.join(args.out, (name[:-5] if name.endswith(".json") else name) + ".json")
+    return os.path.join(folder, (name[:-5] if name.endswith(".json") else name) + ".json")
 
 
 def make_options(args: argparse.Namespace) -> Options:
@@ -463,7 +462,8 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
         done.append(b)
         progress.step(1, f"{job.type_name} tp={job.tp} b={b}")
     entry: dict = {"heads": job.heads, "ffn_hidden": job.ffn, "params": params, "batch_sizes": done,
-                   "time_ms": times, "calls_per_timing": calls, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
+                   "time_ms": times, "calls_per_timing": calls,
+                   "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
     act, ckpt = {}, {}
     for b in opts.act_batches:
         x = make_inputs(spec_mod, job, b, opts)
@@ -810,9 +810,13 @@ def layer_jobs(spec, config: Any, spec_mod, opts: Options, notes: list[str]) -> 
     return jobs
 
 
+def command_line() -> str:
+    return " ".join(["python", "autotune/profile_model.py"] + sys.argv[1:])
+
+
 def source_info(opts: Options, seconds: float) -> dict:
     import transformers
-    return {"command": " ".join(["python", "autotune/profile_model.py"] + sys.argv[1:]),
+    return {"command": command_line(),
             "date": _dt.date.today().isoformat(), "host": socket.gethostname(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(seconds, 1),
             "timing": ("CUDA events" if opts.cuda else "wall clock") + f", {opts.warmup} warm-up, median of "
@@ -848,7 +852,7 @@ def refit(profile: ModelProfile) -> ModelProfile:
         e.fits = {k: fit_time(bs, v) for k, v in e.raw.get("time_ms", {}).items() if bs and k in MEASURED_KINDS}
     profile.fit_error = pooled_fit_error(profile)
     profile.source["refit"] = (f"{_dt.date.today().isoformat()}: fits recomputed from the raw times by "
-                               f"`{' '.join(['python', 'autotune/profile_model.py'] + sys.argv[1:])}`")
+                               f"`{command_line()}`")
     return profile
 
 
@@ -977,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(model)
             continue
         try:
-            rc = profile_one(args, model, out_path(args, model, True))
+            rc = profile_one(args, model, out_path(args.out, model))
         except Exception as e:  # noqa: BLE001 - report, free the GPU and go on with the next model
             import traceback
             traceback.print_exc()
