@@ -562,11 +562,13 @@ def profile(env: Env, args: argparse.Namespace) -> dict:
     """Run every measurement; returns the raw measurement dict (same on all ranks)."""
     s = QUICK_SETTINGS if args.quick else (GPU_SETTINGS if env.device.type == "cuda" else CPU_SETTINGS)
     ar_bytes = int(args.allreduce_mb * 2**20) if args.allreduce_mb else s.allreduce_bytes
+    # --allreduce-mb sets the p2p message too (as its help says); otherwise the settings' own size
+    p2p_bytes = ar_bytes if args.allreduce_mb else min(s.p2p_bytes, ar_bytes)
     sizes = group_sizes(env.world)
     n_ar = sum(1 if sz == env.world else 2 for sz in sizes)
     total = 2 + (n_ar + len(sizes) + 3 * len(sizes) + 2 if env.world > 1 else 0)
     prog = Progress(env, total)
-    m: dict = {"sweep_bytes": list(s.sweep_bytes), "allreduce_bytes": ar_bytes, "p2p_bytes": s.p2p_bytes,
+    m: dict = {"sweep_bytes": list(s.sweep_bytes), "allreduce_bytes": ar_bytes, "p2p_bytes": p2p_bytes,
                "latency_bytes": s.latency_bytes, "gemm_n": s.gemm_n, "copy_bytes": s.copy_bytes,
                "device_name": env.device_name, "backend": env.backend, "world": env.world}
     precisions = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -580,8 +582,7 @@ def profile(env: Env, args: argparse.Namespace) -> dict:
     m["allreduce"], m["p2p"], m["sweeps"], m["overlap"], m["latency_us"] = {}, {}, {}, None, None
     if env.world > 1:
         m["allreduce"] = measure_allreduce(env, s, ar_bytes, prog)
-        # --allreduce-mb sets the p2p message too (as its help says); otherwise the settings' own size
-        m["p2p"] = measure_p2p(env, s, ar_bytes if args.allreduce_mb else min(s.p2p_bytes, ar_bytes), prog)
+        m["p2p"] = measure_p2p(env, s, p2p_bytes, prog)
         m["sweeps"] = measure_sweeps(env, s, prog)
         m["latency_us"] = measure_latency(env, s)
         prog.step("latency")
