@@ -269,7 +269,7 @@ def time_layer(module: nn.Module, inputs: tuple, opts: Options) -> dict[str, flo
     clock = Clock(opts.device)
     grad = torch.randn_like(first_tensor(module(*inputs)))
     single = 0.0
-    for _ in range(max(1, opts.warmup)):
+    for _ in range(max(1, opts.warmup) if opts.cuda else opts.warmup):   # GPU: one at least, to size the region
         f, b = time_layer_once(module, [inputs], grad, clock, False)
         time_layer_once(module, [inputs], grad, clock, True)
         single = f + b
