@@ -1,4 +1,7 @@
 """Calibration recovers known correction factors from runs generated with them."""
+import json
+import pathlib
+
 import pytest
 
 from autotune.calibrate import calibrate, predict_run
@@ -47,12 +50,10 @@ def test_offset_never_under_predicts_calibration_runs():
 
 def test_calibration_stored_in_profile_is_used_by_later_searches(tmp_path):
     """calibrate.py writes the block into the profile file; ModelProfile.load carries it to the CostModel."""
-    import json
-
     from autotune.cost_model import CostModel
     from autotune.model_profile import ModelProfile
     from model_zoo.registry import get_model_spec
-    profiles = __import__("pathlib").Path(__file__).resolve().parents[1] / "profiles" / "h100"
+    profiles = pathlib.Path(__file__).resolve().parents[1] / "profiles" / "h100"
     raw = json.loads((profiles / "bert-large.json").read_text())
     raw["calibration"] = {"compute_scale": 2.0, "memory_offset_mb": 100.0}
     path = tmp_path / "p.json"
