@@ -21,13 +21,12 @@ import torch.distributed as dist  # noqa: E402
 
 from autotune.plan import Plan  # noqa: E402
 from backends.data import SyntheticData  # noqa: E402
-from backends.deepspeed.config import GRADIENT_CLIPPING  # noqa: E402
 from backends.deepspeed.engine import build_engine  # noqa: E402
 from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed  # noqa: E402
 from backends.megatron.random import seed_everything  # noqa: E402
 from model_zoo.registry import FAMILIES, PRESETS, load_hf_config  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
-from tests.dist_launcher import finish_launch, record_case  # noqa: E402
+from tests.dist_launcher import finish_launch, record_case, train_hf_reference  # noqa: E402
 
 SEED = 1234
 DATA_SEED = 7
@@ -35,17 +34,10 @@ DATA_SEED = 7
 
 def reference(adapter, config, task, state, args, seq_len) -> dict:
     """The plain HF model trained on the whole global batch in one process."""
-    model = adapter.build_model(config, task, state)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=args.eps)
-    losses, norms = [], []
-    for step in range(args.steps):
-        batch = adapter.synthetic_batch(config, task, args.global_batch, DATA_SEED, step, seq_len=seq_len)
-        loss = adapter.hf_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)))
-        opt.step()
-        losses.append(float(loss))
+    batches = (adapter.synthetic_batch(config, task, args.global_batch, DATA_SEED, step, seq_len=seq_len)
+               for step in range(args.steps))
+    losses, norms = train_hf_reference(adapter, adapter.build_model(config, task, state), batches, args.lr,
+                                       weight_decay=args.weight_decay, eps=args.eps)
     return {"loss": losses, "grad_norm": norms}
 
 
