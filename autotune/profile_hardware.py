@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from autotune.hardware import Hardware, HardwareError
 from autotune.plan import write_json_atomic
+from model_zoo.common import TORCH_DTYPES
 
 MB = 1_000_000  # collective fits and bandwidths use decimal units: GB/s = 1e9 B/s, MB = 1e6 B
 
@@ -571,9 +572,7 @@ def profile(env: Env, args: argparse.Namespace) -> dict:
     m: dict = {"sweep_bytes": list(s.sweep_bytes), "allreduce_bytes": ar_bytes, "p2p_bytes": p2p_bytes,
                "latency_bytes": s.latency_bytes, "gemm_n": s.gemm_n, "copy_bytes": s.copy_bytes,
                "device_name": env.device_name, "backend": env.backend, "world": env.world}
-    precisions = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if env.device.type == "cpu":
-        precisions = {"fp32": torch.float32}
+    precisions = {k: TORCH_DTYPES[k] for k in (("fp32",) if env.device.type == "cpu" else ("bf16", "fp16", "fp32"))}
     m["gemm_tflops"] = {k: round(statistics.median(gather_floats(env, gemm_tflops(env, dt, s))), 2)
                         for k, dt in precisions.items()}
     prog.step("GEMM")

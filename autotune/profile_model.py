@@ -55,8 +55,8 @@ from torch.utils.checkpoint import checkpoint
 from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError,
                                     fit_time)
 from model_zoo.accounting import _storage_key as _key   # (device, storage address), as the accounting keys
+from model_zoo.common import TORCH_DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FFN_KEYS = ("intermediate_size", "d_ff", "ffn_dim", "n_inner")   # HF names of the MLP width
 MLM_SHARE = 0.15
 # Where modules between Transformer layers that no layer type contains (T5: encoder final norm, decoder
@@ -91,7 +91,7 @@ class Options:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.precision]
+        return TORCH_DTYPES[self.precision]
 
     @property
     def cuda(self) -> bool:
@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "several comma-separated (then --out is a folder)")
     p.add_argument("--task", default=None, help="task (default: the preset's / family's default)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--precision", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--precision", choices=tuple(TORCH_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seq-len", default=None, help="tokens per sample (T5: encoder,decoder); default: preset")
     p.add_argument("--batch-sizes", default=None, help="per-rank micro-batch sizes (default GPU 1..32, CPU 1,2,4,8)")
     p.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes are profiled (default 1,2,4,8)")

@@ -14,8 +14,7 @@ import torch
 
 from autotune.plan import Plan
 from model_zoo.adapter import Batch, FamilyAdapter
-
-IGNORE_INDEX = -100          # label of a sample or token that no loss or metric counts (HF's convention)
+from model_zoo.base import IGNORE_INDEX
 
 
 def dp_slice(batch: Batch, dp_rank: int, dp_size: int) -> Batch:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+IGNORE_INDEX = -100          # label of a sample or token that no loss or metric counts (HF's convention)
 
 
 def pow2_upto(n: int) -> list[int]:

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # plan precision -> dtype
+
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for the global batch of `step`: a function of (seed, step) only."""

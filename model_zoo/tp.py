@@ -18,9 +18,7 @@ from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParal
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from torch import nn
 
-from model_zoo.base import pad_vocab
-
-IGNORE_INDEX = -100
+from model_zoo.base import IGNORE_INDEX, pad_vocab
 
 
 def mp_config(dtype: torch.dtype = torch.float32) -> ModelParallelConfig:

@@ -18,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from model_zoo import get_model_spec, load_hf_config
 from model_zoo.accounting import saved_tensor_bytes, saved_tensors
 from model_zoo.registry import family_module
+from model_zoo.common import TORCH_DTYPES
 
 TEST_PRESETS = ("bert-test", "t5-test", "vit-test", "swin-test")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CUDA runs too where a GPU is present (the specs' default device="cuda" formulas are checked there).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -35,8 +35,8 @@ def _layer_cases():
 def _measure_layer(config, module, index: int, batch: int, precision: str, seq, ckpt: bool = False,
                    device: str = "cpu") -> int:
     torch.manual_seed(0)
-    layer = module.make_layer(config, index).to(device=device, dtype=DTYPES[precision])
-    inputs = module.layer_inputs(config, index, batch, device, DTYPES[precision], seq)
+    layer = module.make_layer(config, index).to(device=device, dtype=TORCH_DTYPES[precision])
+    inputs = module.layer_inputs(config, index, batch, device, TORCH_DTYPES[precision], seq)
     shared = module.shared_inputs(config, index, inputs)
     if ckpt:
         return saved_tensor_bytes(lambda *x: checkpoint(layer, *x, use_reentrant=False), *inputs,

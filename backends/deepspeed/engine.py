@@ -26,10 +26,10 @@ from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm
 from backends.megatron.groups import ParallelGroups
 from backends.megatron.mpu import LayerwiseMPU, MegatronMPU
 from model_zoo.adapter import LayerSequence
+from model_zoo.common import TORCH_DTYPES
 
 fast_clip.install()                         # DeepSpeed's bf16 clipping without per-tensor kernels / host sync
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainEngine:
     def to_device(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
         """The micro-batches on this rank's device, float inputs in the compute dtype (a no-op when there)."""
         dev = device()
-        dtype = torch.float32 if self.autocast else COMPUTE_DTYPES[self.plan.precision]
+        dtype = torch.float32 if self.autocast else TORCH_DTYPES[self.plan.precision]
         return [(_to(inp, dev, dtype), _to(lab, dev)) for inp, lab in micro_batches]
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
