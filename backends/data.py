@@ -94,11 +94,11 @@ def load_records(path: str, flag: str = "--data"):
     import datasets
 
     p = Path(path).expanduser()
-    if p.is_dir() and not any((p / f).is_file() for f in SAVED_DATASET_FILES):
-        ds = datasets.load_dataset("imagefolder", data_dir=str(p))
-        return ds["train"] if "train" in ds else next(iter(ds.values()))
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+        if any((p / f).is_file() for f in SAVED_DATASET_FILES):
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(p))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return ds
