@@ -3,7 +3,8 @@
 Each launch trains 3 steps and exports; the folder is loaded with transformers' Auto classes and its
 weights are compared with a single-process HF model trained the same 3 steps (same initial weights,
 same global batches, torch AdamW with DeepSpeed's hyper-parameters, clipping at 1.0). bert-test has
-an odd vocabulary (1003), so TP=2 also checks that the vocabulary padding is cut off again.
+an odd vocabulary (1003), so TP=2 also checks that the vocabulary padding is cut off again; Swin and T5
+at TP=2 check the head-sharded relative position bias tables (gathered over their layer's group).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def _reference(model_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torc
 
 
 def _load_export(path, model_name: str):
-    from transformers import AutoModelForImageClassification, AutoModelForMaskedLM
+    from transformers import AutoModelForImageClassification, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    auto = AutoModelForMaskedLM if model_name.startswith("bert") else AutoModelForImageClassification
+    auto = {"bert": AutoModelForMaskedLM, "t5": AutoModelForSeq2SeqLM}.get(model_name.split("-")[0],
+                                                                          AutoModelForImageClassification)
     return auto.from_pretrained(str(path))
 
 
@@ -49,6 +51,8 @@ def _load_export(path, model_name: str):
     ("bert-test", 4, 2, 2),
     ("vit-test", 4, 2, 2),
     ("bert-test", 2, 1, 2),
+    ("swin-test", 2, 1, 2),
+    ("t5-test", 2, 1, 2),
 ])
 def test_export_matches_single_process_training(tmp_path, model_name, world, pp, tp):
     out = tmp_path / "hf"
