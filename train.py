@@ -392,7 +392,8 @@ def save_checkpoint(args: argparse.Namespace, trainer, plan, choice: ModelChoice
 def run_record(args: argparse.Namespace, choice: ModelChoice) -> dict:
     """What scripts/convert_checkpoint.py needs besides plan.json to rebuild this run's model."""
     path = Path(args.model).expanduser()
-    return {"model": str(path.resolve()) if path.exists() else args.model, "task": choice.task, "seq_len": args.seq_len, "num_labels": args.num_labels, "seed": args.seed}
+    return {"model": str(path.resolve()) if path.exists() else args.model, "task": choice.task,
+            "seq_len": args.seq_len, "num_labels": args.num_labels, "seed": args.seed}
 
 
 def run_eval(trainer, eval_data, loss_fn, tp_rank: int, step: int, metrics: Metrics, log) -> None:
