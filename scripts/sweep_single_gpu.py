@@ -49,7 +49,7 @@ def configs(model: str, num_layers: int) -> list[dict]:
     return out
 
 
-def run_one(model: str, cfg: dict, steps: int, num_layers: int) -> dict:
+def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list[str] = ()) -> dict:
     import torch
 
     import train
@@ -65,10 +65,10 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    rec = {"model": model, "config": cfg, "plan": plan.to_json_dict()}
+    rec = {"model": model, "config": cfg, "plan": plan.to_json_dict(), "train_args": list(train_args)}
     try:
         rc = train.main(["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps),
-                         "--metrics-file", metrics])
+                         "--metrics-file", metrics, *train_args])
         rec["rc"] = rc
         with open(metrics) as f:
             lines = [json.loads(x) for x in f if x.strip()]
@@ -116,7 +116,7 @@ def spawn_groups(args: argparse.Namespace) -> int:
         groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
         for group in (g for g in groups if g):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
-                   "--only", ",".join(map(str, group)), "--out", args.out]
+                   "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
             if subprocess.run(cmd).returncode:
                 print(f"[sweep] {model} configurations {group}: the process failed", flush=True)
     return 0
@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many configurations per model")
     ap.add_argument("--skip", type=int, default=0, help="skip the first configurations of each model")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)   # "i,j,..": this process runs these
+    ap.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. --train-args=--compile")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -142,7 +143,7 @@ def main() -> int:
         every = configs(model, n)
         for i in (int(x) for x in args.only.split(",")):
             cfg = every[i]
-            rec = run_one(model, cfg, args.steps, n)
+            rec = run_one(model, cfg, args.steps, n, args.train_args.split())
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             m = rec.get("measured") or {}

@@ -48,3 +48,26 @@ def test_installed_into_deepspeed_bf16_optimizer():
     import backends.deepspeed.engine  # noqa: F401  (installs on import)
     assert bf16_optimizer.get_global_norm_of_tensors is fast_clip.global_norm
     assert bf16_optimizer.clip_tensors_by_global_norm is fast_clip.clip_by_global_norm
+
+
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")])
+def test_overflow_check_equals_deepspeed(bad):
+    params = [torch.nn.Parameter(t.to(torch.bfloat16) if t.dim() == 1 else t) for t in _tensors(1.0)]
+    params.append(torch.nn.Parameter(torch.zeros(3)))          # no gradient: skipped
+    for p, g in zip(params, _tensors(3.0)):
+        p.grad = g.to(p.dtype)
+    if bad is not None:
+        params[2].grad[1, 2, 0] = bad
+    expected = bad is not None
+    from deepspeed.runtime.utils import CheckOverflow
+
+    checker = CheckOverflow()
+    assert fast_clip.has_overflow_serial(checker, params) is expected
+    assert fast_clip._ORIGINAL_OVERFLOW(checker, params) is expected      # DeepSpeed's per-tensor check agrees
+
+
+def test_overflow_check_installed():
+    from deepspeed.runtime.utils import CheckOverflow
+
+    import backends.deepspeed.engine  # noqa: F401  (installs on import)
+    assert CheckOverflow.has_overflow_serial is fast_clip.has_overflow_serial

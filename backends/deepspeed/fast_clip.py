@@ -1,5 +1,5 @@
-"""Gradient norm and clipping for DeepSpeed's bf16/fp16 optimizers without a kernel per tensor and
-without a host synchronisation.
+"""Gradient norm, clipping and the overflow check of DeepSpeed's bf16/fp16 optimizers without a kernel
+per tensor and without a host synchronisation per tensor.
 
 DeepSpeed 0.19's `get_global_norm_of_tensors` launches one norm kernel per gradient and
 `clip_tensors_by_global_norm` decides `if clip_coef < 1` on the host, which waits for the whole
@@ -9,6 +9,11 @@ compute the same quantities with `torch._foreach_norm` / `torch._foreach_mul_` a
 coefficient on the device instead (multiplying by exactly 1.0 leaves a gradient unchanged, so the
 result equals DeepSpeed's). Anything but the plain L2 case (inf-norm, MoE expert groups) goes to
 DeepSpeed's own code.
+
+The overflow check of DeepSpeed's bf16 stage-0 optimizer (`FP16_Optimizer` with bf16, which DeepSpeed
+picks for ZeRO stage 0) sums every gradient in fp32 and reads each sum back on the host, one
+synchronisation per tensor; `has_overflow_serial` below takes one max-abs per tensor with
+`torch._foreach_norm(inf)` and reads back one flag.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from deepspeed.runtime import utils as ds_utils
 
 _ORIGINAL_NORM = ds_utils.get_global_norm_of_tensors
 _ORIGINAL_CLIP = ds_utils.clip_tensors_by_global_norm
+_ORIGINAL_OVERFLOW = ds_utils.CheckOverflow.has_overflow_serial
 
 
 def global_norm(input_tensors, norm_type=2, mpu=None, moe_ep_group=None):
@@ -48,8 +54,21 @@ def clip_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, mpu=None,
     return global_norm
 
 
+def has_overflow_serial(self, params) -> bool:
+    """True if any gradient holds an inf or a NaN (DeepSpeed's CheckOverflow contract), one host read."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return False
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).float().isfinite().all() for ts in by_dtype.values()]
+    return not bool(torch.stack(flags).all())
+
+
 def install() -> None:
     """Route DeepSpeed's bf16/fp16 optimizers (and its utils) through the functions above."""
     for module in (ds_utils, bf16_optimizer):
         module.get_global_norm_of_tensors = global_norm
         module.clip_tensors_by_global_norm = clip_by_global_norm
+    ds_utils.CheckOverflow.has_overflow_serial = has_overflow_serial
