@@ -22,6 +22,9 @@ File format (JSON, `schema_version` 1):
           "tp": {                              # TP degree -> the layer shape ONE TP rank computes
             "1": {"heads": 16, "ffn_hidden": 4096, "params": 12596224,
                   "time_ms": {"fwd": [...], "bwd": [...], "bwd_ckpt": [...]},   # per batch size, median
+                  "gpu_ms": {...}, "cpu_ms": {...},   # CUDA layers: time_ms = max(cpu_ms, gpu_ms), same shape;
+                                       # null where a point could not be split; absent in CPU profiles,
+                                       # for embeddings/head and in files written before the split
                   "fits": {"fwd": {"c": 0.05, "m": 0.61, "floor": 0.0, "median_rel_err": 0.004, ...},
                            "bwd": {...}, "bwd_ckpt": {...}},
                   "act_bytes": 37748736,       # kept for backward, per sample
@@ -36,9 +39,11 @@ File format (JSON, `schema_version` 1):
       "notes": ["..."]
     }
 
-Fits: t_ms(b) = max(floor, c + m*b) (floor 0 for most entries: a plain line). Times are milliseconds of ONE layer (or one "other" part) on one device for the whole micro-batch
-of b samples: forward, backward, and backward of the checkpointed layer (which re-runs the
-forward). Recompute = fitted bwd_ckpt - fitted bwd. Activation bytes are per sample.
+Fits: t_ms(b) = max(floor, c + m*b) (see TIME_FIT). Times are milliseconds of ONE layer (or one "other"
+part) on one device for the whole micro-batch of b samples: forward, backward, and backward of the
+checkpointed layer (which re-runs the forward). On CUDA a layer's time_ms is max(CPU launch time, GPU
+time) per call, the steady cost inside a model whose CPU runs ahead of its GPU; gpu_ms and cpu_ms hold
+the two parts. Recompute = fitted bwd_ckpt - fitted bwd. Activation bytes are per sample.
 """
 from __future__ import annotations
 
@@ -54,9 +59,12 @@ SCHEMA = "galvatron-ds/model-profile"
 SCHEMA_VERSION = 1
 TIME_KINDS = ("fwd", "bwd", "recompute")
 MEASURED_KINDS = ("fwd", "bwd", "bwd_ckpt")
-TIME_FIT = ("t_ms(b) = max(floor, c + m * b): least squares in relative error (weights 1/t^2) over the "
-            "profiled per-rank micro-batch sizes b, c, m >= 0; floor > 0 only where the smallest batches are "
-            "launch-bound and the floor lowers the median error by more than 0.2 points")
+TIME_FIT = ("t_ms(b) = max(floor, c + m * b), c, m >= 0. Entries with gpu_ms/cpu_ms (layers profiled on CUDA): "
+            "floor = median CPU launch time per call over the profiled batch sizes, c + m * b = least squares over "
+            "the GPU times in relative error of the stored time (weights 1/time_ms^2), through the points whose GPU "
+            "time is at least floor/2 (at least the 3 largest b). Other entries (CPU profiles, embeddings/head, "
+            "older files): least squares over time_ms in relative error (weights 1/t^2); floor > 0 only where the "
+            "smallest batches are launch-bound and the floor lowers the median error by more than 0.2 points")
 
 
 class ProfileError(ValueError):
@@ -88,11 +96,11 @@ class TimeFit:
                    float(d.get("max_rel_err", 0.0)))
 
 
-def _line(bs: list[float], ts: list[float]) -> tuple[float, float]:
-    """Least squares c + m*b in relative error (weights 1/t^2), with c, m >= 0."""
+def _line(bs: list[float], ts: list[float], ws: list[float] | None = None) -> tuple[float, float]:
+    """Weighted least squares c + m*b, with c, m >= 0; weights 1/t^2 (relative error) unless given."""
     if len(bs) == 1:
         return 0.0, ts[0] / bs[0]
-    w = [1.0 / (t * t) if t > 0 else 0.0 for t in ts]
+    w = ws if ws is not None else [1.0 / (t * t) if t > 0 else 0.0 for t in ts]
     sw = sum(w)
     swx = sum(wi * b for wi, b in zip(w, bs))
     swy = sum(wi * t for wi, t in zip(w, ts))
@@ -132,6 +140,43 @@ def fit_time(bs: list[float], ts: list[float]) -> TimeFit:
         best = line
     errs = _errors(best, bs, ts)
     return TimeFit(best.c, best.m, best.floor, statistics.median(errs), max(errs))
+
+
+SPLIT_MIN_POINTS = 3   # the line of a split fit goes through at least this many points (the largest b)
+
+
+def fit_split(bs: list[float], ts: list[float], gpu: list[float | None], cpu: list[float | None]) -> TimeFit:
+    """t(b) = max(floor, c + m*b) from the two measured parts of time_ms = max(cpu, gpu): the floor is the CPU
+    launch time per call, which does not depend on b, so one robust constant (the median over all batch
+    sizes); the line is the GPU time, fitted in relative error of the stored time (weights 1/time^2: a GPU
+    point hidden under the floor counts no more than a visible one) through the points whose GPU time is at
+    least floor/2 (topped up with the largest b to SPLIT_MIN_POINTS): the GPU time of small batches, far
+    under the floor, is not linear in b (kernels are latency-bound) and would only bend the line where it
+    matters. Errors are reported against ts. Points without a split (None) are left out of both parts;
+    with fewer than 2 split points this is fit_time(bs, ts)."""
+    if not (len(bs) == len(ts) == len(gpu) == len(cpu)):
+        raise ValueError("bs, ts, gpu and cpu must have one value per batch size")
+    pts = sorted((b, t, g, c) for b, t, g, c in zip(bs, ts, gpu, cpu) if g is not None and c is not None and t > 0)
+    if len(pts) < 2:
+        return fit_time(bs, ts)
+    floor = statistics.median(p[3] for p in pts)
+    keep = [p for p in pts if p[2] >= floor / 2]
+    keep += [p for p in reversed(pts) if p not in keep][:max(0, min(SPLIT_MIN_POINTS, len(pts)) - len(keep))]
+    keep.sort()
+    c, m = _line([p[0] for p in keep], [p[2] for p in keep], [1.0 / (p[1] * p[1]) for p in keep])
+    errs = _errors(TimeFit(c, m, floor), bs, ts)
+    return TimeFit(c, m, floor, statistics.median(errs), max(errs))
+
+
+def fit_entry(bs: list[float], time_ms: dict, gpu_ms: dict | None = None, cpu_ms: dict | None = None) -> dict:
+    """Fits of one entry's measured kinds: fit_split where the entry has both parts of a kind, else fit_time."""
+    out = {}
+    for k, ts in time_ms.items():
+        if k not in MEASURED_KINDS or not bs:
+            continue
+        g, c = (gpu_ms or {}).get(k), (cpu_ms or {}).get(k)
+        out[k] = fit_split(bs, ts, g, c) if g is not None and c is not None else fit_time(bs, ts)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- entries

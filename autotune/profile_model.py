@@ -14,9 +14,17 @@ How (and why this way):
     result is checked against the Megatron shape (every Linear split by tp along exactly one side);
     a layer whose config cannot express its shard is skipped with a note, never profiled wrongly.
     The TP collectives are not timed here: the cost model takes them from the hardware profile.
-  * Time: CUDA events on GPU, wall clock on CPU; warm-up, then the median of the repetitions. Backward
-    of the checkpointed layer (torch.utils.checkpoint, non-reentrant) is timed too: recompute =
-    bwd_ckpt - bwd. Fits t_ms(b) = c + m*b (see autotune/model_profile.py).
+  * Time of a layer: forward, backward, and backward of the checkpointed layer (torch.utils.checkpoint,
+    non-reentrant; recompute = bwd_ckpt - bwd), per call of N back-to-back calls with one backward over
+    all of them (N sized to ~REGION_MS, at most MAX_CALLS and what memory allows). On CUDA the two
+    things a layer's cost inside a model is made of are measured apart (time_layer_split): the GPU time,
+    between CUDA events placed after a spin kernel (torch.cuda._sleep, calibrated once) that outlasts the
+    host's launches of the phase, so the GPU runs it without launch gaps; and the CPU launch time, the
+    host's wall time of launching the same phase while the GPU spins. A repetition counts only if the
+    spin was still running when the host was done (event query). time_ms = max(cpu, gpu) per point (the
+    steady cost where CPU and GPU overlap), gpu_ms and cpu_ms stored next to it; medians of the
+    repetitions, run interleaved over the batch sizes. Fit: floor = median CPU time, line through the
+    GPU times (autotune/model_profile.py fit_split). On CPU: wall clock of one call, median; fit_time.
   * Activations: saved-tensor accounting (model_zoo/accounting.py) per sample, from the slope between
     two batch sizes; inputs shared by all layers (masks, position bias, encoder output) are excluded
     and charged to the embeddings instead. On GPU the allocator's increase over the forward is recorded
@@ -27,7 +35,9 @@ How (and why this way):
     Anything between layers that no profiled layer type contains (T5's encoder norm and decoder
     embedding) and shared layer inputs (T5's encoder output) are charged to "last", as the analytic
     model_zoo description does; Swin's patch merging is part of its "*_merge" layer types.
-    Vocab TP for text models: the task model is built with the padded V/vtp vocabulary.
+    Vocab TP for text models: the task model is built with the padded V/vtp vocabulary. Their times are
+    CUDA events of one whole training step from a synchronised start, not split into GPU and CPU time
+    (a spin would have to be placed inside the hooks at every region boundary), fitted by fit_time.
 """
 from __future__ import annotations
 
@@ -53,7 +63,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError,
-                                    fit_time)
+                                    fit_entry, fit_time)
 from model_zoo.accounting import _storage_key as _key   # (device, storage address), as the accounting keys
 from model_zoo.common import TORCH_DTYPES
 
@@ -197,12 +207,24 @@ def make_options(args: argparse.Namespace) -> Options:
 
 
 # ============================================================================================ timing
+REGION_MS = 10.0     # CUDA: back-to-back calls per timed region sized to ~this many ms of max(CPU, GPU) time
+MAX_CALLS = 32       # at most this many calls per region (they keep their activations alive until the backward)
+MEM_SHARE = 0.5      # ... and at most this share of the free device memory for the region's activations
+SLEEP_MARGIN = 1.25  # the GPU spin before a timed phase lasts this times the phase's expected CPU launch time
+SLEEP_PAD_MS = 0.3   # ... plus this
+SETTLE_TRIES = 6     # attempts to find a spin length / region size for which the split holds (then: no split)
+_CYCLES_PER_MS: dict = {}   # device index -> GPU clock cycles per ms of torch.cuda._sleep, calibrated once
+
+
 class Clock:
-    """Marks points in the device's stream order: CUDA events on GPU, perf_counter on CPU."""
+    """Marks points in the device's stream order: CUDA events on GPU, perf_counter on CPU. On CUDA it can also
+    keep the stream busy (`sleep`, a spin kernel) and tell whether the GPU has passed a mark (`reached`): what
+    the split of GPU time and CPU launch time needs (`can_split`)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.can_split = self.cuda and hasattr(torch.cuda, "_sleep")
 
     def mark(self) -> Any:
         if self.cuda:
@@ -217,6 +239,38 @@ class Clock:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    def sleep(self, ms: float) -> None:
+        """Enqueue a spin of about `ms` on the stream (returns at once): the host runs ahead of the GPU."""
+        if ms > 0:
+            torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms())))
+
+    def reached(self, mark: Any) -> bool:
+        """Whether the GPU has already passed `mark` (asked from the host, without waiting)."""
+        return mark.query()
+
+    def cycles_per_ms(self) -> float:
+        """Spin cycles per ms, measured once per device: the shortest of 3 timings of a ~5 ms spin, so a spin
+        lasts at least as long as asked unless the clock rises above the calibration's."""
+        key = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        if key not in _CYCLES_PER_MS:
+            cycles = 10_000_000
+            self.sync()
+            torch.cuda._sleep(1000)   # loads the kernel
+            self.sync()
+            best = 0.0
+            for _ in range(3):
+                a = self.mark()
+                torch.cuda._sleep(cycles)
+                b = self.mark()
+                self.sync()
+                best = max(best, cycles / max(self.ms(a, b), 1e-3))
+            _CYCLES_PER_MS[key] = best
+        return _CYCLES_PER_MS[key]
+
+
+def make_clock(opts: Options) -> Clock:
+    return Clock(opts.device)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -255,17 +309,20 @@ def time_layer_once(module: nn.Module, leaves: list[tuple], grad: torch.Tensor, 
     return clock.ms(a, b) / len(leaves), clock.ms(b, c) / len(leaves)
 
 
-def calls_per_timing(single_ms: float, opts: Options) -> int:
+def calls_per_timing(single_ms: float, opts: Options, cap: int = MAX_CALLS) -> int:
     """Back-to-back calls per timed region on GPU: a layer inside a model is launched right after the
     previous one, so its steady cost is max(CPU launch time, GPU time); timing one call between two
-    synchronisations would add the queue start-up instead. Aim for ~10 ms per region, at most 8 calls."""
+    synchronisations would add the queue start-up instead. Aim for ~REGION_MS per region, at most
+    min(cap, MAX_CALLS) calls. CPU: 1."""
     if not opts.cuda:
         return 1
-    return max(1, min(8, round(10.0 / max(single_ms, 1e-3))))
+    return max(1, min(MAX_CALLS, cap, round(REGION_MS / max(single_ms, 1e-3))))
 
 
 def time_layer(module: nn.Module, inputs: tuple, opts: Options) -> dict[str, float]:
-    """Median per-call fwd, bwd and bwd_ckpt ms of a layer at one batch size."""
+    """Median per-call fwd, bwd and bwd_ckpt ms of a layer at one batch size, each region timed as a whole
+    (CUDA events from a synchronised start, or wall clock on CPU): the CPU path, and the CUDA fallback
+    where GPU and CPU time cannot be told apart (see time_layer_split)."""
     clock = Clock(opts.device)
     grad = torch.randn_like(first_tensor(module(*inputs)))
     single = 0.0
@@ -284,6 +341,192 @@ def time_layer(module: nn.Module, inputs: tuple, opts: Options) -> dict[str, flo
     _clear_grads(module, [t for inp in leaves for t in inp])
     return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd), "bwd_ckpt": statistics.median(bwd_ckpt),
             "calls_per_timing": len(leaves)}
+
+
+# ---------------------------------------------------------------- CUDA: GPU time and CPU launch time apart
+def split_region(module: nn.Module, leaves: list[tuple], grad: torch.Tensor, clock: Clock, ckpt: bool,
+                 sleep_fwd_ms: float, sleep_bwd_ms: float) -> dict:
+    """One region (len(leaves) back-to-back calls, one backward over all of them), each phase timed on both
+    sides: the host's wall time of launching it (perf_counter, nothing waits for the GPU inside), and its GPU
+    time between CUDA events that follow a spin (clock.sleep) long enough for the host to have launched the
+    whole phase before the GPU gets to it, so the GPU runs it without launch gaps. `ok`: the spin was still
+    running when the host had launched the phase (checked for each spun phase); only then are both numbers
+    what they say. sleep_fwd_ms 0: the forward runs unspun and its GPU time is None (the checkpointed region,
+    whose forward is not used). Both 0: an untimed warm-up whose "gpu" numbers are plain event times.
+    Per call ms: fwd_gpu, fwd_cpu, bwd_gpu, bwd_cpu."""
+    n = len(leaves)
+    _clear_grads(module, [x for inputs in leaves for x in inputs])
+    clock.sync()
+    clock.sleep(sleep_fwd_ms)
+    a = clock.mark()
+    t0 = time.perf_counter()
+    outs = [checkpoint(module, *x, use_reentrant=False) if ckpt else module(*x) for x in leaves]
+    t1 = time.perf_counter()
+    ok = sleep_fwd_ms <= 0 or not clock.reached(a)
+    b = clock.mark()
+    clock.sleep(sleep_bwd_ms)
+    b2 = clock.mark()
+    t2 = time.perf_counter()
+    torch.autograd.backward([first_tensor(o) for o in outs], [grad] * n)
+    t3 = time.perf_counter()
+    ok = ok and (sleep_bwd_ms <= 0 or not clock.reached(b2))
+    c = clock.mark()
+    clock.sync()
+    del outs
+    return {"fwd_gpu": clock.ms(a, b) / n if sleep_fwd_ms > 0 or sleep_bwd_ms <= 0 else None,
+            "fwd_cpu": (t1 - t0) * 1e3 / n, "bwd_gpu": clock.ms(b2, c) / n, "bwd_cpu": (t3 - t2) * 1e3 / n, "ok": ok}
+
+
+SPLIT_KEYS = ("fwd_gpu", "fwd_cpu", "bwd_gpu", "bwd_cpu", "bwd_ckpt_gpu", "bwd_ckpt_cpu")
+
+
+@dataclass
+class SplitPoint:
+    """One batch size under the split timing: its inputs, region size, expected CPU launch times and samples."""
+
+    b: int
+    inputs: tuple
+    grad: torch.Tensor
+    leaves: list[tuple]
+    est_cpu: dict[str, float]          # single-call CPU launch ms of "fwd", "bwd", "bwd_ckpt" (warm-up)
+    factor: float = 1.0                # spin length multiplier (doubled when a spin turned out too short)
+    split: bool = True                 # False: no spin length / region size held; timed by time_layer
+    rejected: int = 0                  # repetitions dropped because the spin ended before the host was done
+    samples: dict = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
+
+    def sleep_ms(self, kind: str) -> float:
+        return self.factor * (SLEEP_MARGIN * len(self.leaves) * self.est_cpu[kind] + SLEEP_PAD_MS)
+
+    def add(self, r: dict) -> None:
+        """Keep a repetition's numbers; the expected CPU times become the medians measured so far."""
+        for k in SPLIT_KEYS:
+            self.samples[k].append(r[k])
+        self.est_cpu = {k: statistics.median(self.samples[f"{k}_cpu"]) for k in MEASURED_KINDS}
+
+
+def split_rep(module: nn.Module, p: SplitPoint, clock: Clock) -> dict | None:
+    """One repetition at one batch size: the plain region (forward and backward spun) and the checkpointed
+    one (backward spun); None when a spin ended before the host had launched its phase."""
+    r = split_region(module, p.leaves, p.grad, clock, False, p.sleep_ms("fwd"), p.sleep_ms("bwd"))
+    if not r["ok"]:
+        return None
+    rc = split_region(module, p.leaves, p.grad, clock, True, 0.0, p.sleep_ms("bwd_ckpt"))
+    if not rc["ok"]:
+        return None
+    return {"fwd_gpu": r["fwd_gpu"], "fwd_cpu": r["fwd_cpu"], "bwd_gpu": r["bwd_gpu"], "bwd_cpu": r["bwd_cpu"],
+            "bwd_ckpt_gpu": rc["bwd_gpu"], "bwd_ckpt_cpu": rc["bwd_cpu"]}
+
+
+def region_cap(clock: Clock, per_call_bytes: int) -> int:
+    """Calls per region the free device memory allows (MEM_SHARE of it); MAX_CALLS where unknown."""
+    if not clock.cuda or per_call_bytes <= 0:
+        return MAX_CALLS
+    free = torch.cuda.mem_get_info(clock.device)[0]
+    free += torch.cuda.memory_reserved(clock.device) - torch.cuda.memory_allocated(clock.device)
+    return max(1, int(MEM_SHARE * free // per_call_bytes))
+
+
+def prepare_split(module: nn.Module, inputs: tuple, b: int, opts: Options, clock: Clock) -> SplitPoint:
+    """Warm-up at one batch size, then the region size and spin lengths for which the split holds: single
+    calls (max(1, warmup - 1) times; the last gives the expected CPU launch times and, on CUDA, the memory a
+    call takes), the sized region once unspun (its memory comes from the allocator outside the timed runs),
+    then spun repetitions until one holds: spin x2 (up to x4), then half the calls (the launch queue may
+    fill up while the GPU spins), at most SETTLE_TRIES times; else split=False."""
+    grad = torch.randn_like(first_tensor(module(*inputs)))
+    if clock.cuda:
+        clock.sync()
+        torch.cuda.reset_peak_memory_stats(clock.device)
+        base = torch.cuda.memory_allocated(clock.device)
+    for _ in range(max(1, opts.warmup - 1)):
+        plain = split_region(module, [inputs], grad, clock, False, 0.0, 0.0)
+        ck = split_region(module, [inputs], grad, clock, True, 0.0, 0.0)
+    per_call = torch.cuda.max_memory_allocated(clock.device) - base if clock.cuda else 0
+    single = max(plain["fwd_cpu"], plain["fwd_gpu"]) + max(plain["bwd_cpu"], plain["bwd_gpu"])
+    n = calls_per_timing(single, opts, region_cap(clock, per_call))
+    p = SplitPoint(b, inputs, grad, [as_leaves(inputs) for _ in range(n)],
+                   {"fwd": plain["fwd_cpu"], "bwd": plain["bwd_cpu"], "bwd_ckpt": ck["bwd_cpu"]})
+    split_region(module, p.leaves, grad, clock, False, 0.0, 0.0)
+    split_region(module, p.leaves, grad, clock, True, 0.0, 0.0)
+    for _ in range(SETTLE_TRIES):
+        r = split_rep(module, p, clock)
+        if r is not None:   # a warm-up too: only its CPU times are kept, as the expected ones
+            p.est_cpu = {k: r[f"{k}_cpu"] for k in MEASURED_KINDS}
+            return p
+        if p.factor < 4:
+            p.factor *= 2
+        elif len(p.leaves) > 1:
+            p.leaves = p.leaves[: len(p.leaves) // 2]
+        else:
+            break
+    p.split = False
+    return p
+
+
+def time_layer_split(module: nn.Module, make: Callable[[int], tuple], opts: Options, clock: Clock,
+                     progress: "Progress", label: str) -> tuple[list[int], list[dict], list[str]]:
+    """CUDA: per batch size the median per-call GPU time and CPU launch time of fwd, bwd and bwd_ckpt, and
+    time = max(cpu, gpu) per kind: what the layer costs in a model whose CPU launches ahead of its GPU.
+    Batch sizes are prepared in order (out of memory: that one and larger are dropped), then the
+    repetitions run interleaved over the batch sizes, so slow drifts of the host's speed reach every batch
+    size alike instead of bending the curve. A repetition whose spin ended too early is run once more with
+    a spin twice as long, then dropped (and the spins stay twice as long, up to x8); the expected CPU times
+    the spins are sized from are the medians measured so far. A batch size without any split repetition is timed by time_layer
+    (no split: gpu/cpu None). Returns (batch sizes, results, notes)."""
+    points: list[SplitPoint] = []
+    notes: list[str] = []
+    for b in opts.batch_sizes:
+        p = _unless_oom(lambda: prepare_split(module, make(b), b, opts, clock))
+        if p is None:   # handled outside the except block, whose traceback still holds the graph
+            notes.append(f"batch {b} and larger: out of memory")
+            module.zero_grad(set_to_none=True)
+            _free(opts)
+            break
+        points.append(p)
+        progress.step(0, f"{label} b={b} ready")
+    for rep in range(opts.reps):
+        progress.step(0, f"{label} rep {rep + 1}/{opts.reps}")
+        for i, p in enumerate(points):
+            if not p.split:
+                continue
+            r = _unless_oom(lambda: split_rep(module, p, clock) or "retry")
+            if r == "retry":   # once more with the spin twice as long; failing again: twice as long from now on
+                factor, p.factor = p.factor, p.factor * 2
+                r = _unless_oom(lambda: split_rep(module, p, clock) or "rejected")
+                p.factor = min(8.0, p.factor) if r == "rejected" else factor
+            if r is None:
+                notes.append(f"batch {p.b} and larger: out of memory in the timed repetitions")
+                del points[i:]
+                module.zero_grad(set_to_none=True)
+                _free(opts)
+                break
+            if r == "rejected":
+                p.rejected += 1
+                continue
+            p.add(r)
+    results = []
+    for p in points:
+        if p.split and p.samples["fwd_gpu"]:
+            med = {k: statistics.median(v) for k, v in p.samples.items()}
+            gpu = {k: med[f"{k}_gpu"] for k in MEASURED_KINDS}
+            cpu = {k: med[f"{k}_cpu"] for k in MEASURED_KINDS}
+            res = {k: max(gpu[k], cpu[k]) for k in MEASURED_KINDS}
+            res.update(gpu=gpu, cpu=cpu, calls_per_timing=len(p.leaves))
+        else:
+            res = _unless_oom(lambda: time_layer(module, p.inputs, opts))
+            if res is None:
+                notes.append(f"batch {p.b} and larger: out of memory")
+                break
+            res.update(gpu=None, cpu=None)
+            notes.append(f"batch {p.b}: GPU and CPU time could not be split (the GPU spin never outlasted the "
+                         "host's launches: the layer may synchronise); timed as one region, CUDA events")
+        results.append(res)
+        p.leaves, p.inputs = [], ()
+    points = points[:len(results)]
+    rejected = {p.b: p.rejected for p in points if p.rejected}
+    if rejected:
+        notes.append(f"repetitions dropped (spin ended before the host had launched; batch: count): {rejected}")
+    module.zero_grad(set_to_none=True)
+    return [p.b for p in points], results, notes
 
 
 def is_oom(e: BaseException) -> bool:
@@ -446,24 +689,33 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
     """Times at every batch size, activation bytes, parameters (and the GPU allocator check)."""
     layer = build_layer(spec_mod, job, opts)
     params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-    times: dict[str, list[float]] = {k: [] for k in MEASURED_KINDS}
-    done, notes, calls = [], [], []
-    for b in opts.batch_sizes:
-        t = _unless_oom(lambda: time_layer(layer, make_inputs(spec_mod, job, b, opts), opts))
-        if t is None:   # handled outside the except block, whose traceback still holds the graph
-            notes.append(f"batch {b} and larger: out of memory")
-            layer.zero_grad(set_to_none=True)
-            _free(opts)
-            progress.step(len(opts.batch_sizes) - len(done))
-            break
-        for k in MEASURED_KINDS:
-            times[k].append(t[k])
-        calls.append(t["calls_per_timing"])
-        done.append(b)
-        progress.step(1, f"{job.type_name} tp={job.tp} b={b}")
+    clock = make_clock(opts)
+    if clock.can_split:   # CUDA: GPU time and CPU launch time apart, repetitions interleaved over batch sizes
+        done, results, notes = time_layer_split(layer, lambda b: make_inputs(spec_mod, job, b, opts), opts, clock,
+                                                progress, f"{job.type_name} tp={job.tp}")
+        progress.step(len(opts.batch_sizes), f"{job.type_name} tp={job.tp}")
+    else:
+        done, results, notes = [], [], []
+        for b in opts.batch_sizes:
+            t = _unless_oom(lambda: time_layer(layer, make_inputs(spec_mod, job, b, opts), opts))
+            if t is None:   # handled outside the except block, whose traceback still holds the graph
+                notes.append(f"batch {b} and larger: out of memory")
+                layer.zero_grad(set_to_none=True)
+                _free(opts)
+                progress.step(len(opts.batch_sizes) - len(done))
+                break
+            results.append(t)
+            done.append(b)
+            progress.step(1, f"{job.type_name} tp={job.tp} b={b}")
+    times = {k: [t[k] for t in results] for k in MEASURED_KINDS}
     entry: dict = {"heads": job.heads, "ffn_hidden": job.ffn, "params": params, "batch_sizes": done,
-                   "time_ms": times, "calls_per_timing": calls,
-                   "fits": {k: fit_time(done, v).to_dict() for k, v in times.items() if done}}
+                   "time_ms": times, "calls_per_timing": [t["calls_per_timing"] for t in results]}
+    gpu_ms = cpu_ms = None
+    if clock.can_split:   # same shape as time_ms; None where a batch size could not be split
+        gpu_ms = {k: [t["gpu"][k] if t["gpu"] else None for t in results] for k in MEASURED_KINDS}
+        cpu_ms = {k: [t["cpu"][k] if t["cpu"] else None for t in results] for k in MEASURED_KINDS}
+        entry.update(gpu_ms=gpu_ms, cpu_ms=cpu_ms)
+    entry["fits"] = {k: f.to_dict() for k, f in fit_entry(done, times, gpu_ms, cpu_ms).items()}
     act, ckpt = {}, {}
     for b in opts.act_batches:
         x = make_inputs(spec_mod, job, b, opts)
@@ -819,8 +1071,12 @@ def source_info(opts: Options, seconds: float) -> dict:
     return {"command": command_line(),
             "date": _dt.date.today().isoformat(), "host": socket.gethostname(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(seconds, 1),
-            "timing": ("CUDA events" if opts.cuda else "wall clock") + f", {opts.warmup} warm-up, median of "
-                      f"{opts.reps} (layers) / {opts.other_reps} (task model) repetitions"}
+            "timing": (("layers: GPU time (CUDA events after a spin that outlasts the host's launches) and CPU "
+                        "launch time (wall clock while the GPU spins) per call of back-to-back calls, time = "
+                        "max(cpu, gpu), repetitions interleaved over batch sizes; task model: CUDA events")
+                       if make_clock(opts).can_split else "CUDA events" if opts.cuda else "wall clock")
+                      + f", {opts.warmup} warm-up, median of {opts.reps} (layers) / {opts.other_reps} (task model) "
+                        "repetitions"}
 
 
 def device_name(opts: Options) -> str:
@@ -849,7 +1105,7 @@ def refit(profile: ModelProfile) -> ModelProfile:
     entries += [e for per in profile.other.values() for e in per.values()]
     for e in entries:
         bs = e.raw.get("batch_sizes", [])
-        e.fits = {k: fit_time(bs, v) for k, v in e.raw.get("time_ms", {}).items() if bs and k in MEASURED_KINDS}
+        e.fits = fit_entry(bs, e.raw.get("time_ms", {}), e.raw.get("gpu_ms"), e.raw.get("cpu_ms"))
     profile.fit_error = pooled_fit_error(profile)
     profile.source["refit"] = (f"{_dt.date.today().isoformat()}: fits recomputed from the raw times by "
                                f"`{command_line()}`")

@@ -7,9 +7,10 @@ import math
 import os
 
 import pytest
+import torch
 
 from autotune import profile_model
-from autotune.model_profile import SCHEMA_VERSION, ModelProfile, ProfileError, TimeFit, fit_time
+from autotune.model_profile import SCHEMA_VERSION, ModelProfile, ProfileError, TimeFit, fit_split, fit_time
 from model_zoo.registry import get_model_spec
 
 PRESETS = ("bert-test", "t5-test", "vit-test", "swin-test")
@@ -124,3 +125,138 @@ def test_fit_time_forms():
     assert launch_bound.floor == pytest.approx(0.1) and launch_bound.median_rel_err < 1e-9
     assert launch_bound(1) == pytest.approx(0.1) and launch_bound(64) == pytest.approx(1.28)
     assert TimeFit.from_dict(line.to_dict()) == line
+
+
+# ------------------------------------------------------------------ GPU/CPU split: fit and timing path
+BS = [1, 2, 4, 8, 16, 32]
+CPU = [1.0, 1.3, 0.9, 1.0, 1.05, 0.95]            # launch time per call: median 1.0, mean 1.033
+GPU = [0.1 + 0.05 * b for b in BS]                # 0.15 0.2 0.3 0.5 0.9 1.7: launch-bound up to b=16
+TIME = [max(c, g) for c, g in zip(CPU, GPU)]      # 1.0 1.3 0.9 1.0 1.05 1.7
+
+
+def test_fit_split_recovers_floor_and_slope():
+    f = fit_split(BS, TIME, GPU, CPU)
+    # floor = median(CPU) = (1.0 + 1.0) / 2; the GPU points at or above floor/2 (b = 8, 16, 32) lie on the line
+    assert (f.floor, f.c, f.m) == (pytest.approx(1.0), pytest.approx(0.1), pytest.approx(0.05))
+    # errors against TIME: b=2 0.3/1.3, b=4 0.1/0.9, b=16 0.05/1.05, the others 0 -> median (0 + 0.05/1.05) / 2
+    assert f.median_rel_err == pytest.approx(0.05 / 1.05 / 2) and f.max_rel_err == pytest.approx(0.3 / 1.3)
+    assert f(1) == pytest.approx(1.0) and f(32) == pytest.approx(1.7) and f(64) == pytest.approx(3.3)
+    # GPU times of small batches far under the floor (latency-bound kernels, not linear) do not bend the line
+    bent = fit_split(BS, TIME, [0.45, 0.45, 0.45] + GPU[3:], CPU)
+    assert (bent.c, bent.m) == (pytest.approx(0.1), pytest.approx(0.05))
+    # fewer than SPLIT_MIN_POINTS at or above floor/2 (floor 2: only b=32): topped up with the largest b (8, 16)
+    top = fit_split(BS, [2.0] * 6, GPU, [2.0] * 6)
+    assert (top.floor, top.c, top.m) == (2.0, pytest.approx(0.1), pytest.approx(0.05))
+    # ... and GPU points far under the floor (0.01 at b <= 4) are not used for the line
+    low = [0.01, 0.01, 0.01] + GPU[3:]
+    assert fit_split(BS, [2.0] * 6, low, [2.0] * 6).c == pytest.approx(0.1)
+    # a point that could not be split (None) is left out of both parts; < 2 split points: fit_time
+    part = fit_split(BS, TIME, [None] + GPU[1:], [None] + CPU[1:])
+    assert part.floor == pytest.approx(1.0) and part.m == pytest.approx(0.05)
+    assert fit_split(BS, TIME, [None] * 5 + [1.7], [None] * 5 + [0.95]) == fit_time(BS, TIME)
+
+
+def _old_format_profile(with_split: bool) -> dict:
+    entry = {"batch_sizes": BS, "time_ms": {"fwd": TIME, "bwd": [0.3 + 0.2 * b for b in BS],
+                                          "bwd_ckpt": [0.5 + 0.4 * b for b in BS]},
+             "fits": {"fwd": {"c": 9.0, "m": 9.0}, "bwd": {"c": 9.0, "m": 9.0}}, "act_bytes": 10, "ckpt_bytes": 1}
+    if with_split:
+        entry.update(gpu_ms={"fwd": GPU}, cpu_ms={"fwd": CPU})   # bwd without parts: fit_time
+    return {"schema": "galvatron-ds/model-profile", "schema_version": SCHEMA_VERSION, "model": "m",
+            "precision": "bf16", "device": "NVIDIA H100", "device_type": "cuda", "batch_sizes": BS,
+            "layer_types": {"enc": {"index": 0, "count": 2, "params": 5, "tp": {"1": entry}}}}
+
+
+@pytest.mark.parametrize("with_split", [False, True])
+def test_profiles_with_and_without_gpu_cpu_parts_load_and_refit(tmp_path, with_split):
+    path, out = tmp_path / "old.json", tmp_path / "new.json"
+    path.write_text(json.dumps(_old_format_profile(with_split)))
+    p = ModelProfile.load(str(path))
+    assert p.layer_time_ms("enc", 1, 2, "fwd") == pytest.approx(27.0)   # the stored fit 9 + 9*2, as written
+    assert profile_model.main(["--refit", str(path), "--out", str(out)]) == 0
+    q = ModelProfile.load(str(out))
+    fwd, bwd = q.layer_types["enc"].tp[1].fits["fwd"], q.layer_types["enc"].tp[1].fits["bwd"]
+    assert (bwd.c, bwd.m, bwd.floor) == (pytest.approx(0.3), pytest.approx(0.2), 0.0)   # a plain line
+    if with_split:
+        assert (fwd.floor, fwd.c, fwd.m) == (pytest.approx(1.0), pytest.approx(0.1), pytest.approx(0.05))
+        assert q.layer_types["enc"].tp[1].raw["gpu_ms"] == {"fwd": GPU}        # kept as is
+    else:
+        assert fwd == fit_time(BS, TIME) and "gpu_ms" not in q.layer_types["enc"].tp[1].raw
+    assert q.fit_error == pytest.approx(profile_model.pooled_fit_error(q))
+
+
+class FakeSplitClock(profile_model.Clock):
+    """CPU stand-in for the CUDA clock, to run the split-timing path on CPU: marks are wall clock, spins are
+    recorded (nothing waits), and the first `fails` checks say the spin had already ended."""
+
+    def __init__(self, device, fails=0, fail_at=()):
+        super().__init__(device)
+        self.can_split, self.sleeps, self.fails, self.fail_at, self.checks = True, [], fails, set(fail_at), 0
+
+    def sleep(self, ms):
+        if ms > 0:
+            self.sleeps.append(ms)
+
+    def reached(self, mark):
+        self.checks += 1
+        if self.fails or self.checks in self.fail_at:
+            self.fails = max(0, self.fails - 1)
+            return True
+        return False
+
+
+def _split_profile(tmp_path, monkeypatch, fails, calls=None):
+    clocks = []
+    monkeypatch.setattr(profile_model, "make_clock", lambda opts: clocks.append(FakeSplitClock(opts.device, fails))
+                        or clocks[-1])
+    if calls is not None:
+        monkeypatch.setattr(profile_model, "calls_per_timing", lambda single, opts, cap=32: calls)
+    out = tmp_path / "split.json"
+    assert profile_model.main(["--model", "bert-test", "--device", "cpu", "--precision", "fp32", "--batch-sizes",
+                               "1,2,4", "--reps", "2", "--warmup", "1", "--tp", "1", "--skip-other",
+                               "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    return d["layer_types"]["bert_enc"]["tp"]["1"], [c for c in clocks if c.sleeps], ModelProfile.load(str(out))
+
+
+def test_split_timing_stores_both_parts_and_fits_them(tmp_path, monkeypatch):
+    e, clocks, p = _split_profile(tmp_path, monkeypatch, fails=1)
+    for k in ("fwd", "bwd", "bwd_ckpt"):
+        assert len(e["gpu_ms"][k]) == len(e["cpu_ms"][k]) == len(e["time_ms"][k]) == 3
+        assert e["time_ms"][k] == [max(g, c) for g, c in zip(e["gpu_ms"][k], e["cpu_ms"][k])]
+        f = fit_split(e["batch_sizes"], e["time_ms"][k], e["gpu_ms"][k], e["cpu_ms"][k])
+        assert p.layer_types["bert_enc"].tp[1].fits[k] == f
+    # the first check failed: that attempt's spins (fwd, bwd) are repeated twice as long
+    s = clocks[0].sleeps
+    assert s[2] == pytest.approx(2 * s[0]) and s[3] == pytest.approx(2 * s[1])
+    assert e["calls_per_timing"] == [1, 1, 1] and "notes" not in e
+
+
+def test_split_timing_halves_the_region_then_gives_up_on_the_split(tmp_path, monkeypatch):
+    # 4 failed checks at b=1: spin x2, x4, then 4 -> 2 -> 1 calls, and the 5th attempt holds
+    e, _, _ = _split_profile(tmp_path, monkeypatch, fails=4, calls=4)
+    assert e["calls_per_timing"] == [1, 4, 4] and all(v is not None for v in e["gpu_ms"]["fwd"])
+    # every check fails: no split anywhere, timed as whole regions, fitted as before
+    e, _, p = _split_profile(tmp_path, monkeypatch, fails=10**9)
+    assert e["gpu_ms"]["fwd"] == [None, None, None] and e["cpu_ms"]["bwd"] == [None, None, None]
+    assert sum("could not be split" in n for n in e["notes"]) == 3
+    assert p.layer_types["bert_enc"].tp[1].fits["fwd"] == fit_time(e["batch_sizes"], e["time_ms"]["fwd"])
+
+
+def test_split_repetition_retried_with_longer_spin_then_dropped():
+    class Progress:
+        def step(self, n=1, what=""):
+            pass
+
+    torch.manual_seed(0)
+    opts = profile_model.Options(device=torch.device("cpu"), precision="fp32", batch_sizes=[1], tps=[1], warmup=1,
+                                 reps=2, other_reps=1, act_batches=(4, 8), check_batch=8, seq_len=None,
+                                 do_other=False, layer_types=None)
+    # checks 1-3: the settling repetition; 4 (forward of repetition 1) and 5 (its retry) fail
+    clock = FakeSplitClock(torch.device("cpu"), fail_at=(4, 5))
+    done, results, notes = profile_model.time_layer_split(
+        torch.nn.Linear(8, 8), lambda b: (torch.randn(b, 8, requires_grad=True),), opts, clock, Progress(), "lin")
+    s = clock.sleeps[3:]   # fwd, bwd of the failed try; both x2 (retry); repetition 2 at x2: fwd, bwd, bwd_ckpt
+    assert len(s) == 7 and s[2:4] == pytest.approx([2 * s[0], 2 * s[1]]) and s[4:6] == pytest.approx(s[2:4])
+    assert done == [1] and results[0]["calls_per_timing"] == 1 and results[0]["gpu"]["fwd"] > 0
+    assert any("repetitions dropped" in n and "{1: 1}" in n for n in notes)
