@@ -96,11 +96,13 @@ def load_run(pair: str) -> dict:
             "has_comm": plan.world_size > 1}
 
 
-def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict]) -> dict:
+def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], memory_only: bool = False) -> dict:
+    """`memory_only`: fit the memory factors and keep the time ones at identity (runs picked to pin
+    memory, e.g. the no-OOM check's, are too few or too alike to fit a time model)."""
     def predict(r, cal):
         return predict_run(r["plan"], spec, hw, profile, cal)
 
-    a, b, d = fit_time(fit_runs, predict)
+    a, b, d = (1.0, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict)
     s, o = fit_memory(fit_runs, predict)
     cal = Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d, activation_scale=s, memory_offset_mb=o)
     out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware", default="1xH100")
     ap.add_argument("--run", action="append", required=True, help="PLAN.json:METRICS.jsonl (fitted)")
     ap.add_argument("--check", action="append", default=[], help="PLAN.json:METRICS.jsonl (scored only)")
+    ap.add_argument("--memory-only", action="store_true", help="fit only activation_scale and memory_offset_mb")
     args = ap.parse_args(argv)
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = ModelProfile.load(args.model_profile)
         hw = load_hardware(args.hardware).with_layout(fit_runs[0]["plan"].world_size)
         spec = get_model_spec(args.model, precision=fit_runs[0]["plan"].precision, task=args.task)
-        result = calibrate(spec, hw, profile, fit_runs, check_runs)
+        result = calibrate(spec, hw, profile, fit_runs, check_runs, memory_only=args.memory_only)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

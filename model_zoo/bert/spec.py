@@ -103,7 +103,8 @@ def embedding_act(config: BertConfig, S: int, a: int, device: str) -> int:
 
 
 def head_act(config: BertConfig, task: str, S: int, a: int, vtp: int, device: str) -> int:
-    """Head activations; the loss is computed in fp32 (log-softmax kept) as the runtime and Megatron do.
+    """Head activations; the log-softmax is kept in the logits' dtype with the whole vocabulary on one
+    rank (as Hugging Face and the runtime do) and in fp32 when it is vocab-parallel (Megatron's kernel).
 
     mlm: last hidden (transform input) | transform output (GELU input) | GELU output (LN input) + stats |
     LN output (vocab projection input) | fp32 log-probabilities over this rank's vocab slice | labels.
@@ -113,7 +114,7 @@ def head_act(config: BertConfig, task: str, S: int, a: int, vtp: int, device: st
     if task == "mlm":
         V = pad_vocab(config.vocab_size, vtp) // vtp
         transform = (1 + activation_extra_saves(config.hidden_act)) * S * H * a + layernorm_bytes(S, H, a, device)
-        return transform + S * H * a + S * V * FP32 + S * INT64
+        return transform + S * H * a + S * V * (a if vtp == 1 else FP32) + S * INT64
     L = config.num_labels
     out = S * H * a + H * a + L * FP32 + INT64
     classifier_dropout = config.classifier_dropout

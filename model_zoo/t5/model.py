@@ -333,8 +333,8 @@ def _lm_loss(lm_head: nn.Module, vocab_size: int):
             return vocab_parallel_cross_entropy(logits, labels, start, group)
     else:
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            # In the logits' dtype, as Hugging Face does (see model_zoo/bert/model.py's _mlm_loss).
+            return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     return loss_fn
 
 

@@ -195,11 +195,12 @@ def first_act(config: T5Config, enc: int, dec: int, a: int, device: str) -> int:
 
 def last_act(config: T5Config, enc: int, dec: int, a: int, vtp: int, device: str) -> int:
     """Encoder final norm + the encoder output every cross-attention reads (once) | decoder final norm +
-    LM-head input | fp32 log-probabilities over this rank's vocab slice | labels. Dropout: masks."""
+    LM-head input | log-probabilities over this rank's vocab slice (the logits' dtype at vtp=1, fp32 when
+    vocab-parallel, as the runtime computes them) | labels. Dropout: masks."""
     H = config.d_model
     V = pad_vocab(config.vocab_size, vtp) // vtp
     out = t5_norm_bytes(enc, H, a) + enc * H * a + t5_norm_bytes(dec, H, a) + dec * H * a
-    out += dec * V * FP32 + dec * INT64
+    out += dec * V * (a if vtp == 1 else FP32) + dec * INT64
     if config.dropout_rate > 0:
         out += (enc + dec) * H * dropout_mask_bytes(device, a)
     return out
