@@ -99,13 +99,18 @@ def run_train(plan_path: str, nproc: int, train_args: list[str], metrics: str) -
     subprocess.run(cmd, check=True)
 
 
-def read_summary(metrics_path: str) -> dict:
+def read_summary_record(metrics_path: str) -> dict:
+    """train.py's last summary line: {"measured": ..., "predicted": ... (when the plan has predictions)}."""
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     summaries = [r for r in records if r.get("summary")]
     if not summaries:
         raise RuntimeError(f"{metrics_path} has no summary line: did train.py finish?")
-    return summaries[-1]["measured"]
+    return summaries[-1]
+
+
+def read_summary(metrics_path: str) -> dict:
+    return read_summary_record(metrics_path)["measured"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from autotune.validate import read_summary_record  # noqa: E402
 
 # Run in the child: cap the allocator, then train.py's own main() on the plan.
 CHILD = """
@@ -32,13 +35,17 @@ sys.exit(train.main(sys.argv[2:]))
 """
 
 
+def profile_args(model: str, profiles: str) -> list[str]:
+    """--model-profile for the model's measured profile where the folder has one (else analytic)."""
+    path = os.path.join(profiles, f"{model}.json")
+    return ["--model-profile", path] if os.path.exists(path) else []
+
+
 def search(model: str, budget: float, profiles: str, hardware: str, out_dir: str) -> dict:
     plan_path = os.path.join(out_dir, "plan.json")
     cmd = [sys.executable, os.path.join(ROOT, "autotune", "search.py"), "--model", model, "--gpus", "1",
-           "--hardware", hardware, "--gpu-memory-gb", str(budget), "--out", plan_path, "--quiet"]
-    profile = os.path.join(profiles, f"{model}.json")
-    if os.path.exists(profile):
-        cmd += ["--model-profile", profile]
+           "--hardware", hardware, "--gpu-memory-gb", str(budget), "--out", plan_path, "--quiet",
+           *profile_args(model, profiles)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         return {"search_error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
@@ -49,20 +56,15 @@ def search(model: str, budget: float, profiles: str, hardware: str, out_dir: str
 def train(model: str, budget: float, plan_path: str, profiles: str, steps: int, out_dir: str) -> dict:
     metrics = os.path.join(out_dir, "metrics.jsonl")
     args = ["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps), "--metrics-file", metrics,
-            "--gpu-memory-gb", str(budget)]
-    profile = os.path.join(profiles, f"{model}.json")
-    if os.path.exists(profile):
-        args += ["--model-profile", profile]
+            "--gpu-memory-gb", str(budget), *profile_args(model, profiles)]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29541")}
     r = subprocess.run([sys.executable, "-c", CHILD, str(budget), *args], capture_output=True, text=True,
                        cwd=ROOT, env=env)
     log = (r.stdout + r.stderr)
     rec = {"rc": r.returncode, "oom": "out of memory" in log.lower()}
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            summary = [json.loads(x) for x in f if x.strip() and json.loads(x).get("summary")]
-        if summary:
-            rec["measured"], rec["predicted"] = summary[-1].get("measured"), summary[-1].get("predicted")
+    if r.returncode == 0:
+        summary = read_summary_record(metrics)
+        rec["measured"], rec["predicted"] = summary["measured"], summary.get("predicted")
     if r.returncode:
         rec["log_tail"] = log.strip().splitlines()[-3:]
     return rec
