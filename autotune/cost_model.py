@@ -76,6 +76,8 @@ class Cost:
     states_bytes: float = 0.0     # parameters, gradients, master weights, optimizer states, buffers
     act_bytes: float = 0.0        # activations held for backward (all in-flight micro-batches)
     transient_bytes: float = 0.0  # workspace of the layer being recomputed / differentiated
+    step_bytes: float = 0.0       # optimizer-step workspace above the states (casts, flat copies); live when
+                                  # the activations are not, so a stage holds max(activations, step) on top
     detail: dict = field(default_factory=dict)
 
     @property
@@ -179,6 +181,27 @@ class CostModel:
                 return float(v) * self.cal.activation_scale
         return float(lt.ckpt_bytes if checkpoint else lt.act_bytes[tp]) * self.cal.activation_scale
 
+    # ------------------------------------------------------------------ DeepSpeed's engine
+    def engine_costs(self, part: str, zero: int) -> tuple[float, float, float]:
+        """(s per micro-batch, s per step, optimizer-step transient bytes per local parameter) that
+        DeepSpeed's engine adds for one layer of type `part` ('first'/'last': embeddings/head).
+
+        From the profile's engine block (autotune/profile_engine.py): the whole model's measured overhead
+        at this ZeRO stage times the part's share of parameter tensors (hooks and the optimizer's loops
+        run per tensor). The step overhead leaves out the analytic optimizer time (bytes / memory
+        bandwidth, `optimizer_s`), which shrinks with ZeRO sharding. Zeros without an engine block.
+        """
+        prof = self.profile
+        stage = prof.engine_stage(zero) if prof is not None and hasattr(prof, "engine_stage") else None
+        share = prof.engine_tensor_share(part) if stage else None
+        if not stage or share is None:
+            return 0.0, 0.0, 0.0
+        analytic_opt_ms = self.spec.params_total(1) * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) * 1e3
+        mb = float(stage.get("overhead_microbatch_ms", 0.0))
+        step = max(0.0, float(stage.get("step_ms", 0.0)) - analytic_opt_ms)
+        k = self.cal.compute_scale / 1e3   # measured on the profiling host, as the layer times
+        return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
+
     # ------------------------------------------------------------------ memory of model states
     def states_bytes(self, params: float, dp: int, zero: int) -> tuple[float, dict]:
         """Bytes per rank for `params` parameters held by this rank before DP sharding.
@@ -223,7 +246,8 @@ class CostModel:
         m = setting.chunks
         (tp, tp_consec, tp_stride), (dp, dp_consec, dp_stride) = self.groups(setting, s)
         fwd, bwd, rc = self.layer_compute_s(lt, s.tp, b)
-        compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0))
+        engine_mb, engine_step, step_bpp = self.engine_costs(lt.name, setting.zero)
+        compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -265,11 +289,12 @@ class CostModel:
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
         local = shard / zero_dp if setting.zero >= 1 else shard
-        optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
+        optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) + engine_step
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
+                    step_bytes=local * step_bpp,
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
-                            **states_detail})
+                            "engine_microbatch_s": engine_mb, "engine_step_s": engine_step, **states_detail})
 
     def redistribution_s(self, lt: LayerType, prev: LayerStrategy, nxt: LayerStrategy, setting: Setting) -> float:
         """Per-step cost of re-laying out the activation between two layers with different TP layouts.
@@ -334,10 +359,11 @@ class CostModel:
         states, detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
-        return Cost(compute_s=m * (fwd + bwd), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
-                    optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9),
+        engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
+        return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+                    optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) + engine_step,
                     states_bytes=states, act_bytes=act_per_sample * b * inflight,
-                    transient_bytes=act_per_sample * b,
+                    transient_bytes=act_per_sample * b, step_bytes=local * step_bpp,
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline

@@ -36,7 +36,12 @@ File format (JSON, `schema_version` 1):
       "other": {"first": {"vtp": {"1": {... same time/fit/act fields ..., "params": 31782912}}},
                 "last":  {"vtp": {"1": {...}}}},
       "vocab_size": 30522,                     # 0 for vision models: vtp does not change their modules
-      "notes": ["..."]
+      "notes": ["..."],
+      "calibration": {...},                    # autotune/calibrate.py: correction factors (optional)
+      "engine": {"param_tensors": {"layers": {"bert_enc": 16}, "first": 5, "last": 5}, "tensors_total": 394,
+                 "stages": {"0": {"overhead_microbatch_ms": 2.1, "step_ms": 40.3,
+                                  "step_transient_bytes_per_param": 8.0, ...}, ...}}
+                                               # autotune/profile_engine.py: DeepSpeed's own costs (optional)
     }
 
 Fits: t_ms(b) = max(floor, c + m*b) (see TIME_FIT). Times are milliseconds of ONE layer (or one "other"
@@ -266,6 +271,8 @@ class ModelProfile:
     notes: list[str] = field(default_factory=list)
     # Correction factors fitted by autotune/calibrate.py from real runs; CostModel applies them.
     calibration: dict[str, Any] = field(default_factory=dict)
+    # What DeepSpeed's engine adds per ZeRO stage (autotune/profile_engine.py); CostModel spreads it over layers.
+    engine: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors for the cost model
     def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str) -> float | None:
@@ -299,6 +306,20 @@ class ModelProfile:
         lt = self.layer_types.get(layer_type_name)
         return sorted(lt.tp) if lt else []
 
+    def engine_stage(self, zero: int) -> dict | None:
+        """The engine block's measurements at one ZeRO stage (overhead_microbatch_ms, step_ms,
+        step_transient_bytes_per_param, ...), or None when that stage was not measured."""
+        return (self.engine.get("stages") or {}).get(str(int(zero))) if self.engine else None
+
+    def engine_tensor_share(self, part: str) -> float | None:
+        """Share of the model's parameter tensors in one layer of type `part`, or in 'first'/'last'."""
+        if not self.engine:
+            return None
+        t = self.engine.get("param_tensors") or {}
+        n = t.get(part) if part in ("first", "last") else (t.get("layers") or {}).get(part)
+        total = self.engine.get("tensors_total")
+        return None if n is None or not total else n / total
+
     def _layer_entry(self, name: str, tp: int) -> Entry | None:
         lt = self.layer_types.get(name)
         return None if lt is None else lt.tp.get(int(tp))
@@ -324,6 +345,7 @@ class ModelProfile:
             "other": {p: {"vtp": {str(v): e.to_dict() for v, e in sorted(d.items())}} for p, d in self.other.items()},
             "notes": self.notes,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"engine": self.engine} if self.engine else {}),
         }
 
     def save(self, path: str) -> None:
@@ -370,7 +392,8 @@ class ModelProfile:
                    seq_lens=list(d.get("seq_lens") or []), batch_sizes=[int(b) for b in d.get("batch_sizes") or []],
                    fit_error=float(d.get("fit_error", 0.0)), source=dict(d.get("source") or {}),
                    layer_types=layer_types, other=other, vocab_size=int(d.get("vocab_size") or 0),
-                   notes=list(d.get("notes") or []), calibration=dict(d.get("calibration") or {}))
+                   notes=list(d.get("notes") or []), calibration=dict(d.get("calibration") or {}),
+                   engine=dict(d.get("engine") or {}))
 
 
 def _int_key(k: Any, where: str) -> int:

@@ -272,15 +272,7 @@ class Searcher:
                 if res is None:
                     return None
             chosen += [strategies[s] for s in res]
-            mem = {
-                "model_states_mb": sum(c.states_bytes for c in picks + fixed["others"]) / MB,
-                "activations_mb": sum(c.act_bytes for c in picks + fixed["others"]) / MB,
-                "zero_buffers_mb": fixed["buffers"] / MB,
-                "transient_mb": fixed["transient"] / MB,
-                "calibration_offset_mb": fixed["offset"] / MB,
-            }
-            mem["total_mb"] = sum(mem.values())
-            stage_mem.append(mem)
+            stage_mem.append(stage_memory(picks, fixed))
             total = sum_costs(picks + fixed["others"])
             total.compute_s += sum(self.cm.redistribution_s(self.spec.layer(layers[j]), strategies[res[j - 1]],
                                                             strategies[res[j]], setting) for j in range(1, len(res)))
@@ -328,7 +320,7 @@ class Searcher:
                 return None, None, None
             picks = [costs[j][s] for j, s in enumerate(res)]
             exact = self.stage_fixed(setting, k, by_type, counts, picks)
-            used = exact["bytes"] + sum(c.states_bytes + c.act_bytes for c in picks)
+            used = stage_memory(picks, exact)["total_mb"] * MB
             if used <= self.budget:
                 return res, picks, exact
             shrink += used - self.budget
@@ -492,7 +484,25 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.states_bytes += c.states_bytes
         out.act_bytes += c.act_bytes
         out.transient_bytes = max(out.transient_bytes, c.transient_bytes)
+        out.step_bytes += c.step_bytes
     return out
+
+
+def stage_memory(picks: list[Cost], fixed: dict) -> dict:
+    """MB of one stage's peak by part. Activations (with the transient of the layer in backward) and
+    the optimizer step's workspace are never live together: the stage holds the larger of the two."""
+    parts = picks + fixed["others"]
+    mem = {
+        "model_states_mb": sum(c.states_bytes for c in parts) / MB,
+        "activations_mb": sum(c.act_bytes for c in parts) / MB,
+        "zero_buffers_mb": fixed["buffers"] / MB,
+        "transient_mb": fixed["transient"] / MB,
+        "optimizer_step_mb": sum(c.step_bytes for c in parts) / MB,
+        "calibration_offset_mb": fixed["offset"] / MB,
+    }
+    mem["total_mb"] = (mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"]
+                       + max(mem["activations_mb"] + mem["transient_mb"], mem["optimizer_step_mb"]))
+    return mem
 
 
 def balanced_split(fixed: list[float], scaled: list[float], parts: int, head: float = 0.0, tail: float = 0.0,
@@ -635,7 +645,9 @@ def format_report(plan, best: Evaluated, rows: list[dict], alts: list[Evaluated]
     for k, m in enumerate(p["stage_memory_breakdown_mb"]):
         lines.append(f"  stage {k} mem  {m['total_mb'] / 1024:.2f} GB (states {m['model_states_mb'] / 1024:.2f}, "
                      f"activations {m['activations_mb'] / 1024:.2f}, buffers {m['zero_buffers_mb'] / 1024:.2f}, "
-                     f"transient {m['transient_mb'] / 1024:.2f}) + {p['framework_overhead_mb'] / 1024:.1f} GB context")
+                     f"transient {m['transient_mb'] / 1024:.2f}"
+                     + (f", optimizer step {m['optimizer_step_mb'] / 1024:.2f}" if m.get("optimizer_step_mb") else "")
+                     + f") + {p['framework_overhead_mb'] / 1024:.1f} GB context")
     lines.append("  inputs       " + "; ".join(f"{k}: {v}" for k, v in sources.items()))
     lines.append("Best plan of each restricted space:")
     for r in rows:
@@ -701,6 +713,10 @@ def run_search(args: argparse.Namespace) -> tuple:
     else:
         sources["layer times"] = f"analytic ({hw.analytic_mfu:.0%} of {hw.compute_tflops.get(args.precision, 0)} TFLOP/s)"
         sources["activations"] = "analytic (model_zoo formulas)"
+    if profile is not None and profile.engine:
+        sources["engine overheads"] = f"measured per ZeRO stage ({os.path.basename(args.model_profile)})"
+    else:
+        sources["engine overheads"] = "not modelled (add them with autotune/profile_engine.py)"
     W = hw.world_size
     if args.global_batch_size is not None:
         if args.global_batch_size < 1:

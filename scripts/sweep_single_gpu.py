@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Anchor batch sizes (shared/reference/anchors.md) and a sequence of configurations around them.
 ANCHORS = {"bert-large": 32, "vit-large": 64, "swin-base": 64, "t5-large": 16}
+ZERO3_STEPS = 4
 
 
 def configs(model: str, num_layers: int) -> list[dict]:
@@ -35,7 +36,8 @@ def configs(model: str, num_layers: int) -> list[dict]:
             dict(bsz=b // 4, chunks=1, ckpt=0, zero=0, precision="bf16"),
             dict(bsz=2 * b, chunks=2, ckpt=0, zero=0, precision="bf16"),
             dict(bsz=b, chunks=2, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=b, chunks=4, ckpt=0, zero=0, precision="bf16")]
+            dict(bsz=b, chunks=4, ckpt=0, zero=0, precision="bf16"),
+            dict(bsz=2 * b, chunks=2, ckpt=0, zero=1, precision="bf16")]
     out += [dict(bsz=b, chunks=1, ckpt=k, zero=0, precision="bf16") for k in (half // 2, half, num_layers)]
     out += [dict(bsz=2 * b, chunks=1, ckpt=num_layers, zero=0, precision="bf16"),
             dict(bsz=2 * b, chunks=1, ckpt=half, zero=0, precision="bf16")]
@@ -125,7 +127,7 @@ def spawn_groups(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="bert-large,vit-large,swin-base,t5-large")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=7, help="steps per configuration (the first is not timed)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many configurations per model")
     ap.add_argument("--skip", type=int, default=0, help="skip the first configurations of each model")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)   # "i,j,..": this process runs these
@@ -143,7 +145,9 @@ def main() -> int:
         every = configs(model, n)
         for i in (int(x) for x in args.only.split(",")):
             cfg = every[i]
-            rec = run_one(model, cfg, args.steps, n, args.train_args.split())
+            # ZeRO-3 steps take seconds on one GPU (its hooks run per module): fewer of them
+            steps = args.steps if cfg["zero"] != 3 else min(args.steps, ZERO3_STEPS)
+            rec = run_one(model, cfg, steps, n, args.train_args.split())
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             m = rec.get("measured") or {}

@@ -25,7 +25,7 @@ def test_recovers_factors():
     hw = syn.hardware(gpus=1)
     truth = Calibration(compute_scale=1.3, step_overhead_s=0.01, activation_scale=1.1, memory_offset_mb=200)
     plans = [Plan.uniform(num_layers=6, world_size=1, global_bsz=b, chunks=c, checkpoint=k)
-             for b, c, k in ((4, 1, 0), (8, 2, 0), (8, 1, 1))]
+             for b, c, k in ((4, 1, 0), (8, 2, 0), (8, 1, 1), (12, 3, 0))]
     held_out = [Plan.uniform(num_layers=6, world_size=1, global_bsz=16, chunks=4, checkpoint=[1, 1, 0, 0, 0, 0])]
     out = calibrate(spec, hw, None, make_runs(spec, hw, truth, plans), make_runs(spec, hw, truth, held_out))
     assert out["compute_scale"] == pytest.approx(1.3, abs=0.006)
@@ -35,6 +35,18 @@ def test_recovers_factors():
     assert out["check_error_before"]["step_time_median_abs"] > 0.2
     assert out["check_error_after"]["step_time_median_abs"] < 0.01
     assert out["check_error_after"]["memory_median_abs"] < 1e-6
+
+
+def test_three_runs_fit_no_step_offset():
+    """With 3 runs or fewer only the scale is fitted: an offset would trade off against it."""
+    lt = syn.layer(params=1_000_000, fwd_flops=1e11, act_mb=100, ckpt_mb=5)
+    spec = syn.spec([lt], [0] * 6)
+    hw = syn.hardware(gpus=1)
+    truth = Calibration(compute_scale=1.3)
+    plans = [Plan.uniform(num_layers=6, world_size=1, global_bsz=b, chunks=c) for b, c in ((4, 1), (8, 2), (8, 1))]
+    out = calibrate(spec, hw, None, make_runs(spec, hw, truth, plans), [])
+    assert out["step_overhead_s"] == 0.0
+    assert out["compute_scale"] == pytest.approx(1.3, abs=0.006)
 
 
 def test_offset_never_under_predicts_calibration_runs():

@@ -1,0 +1,339 @@
+"""Measure what DeepSpeed's engine adds to a training step, per ZeRO stage, into the model profile.
+
+    python autotune/profile_engine.py --model bert-large --model-profile profiles/h100/bert-large.json
+
+The layer profile (autotune/profile_model.py) times layers alone. A real step also runs the engine:
+hooks on every micro-batch (gradient accumulation, ZeRO-2 buckets, ZeRO-3 gathers and releases) and
+the optimizer boundary (casts, flattening, norms, master-weight copies). On one H100 that is 10-150 ms
+a step for BERT-large, most of it CPU work per parameter tensor, which the layer times cannot show.
+
+For each ZeRO stage this builds train.py's own engine (backends/deepspeed/engine.py) on one device,
+runs steps of two micro-batches of `--micro-batch` samples and times, with a device sync between them:
+
+    bare        forward + backward of the same model without any engine (reference, measured first)
+    microbatch  engine forward + backward + step() off the accumulation boundary
+    boundary    the same on the boundary, where the optimizer runs
+
+and stores per stage: the engine's cost per micro-batch (microbatch - bare) and per step (boundary -
+microbatch), with the memory the optimizer step allocates above what it finds (bytes per parameter).
+The cost model (autotune/cost_model.py) spreads both over the layers by their parameter tensors.
+The profile's precision is the one measured. ZeRO-3 runs last: DeepSpeed leaves its buffers behind.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autotune.model_profile import ModelProfile, ProfileError  # noqa: E402
+from autotune.plan import write_json_atomic  # noqa: E402
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Options:
+    model: str
+    task: str | None
+    precision: str
+    zero: list[int]
+    micro_batch: int
+    reps: int
+    warmup: int
+    checkpoint_layers: int
+    stage_seconds: float = 60.0      # timed steps stop after this (at least 2): ZeRO-3 steps take seconds
+    seed: int = 1234
+
+
+# ---------------------------------------------------------------------- timing helpers
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _timed(fn) -> float:
+    """Milliseconds of fn() between two device syncs."""
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- model pieces
+def _choice(opts: Options):
+    import train
+
+    return train.resolve_model(opts.model, opts.task, None)
+
+
+def _sequence(choice, groups, seed: int):
+    """The model cut into its layer sequence, exactly as train.py builds it."""
+    import train
+    from model_zoo.runtime import get_adapter
+
+    adapter = get_adapter(choice.family)
+    model = train.initial_model(adapter, choice, seed)
+    adapter.tensor_parallelize(model, choice.task, groups.tp_groups)
+    return adapter, adapter.layer_sequence(model, choice.task)
+
+
+def param_tensors(seq, layer_type_names: list[str]) -> dict:
+    """Parameter tensors per layer type (one layer), and on the embeddings / head entries (tied ones once)."""
+    seen: set[int] = set()
+
+    def count(entries) -> int:
+        n = 0
+        for e in entries:
+            for p in e.module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += 1
+        return n
+
+    first = count(seq.embed)
+    per_type: dict[str, int] = {}
+    for name, e in zip(layer_type_names, seq.layers):
+        per_type[name] = count([e])
+    return {"layers": per_type, "first": first, "last": count(seq.head)}
+
+
+def _plan(opts: Options, num_layers: int, zero: int):
+    from autotune.plan import Plan
+
+    k = opts.checkpoint_layers
+    return Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=2 * opts.micro_batch, chunks=2,
+                        zero_stage=zero, precision=opts.precision, checkpoint=[1] * k + [0] * (num_layers - k),
+                        model={"name": opts.model})
+
+
+def measure_bare(opts: Options, choice, plan, groups) -> float:
+    """Median ms of forward + backward of the pp=1 model without an engine (gradients dropped each time)."""
+    import torch
+
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import _to, device
+    from backends.deepspeed.layers import SequentialWithLoss
+    from model_zoo.common import TORCH_DTYPES
+
+    adapter, seq = _sequence(choice, groups, opts.seed)
+    dtype = TORCH_DTYPES[opts.precision]
+    model = SequentialWithLoss(seq, [0] * seq.num_layers).to(device(), dtype=dtype).train()
+    inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed,
+                                   seq_len=choice.seq_len).micro_batches(0)[0]
+    inputs, labels = _to(inputs, device(), dtype), _to(labels, device())
+
+    def once() -> None:
+        model(inputs, labels).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    for _ in range(opts.warmup):
+        once()
+    t = statistics.median(_timed(once) for _ in range(opts.reps))
+    del model, seq
+    _free()
+    return t
+
+
+def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
+    """Times and memory of train.py's engine at one ZeRO stage (two micro-batches per step)."""
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import build_engine
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from backends.megatron.random import seed_everything
+
+    plan = _plan(opts, num_layers, zero)
+    groups = build_parallel_groups(plan)
+    seed_everything(opts.seed, groups.rng_rank, groups.pp_rank)
+    base = _allocated()
+    _reset_peak()
+    adapter, seq = _sequence(choice, groups, opts.seed)
+    trainer = build_engine(plan, groups, seq)
+    _sync()
+    init_peak = _peak()
+    data = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed, seq_len=choice.seq_len)
+    micro = trainer.to_device(data.micro_batches(0))
+    engine = trainer.engine
+
+    def micro_step(inputs, labels) -> None:
+        loss = engine(inputs, labels)
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(opts.warmup):
+        trainer.train_step(micro)
+    _sync()
+    states = _allocated() - base
+    mb_ms, boundary_ms = [], []
+    t_end = time.perf_counter() + opts.stage_seconds
+    while len(mb_ms) < opts.reps and (len(mb_ms) < 2 or time.perf_counter() < t_end):
+        mb_ms.append(_timed(lambda: micro_step(*micro[0])))
+        boundary_ms.append(_timed(lambda: micro_step(*micro[1])))
+    # memory, untimed: the peaks of forward + backward and of the optimizer step, apart
+    _reset_peak()
+    micro_step(*micro[0])
+    loss = engine(*micro[1])
+    engine.backward(loss)
+    _sync()
+    before_step, backward_peak = _allocated(), _peak()
+    _reset_peak()
+    engine.step()
+    _sync()
+    step_peak = _peak()
+    out = {"microbatch_ms": statistics.median(mb_ms), "boundary_ms": statistics.median(boundary_ms),
+           "microbatch_ms_all": [round(x, 3) for x in mb_ms], "boundary_ms_all": [round(x, 3) for x in boundary_ms],
+           "states_mb": states / MB, "init_peak_mb": (init_peak - base) / MB,
+           "backward_peak_mb": (backward_peak - base) / MB,
+           "before_step_mb": (before_step - base) / MB, "step_peak_mb": (step_peak - base) / MB,
+           "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
+    out["step_transient_bytes_per_param"] = max(0, step_peak - before_step) / out["params"]
+    out["init_bytes_per_param"] = max(0, init_peak - base) / out["params"]
+    trainer.destroy()
+    del trainer, engine, seq, micro
+    destroy_parallel_groups()
+    _free()
+    return out
+
+
+def run(opts: Options, spec, progress=print) -> dict:
+    """The engine block for the profile: per stage, overhead per micro-batch and per step, and raw data."""
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
+
+    init_distributed()
+    choice = _choice(opts)
+    n = spec.num_layers
+    names = [spec.layer(i).name for i in range(n)]
+    plan0 = _plan(opts, n, 0)
+    groups = build_parallel_groups(plan0)
+    _, seq = _sequence(choice, groups, opts.seed)
+    tensors = param_tensors(seq, names)
+    del seq
+    t0 = time.perf_counter()
+    bare = measure_bare(opts, choice, plan0, groups)
+    destroy_parallel_groups()
+    progress(f"bare forward+backward: {bare:.2f} ms at micro-batch {opts.micro_batch}")
+    stages = {}
+    for z in sorted(opts.zero):
+        r = measure_stage(opts, choice, z, n)
+        r["overhead_microbatch_ms"] = max(0.0, r["microbatch_ms"] - bare)
+        r["step_ms"] = max(0.0, r["boundary_ms"] - r["microbatch_ms"])
+        stages[str(z)] = r
+        progress(f"ZeRO-{z}: micro-batch {r['microbatch_ms']:.2f} ms (engine +{r['overhead_microbatch_ms']:.2f}), "
+                 f"step +{r['step_ms']:.2f} ms, optimizer-step transient "
+                 f"{r['step_transient_bytes_per_param']:.2f} B/param, states {r['states_mb']:.0f} MB")
+    return {"micro_batch": opts.micro_batch, "checkpoint_layers": opts.checkpoint_layers,
+            "bare_microbatch_ms": bare, "param_tensors": tensors,
+            "tensors_total": sum(tensors["layers"][nm] for nm in names) + tensors["first"] + tensors["last"],
+            "stages": stages, "seconds": round(time.perf_counter() - t0, 1),
+            "command": " ".join(["python", "autotune/profile_engine.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="preset name, HF config .json or checkpoint folder")
+    ap.add_argument("--task", default=None)
+    ap.add_argument("--model-profile", required=True,
+                    help="profile to add the 'engine' block to (its precision is the one measured)")
+    ap.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to measure (default 0,1,2,3)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="samples per micro-batch (default 1: launch-bound)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per stage (median; default GPU 8, CPU 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default GPU 3, CPU 1)")
+    ap.add_argument("--stage-seconds", type=float, default=60.0,
+                    help="stop timing a stage after this many seconds (at least 2 steps; default 60)")
+    ap.add_argument("--checkpoint-layers", type=int, default=0,
+                    help="checkpoint the first K layers (a diagnostic of memory phases; use with --out)")
+    ap.add_argument("--out", default=None, help="also write the block to this JSON file")
+    ap.add_argument("--no-update", action="store_true", help="do not write the block into --model-profile")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from model_zoo import get_model_spec
+    from model_zoo.registry import ModelInputError
+
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available()
+    try:
+        profile = ModelProfile.load(args.model_profile)
+        zero = [int(z) for z in args.zero.split(",") if z.strip()]
+        if not zero or any(z not in (0, 1, 2, 3) for z in zero):
+            raise ValueError(f"--zero {args.zero!r}: give stages among 0,1,2,3, e.g. 0,1,2,3")
+        if args.micro_batch < 1:
+            raise ValueError("--micro-batch must be at least 1")
+        if args.reps is not None and args.reps < 2 or args.warmup is not None and args.warmup < 0:
+            raise ValueError("--reps must be at least 2 and --warmup at least 0")
+        spec = get_model_spec(args.model, precision=profile.precision, task=args.task)
+        if not 0 <= args.checkpoint_layers <= spec.num_layers:
+            raise ValueError(f"--checkpoint-layers must be in 0..{spec.num_layers}")
+        if spec.name != profile.model and os.path.basename(str(spec.name)) != profile.model:
+            raise ValueError(f"--model {args.model} but {args.model_profile} profiles {profile.model}; "
+                             f"give the profile of the same model")
+    except (ProfileError, ModelInputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero,
+                   micro_batch=args.micro_batch, reps=args.reps if args.reps is not None else (8 if gpu else 2),
+                   warmup=args.warmup if args.warmup is not None else (3 if gpu else 1), checkpoint_layers=args.checkpoint_layers,
+                   stage_seconds=args.stage_seconds)
+    block = run(opts, spec, progress=lambda s: print(f"[profile_engine {opts.model}] {s}", flush=True))
+    block["device"] = torch.cuda.get_device_name() if gpu else "cpu"
+    if args.out:
+        write_json_atomic(args.out, block)
+    if not args.no_update:
+        with open(args.model_profile) as f:
+            raw = json.load(f)
+        raw["engine"] = block
+        write_json_atomic(args.model_profile, raw)
+        print(f"wrote the engine block into {args.model_profile}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""autotune/profile_engine.py on CPU (bert-test) and how the cost model and the search use its engine block.
+References are hand counts (BERT's parameter tensors) and hand arithmetic, not saved outputs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from autotune.cost_model import Cost, CostModel, LayerStrategy, Setting
+from autotune.hardware import load_hardware
+from autotune.model_profile import ModelProfile
+from autotune.search import stage_memory
+from model_zoo import get_model_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+MB = 1024 * 1024
+# BERT by hand. Encoder layer: Q, K, V, attention-output dense (w+b each: 8), attention LayerNorm (2),
+# intermediate dense (2), output dense (2), output LayerNorm (2). Embeddings: word, position, token type,
+# LayerNorm w+b. MLM head: transform dense w+b, LayerNorm w+b, output bias (decoder weight tied to the words).
+BERT_LAYER, BERT_FIRST, BERT_LAST = 16, 5, 5
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    base, eng = str(d / "bert-test.json"), str(d / "bert-test-engine.json")
+    r = _cli("autotune/profile_model.py", "--model", "bert-test", "--device", "cpu", "--batch-sizes", "1,2",
+             "--tp", "1,2", "--out", base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copy(base, eng)
+    r = _cli("autotune/profile_engine.py", "--model", "bert-test", "--model-profile", eng,
+             "--zero", "0,2", "--reps", "2", "--warmup", "1")
+    return {"base": base, "engine": eng, "run": r}
+
+
+# ---------------------------------------------------------------------- a) the CLI end to end
+def test_cli_writes_engine_block(files):
+    r = files["run"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(files["base"]) as f:
+        before = json.load(f)
+    with open(files["engine"]) as f:
+        after = json.load(f)
+    eng = after.pop("engine")
+    assert after == before                                   # the rest of the profile is left as it was
+    assert set(eng["stages"]) == {"0", "2"}
+    spec = get_model_spec("bert-test", precision=before["precision"])
+    for z, st in eng["stages"].items():
+        for key in ("microbatch_ms", "boundary_ms", "overhead_microbatch_ms", "step_ms",
+                    "step_transient_bytes_per_param", "states_mb", "step_peak_mb"):
+            assert math.isfinite(st[key]) and st[key] >= 0, (z, key, st[key])
+        assert len(st["microbatch_ms_all"]) == len(st["boundary_ms_all"]) == 2          # --reps 2
+        # the derived overheads are the stated differences of the measured times
+        assert st["overhead_microbatch_ms"] == pytest.approx(max(0.0, st["microbatch_ms"] - eng["bare_microbatch_ms"]))
+        assert st["step_ms"] == pytest.approx(max(0.0, st["boundary_ms"] - st["microbatch_ms"]))
+        assert st["params"] == spec.params_total(1)           # the engine holds the whole model, tied once
+    assert math.isfinite(eng["bare_microbatch_ms"]) and eng["bare_microbatch_ms"] > 0
+    assert eng["micro_batch"] == 1 and eng["device"] == "cpu"
+
+
+def test_cli_param_tensor_counts(files):
+    with open(files["engine"]) as f:
+        eng = json.load(f)["engine"]
+    spec = get_model_spec("bert-test", precision="bf16")
+    names = [lt.name for lt in spec.layer_types]
+    assert eng["param_tensors"] == {"layers": {n: BERT_LAYER for n in names}, "first": BERT_FIRST,
+                                    "last": BERT_LAST}
+    assert eng["tensors_total"] == spec.num_layers * BERT_LAYER + BERT_FIRST + BERT_LAST == 74
+
+    # the same counts straight from the Hugging Face modules (no layer sequence involved)
+    from model_zoo.registry import load_hf_config
+    from model_zoo.runtime import get_adapter
+
+    model = get_adapter("bert").build_model(load_hf_config("bert-test"), "mlm")
+    emb = {id(p) for p in model.bert.embeddings.parameters()}
+    head = {id(p) for p in model.cls.parameters()} - emb
+    assert (len(list(model.bert.encoder.layer[0].parameters())), len(emb), len(head)) == \
+        (BERT_LAYER, BERT_FIRST, BERT_LAST)
+
+
+def test_cli_result_loads(files):
+    p = ModelProfile.load(files["engine"])
+    assert p.engine["tensors_total"] == 74
+    st = p.engine_stage(2)
+    assert isinstance(st, dict) and st == p.engine["stages"]["2"]
+    assert p.engine_stage(3) is None and p.engine_stage(1) is None
+    assert p.engine_tensor_share("first") == pytest.approx(BERT_FIRST / 74)
+    assert ModelProfile.from_dict(p.to_dict()).engine == p.engine
+
+
+# ---------------------------------------------------------------------- b) bad input
+@pytest.mark.parametrize("args", [
+    ["--model", "vit-test", "--model-profile", "{base}"],
+    ["--model", "bert-test", "--model-profile", "{base}", "--zero", "5"],
+    ["--model", "bert-test", "--model-profile", "{missing}"],
+], ids=["other-model", "zero-5", "missing-profile"])
+def test_cli_bad_input(files, tmp_path, args):
+    with open(files["base"], "rb") as f:
+        before = f.read()
+    paths = {"base": files["base"], "missing": str(tmp_path / "nope.json")}
+    r = _cli("autotune/profile_engine.py", *[a.format(**paths) for a in args])
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in r.stderr
+    with open(files["base"], "rb") as f:
+        assert f.read() == before
+    assert not os.path.exists(paths["missing"])
+
+
+# ---------------------------------------------------------------------- c) cost-model arithmetic
+BLOCK_N = 74
+
+
+def _block(step_ms: float = 50.0) -> dict:
+    return {"param_tensors": {"layers": {"bert_enc": 16}, "first": 5, "last": 5}, "tensors_total": BLOCK_N,
+            "stages": {"0": {"overhead_microbatch_ms": 8.0, "step_ms": step_ms,
+                             "step_transient_bytes_per_param": 4.0}}}
+
+
+@pytest.fixture(scope="module")
+def model_parts(files):
+    profile = ModelProfile.load(files["base"])
+    assert not profile.engine
+    spec = get_model_spec("bert-test", precision=profile.precision)
+    assert [lt.name for lt in spec.layer_types] == ["bert_enc"]
+    return profile, spec, load_hardware("1xH100")
+
+
+def _pair(model_parts, fn, step_ms=50.0):
+    """fn(cost_model) with the hand-made engine block and without any."""
+    profile, spec, hw = model_parts
+    profile.engine = _block(step_ms)
+    with_engine = fn(CostModel(spec, hw, profile))
+    profile.engine = {}
+    return with_engine, fn(CostModel(spec, hw, profile))
+
+
+def test_layer_cost_adds_engine_terms(model_parts):
+    _, spec, hw = model_parts
+    lt = spec.layer_types[0]
+    setting = Setting(world=1, pp=1, zero=0, chunks=2, global_bsz=8)
+    on, off = _pair(model_parts, lambda cm: cm.layer_cost(lt, LayerStrategy(), setting, stage=0))
+    analytic_opt_ms = spec.params_total(1) * 30 / (hw.mem_bw_gbps * 1e9) * 1e3
+    assert 0 < analytic_opt_ms < 50
+    assert on.compute_s - off.compute_s == pytest.approx(2 * 8e-3 * 16 / BLOCK_N, rel=1e-9)
+    assert on.optimizer_s - off.optimizer_s == pytest.approx((50.0 - analytic_opt_ms) * 1e-3 * 16 / BLOCK_N, rel=1e-9)
+    assert on.step_bytes == pytest.approx(lt.params * 4.0) and off.step_bytes == 0
+    assert (on.states_bytes, on.act_bytes, on.tp_comm_s) == (off.states_bytes, off.act_bytes, off.tp_comm_s)
+
+
+def test_engine_step_clamped_at_zero(model_parts):
+    _, spec, _ = model_parts
+    lt = spec.layer_types[0]
+    setting = Setting(world=1, pp=1, zero=0, chunks=2, global_bsz=8)
+    # 1e-6 ms is below the analytic optimizer time of the whole model: no negative step overhead
+    on, off = _pair(model_parts, lambda cm: cm.layer_cost(lt, LayerStrategy(), setting, stage=0), step_ms=1e-6)
+    assert on.optimizer_s == pytest.approx(off.optimizer_s, rel=1e-12)
+    assert on.compute_s > off.compute_s
+
+
+def test_unmeasured_stage_has_no_engine_terms(model_parts):
+    _, spec, _ = model_parts
+    lt = spec.layer_types[0]
+    setting = Setting(world=1, pp=1, zero=1, chunks=2, global_bsz=8)
+    on, off = _pair(model_parts, lambda cm: cm.layer_cost(lt, LayerStrategy(), setting, stage=0))
+    assert (on.compute_s, on.optimizer_s, on.step_bytes) == (off.compute_s, off.optimizer_s, 0.0)
+    o_on, o_off = _pair(model_parts, lambda cm: cm.other_cost("first", setting, 0, 1))
+    assert (o_on.compute_s, o_on.optimizer_s, o_on.step_bytes) == (o_off.compute_s, o_off.optimizer_s, 0.0)
+
+
+@pytest.mark.parametrize("part", ["first", "last"])
+def test_other_cost_adds_engine_terms(model_parts, part):
+    _, spec, hw = model_parts
+    setting = Setting(world=1, pp=1, zero=0, chunks=2, global_bsz=8)
+    on, off = _pair(model_parts, lambda cm: cm.other_cost(part, setting, 0, 1))
+    analytic_opt_ms = spec.params_total(1) * 30 / (hw.mem_bw_gbps * 1e9) * 1e3
+    assert on.compute_s - off.compute_s == pytest.approx(2 * 8e-3 * 5 / BLOCK_N, rel=1e-9)
+    assert on.optimizer_s - off.optimizer_s == pytest.approx((50.0 - analytic_opt_ms) * 1e-3 * 5 / BLOCK_N, rel=1e-9)
+    o = spec.other
+    params = o.params_first[1] if part == "first" else o.params_last[1] - o.tied_params[1]   # pp=1: tied once
+    assert on.step_bytes == pytest.approx(params * 4.0)
+
+
+# ---------------------------------------------------------------------- stage memory: max(activations, step)
+@pytest.mark.parametrize("step_mb, expect_mb", [(10.0, 100 + 30 + 6), (80.0, 100 + 80)],
+                         ids=["activations-dominate", "step-dominates"])
+def test_stage_memory_takes_larger_of_activations_and_step(step_mb, expect_mb):
+    a = Cost(states_bytes=60 * MB, act_bytes=20 * MB, step_bytes=step_mb * 0.75 * MB)
+    b = Cost(states_bytes=40 * MB, act_bytes=10 * MB, step_bytes=step_mb * 0.25 * MB)
+    mem = stage_memory([a, b], {"others": [], "buffers": 0, "transient": 6 * MB, "offset": 0})
+    assert mem["optimizer_step_mb"] == pytest.approx(step_mb)
+    assert mem["model_states_mb"] == pytest.approx(100) and mem["activations_mb"] == pytest.approx(30)
+    assert mem["total_mb"] == pytest.approx(expect_mb)
