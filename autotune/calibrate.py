@@ -12,7 +12,6 @@ factors go into the profile's "calibration" block, which CostModel applies on ev
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autotune.cost_model import Calibration  # noqa: E402
-from autotune.plan import Plan, write_json_atomic  # noqa: E402
+from autotune.plan import Plan  # noqa: E402
 
 
 def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float, list[dict]]:
@@ -143,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(args.model_profile) as f:
-        raw = json.load(f)
-    raw["calibration"] = result
-    write_json_atomic(args.model_profile, raw)
+    ModelProfile.set_block(args.model_profile, "calibration", result)
     for k, v in result.items():
         print(f"{k:<22} {v}")
     return 0

@@ -192,15 +192,18 @@ class CostModel:
         bandwidth, `optimizer_s`), which shrinks with ZeRO sharding. Zeros without an engine block.
         """
         prof = self.profile
-        stage = prof.engine_stage(zero) if prof is not None and hasattr(prof, "engine_stage") else None
+        stage = prof.engine_stage(zero) if prof is not None else None
         share = prof.engine_tensor_share(part) if stage else None
         if not stage or share is None:
             return 0.0, 0.0, 0.0
-        analytic_opt_ms = self.spec.params_total(1) * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) * 1e3
-        mb = float(stage.get("overhead_microbatch_ms", 0.0))
-        step = max(0.0, float(stage.get("step_ms", 0.0)) - analytic_opt_ms)
-        k = self.cal.compute_scale / 1e3   # measured on the profiling host, as the layer times
+        mb = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3
+        step = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - self.optimizer_s(self.spec.params_total(1)))
+        k = self.cal.compute_scale         # measured on the profiling host, as the layer times
         return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
+
+    def optimizer_s(self, local_params: float) -> float:
+        """Analytic Adam step of `local_params` parameters: its bytes at the device's memory bandwidth."""
+        return local_params * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9)
 
     # ------------------------------------------------------------------ memory of model states
     def states_bytes(self, params: float, dp: int, zero: int) -> tuple[float, dict]:
@@ -289,7 +292,7 @@ class CostModel:
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
         local = shard / zero_dp if setting.zero >= 1 else shard
-        optimizer = local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) + engine_step
+        optimizer = self.optimizer_s(local) + engine_step
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
                     step_bytes=local * step_bpp,
@@ -361,7 +364,7 @@ class CostModel:
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
-                    optimizer_s=local * OPTIMIZER_BYTES_PER_PARAM / (self.hw.mem_bw_gbps * 1e9) + engine_step,
+                    optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=states, act_bytes=act_per_sample * b * inflight,
                     transient_bytes=act_per_sample * b, step_bytes=local * step_bpp,
                     detail={"params": params, "shard_params": shard, **detail})

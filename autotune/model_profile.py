@@ -40,7 +40,7 @@ File format (JSON, `schema_version` 1):
       "calibration": {...},                    # autotune/calibrate.py: correction factors (optional)
       "engine": {"param_tensors": {"layers": {"bert_enc": 16}, "first": 5, "last": 5}, "tensors_total": 394,
                  "stages": {"0": {"overhead_microbatch_ms": 2.1, "step_ms": 40.3,
-                                  "step_transient_bytes_per_param": 8.0, ...}, ...}}
+                                  "step_transient_bytes_per_param": 4.0, ...}, ...}}
                                                # autotune/profile_engine.py: DeepSpeed's own costs (optional)
     }
 
@@ -347,6 +347,15 @@ class ModelProfile:
             **({"calibration": self.calibration} if self.calibration else {}),
             **({"engine": self.engine} if self.engine else {}),
         }
+
+    @staticmethod
+    def set_block(path: str, key: str, block: dict) -> None:
+        """Put one top-level block ("calibration", "engine") into the profile file at `path`, atomically,
+        leaving every other key as written (a tool that adds to a profile does not re-serialise the rest)."""
+        with open(path) as f:
+            raw = json.load(f)
+        raw[key] = block
+        write_json_atomic(path, raw)
 
     def save(self, path: str) -> None:
         """Atomic: a temporary file in the same folder, then os.replace (never a half-written profile)."""

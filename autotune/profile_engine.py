@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,12 +97,6 @@ def _free() -> None:
 
 
 # ---------------------------------------------------------------------- model pieces
-def _choice(opts: Options):
-    import train
-
-    return train.resolve_model(opts.model, opts.task, None)
-
-
 def _sequence(choice, groups, seed: int):
     """The model cut into its layer sequence, exactly as train.py builds it."""
     import train
@@ -145,16 +137,13 @@ def _plan(opts: Options, num_layers: int, zero: int):
                         model={"name": opts.model})
 
 
-def measure_bare(opts: Options, choice, plan, groups) -> float:
+def measure_bare(opts: Options, choice, plan, adapter, seq) -> float:
     """Median ms of forward + backward of the pp=1 model without an engine (gradients dropped each time)."""
-    import torch
-
     from backends.data import SyntheticData
     from backends.deepspeed.engine import _to, device
     from backends.deepspeed.layers import SequentialWithLoss
     from model_zoo.common import TORCH_DTYPES
 
-    adapter, seq = _sequence(choice, groups, opts.seed)
     dtype = TORCH_DTYPES[opts.precision]
     model = SequentialWithLoss(seq, [0] * seq.num_layers).to(device(), dtype=dtype).train()
     inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed,
@@ -168,10 +157,7 @@ def measure_bare(opts: Options, choice, plan, groups) -> float:
 
     for _ in range(opts.warmup):
         once()
-    t = statistics.median(_timed(once) for _ in range(opts.reps))
-    del model, seq
-    _free()
-    return t
+    return statistics.median(_timed(once) for _ in range(opts.reps))
 
 
 def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
@@ -228,9 +214,7 @@ def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
     out["step_transient_bytes_per_param"] = max(0, step_peak - before_step) / out["params"]
     out["init_bytes_per_param"] = max(0, init_peak - base) / out["params"]
     trainer.destroy()
-    del trainer, engine, seq, micro
     destroy_parallel_groups()
-    _free()
     return out
 
 
@@ -238,22 +222,25 @@ def run(opts: Options, spec, progress=print) -> dict:
     """The engine block for the profile: per stage, overhead per micro-batch and per step, and raw data."""
     from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
 
+    import train
+
     init_distributed()
-    choice = _choice(opts)
+    choice = train.resolve_model(opts.model, opts.task, None)
     n = spec.num_layers
     names = [spec.layer(i).name for i in range(n)]
-    plan0 = _plan(opts, n, 0)
-    groups = build_parallel_groups(plan0)
-    _, seq = _sequence(choice, groups, opts.seed)
-    tensors = param_tensors(seq, names)
-    del seq
     t0 = time.perf_counter()
-    bare = measure_bare(opts, choice, plan0, groups)
+    plan0 = _plan(opts, n, 0)
+    adapter, seq = _sequence(choice, build_parallel_groups(plan0), opts.seed)
+    tensors = param_tensors(seq, names)
+    bare = measure_bare(opts, choice, plan0, adapter, seq)
+    del seq
+    _free()
     destroy_parallel_groups()
     progress(f"bare forward+backward: {bare:.2f} ms at micro-batch {opts.micro_batch}")
     stages = {}
     for z in sorted(opts.zero):
         r = measure_stage(opts, choice, z, n)
+        _free()                                    # the stage's engine and model are unreachable now
         r["overhead_microbatch_ms"] = max(0.0, r["microbatch_ms"] - bare)
         r["step_ms"] = max(0.0, r["boundary_ms"] - r["microbatch_ms"])
         stages[str(z)] = r
@@ -323,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_json_atomic(args.out, block)
     if not args.no_update:
-        with open(args.model_profile) as f:
-            raw = json.load(f)
-        raw["engine"] = block
-        write_json_atomic(args.model_profile, raw)
+        ModelProfile.set_block(args.model_profile, "engine", block)
         print(f"wrote the engine block into {args.model_profile}")
     import torch.distributed as dist
 

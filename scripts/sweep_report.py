@@ -57,7 +57,6 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from autotune.hardware import load_hardware
-    from autotune.model_profile import ModelProfile
     from model_zoo import get_model_spec
 
     hw = load_hardware(args.hardware)
@@ -67,7 +66,6 @@ def main() -> int:
         for r in ok:
             r["plan_obj"] = Plan.from_dict(r["plan"])
             r["name"] = r["plan_obj"].describe()
-            r["has_comm"] = False
         profiles = {prec: profile_for(args.profiles, model, prec) for prec in {r["plan_obj"].precision for r in ok}}
         specs = {prec: get_model_spec(model, precision=prec) for prec in profiles}
         # One calibration per model, from its first `--calibrate` configurations whatever their precision
