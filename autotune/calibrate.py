@@ -62,7 +62,7 @@ def fit_memory(runs, predict) -> tuple[float, float]:
         _, mem = predict(r, Calibration())
         for m, meas in zip(mem, r["measured"]["stage_peak_memory_mb"]):
             act = m["activations_mb"] + m["transient_mb"]
-            if act < m.get("optimizer_step_mb", 0.0):
+            if act + m.get("backward_grads_mb", 0.0) < m.get("optimizer_step_mb", 0.0):
                 act = 0.0      # the optimizer step's workspace sets the peak: activation_scale does not enter
             pts.append((act, m["total_mb"] - act, meas))
     if len({round(p[0], 3) for p in pts}) >= 2:

@@ -19,6 +19,8 @@ FRAMEWORK_OVERHEAD_BYTES = 1024 * MB
 FRAGMENTATION_RESERVE = 0.08
 # Adam step: reads fp32 master, m, v, fp32 grad and writes master, m, v, low-precision param (bytes/param).
 OPTIMIZER_BYTES_PER_PARAM = 4 * 7 + 2
+# Share of ZeRO-3's per-micro-batch engine work done by forward hooks (repeated by recompute).
+ZERO3_FORWARD_HOOK_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,14 @@ class Cost:
     dp_exposed_s: float = 0.0     # per step: DP/ZeRO communication not hidden behind compute
     dp_tail_s: float = 0.0        # per step: gradient sync after the last micro-batch (ZeRO 0/1)
     optimizer_s: float = 0.0      # per step: the optimizer update of this piece's parameters
-    states_bytes: float = 0.0     # parameters, gradients, master weights, optimizer states, buffers
+    states_bytes: float = 0.0     # held through the activation phase: parameters, master weights, optimizer
+                                  # states, persistent gradient buffers (+ accumulated gradients when chunks > 1)
     act_bytes: float = 0.0        # activations held for backward (all in-flight micro-batches)
     transient_bytes: float = 0.0  # workspace of the layer being recomputed / differentiated
-    step_bytes: float = 0.0       # optimizer-step workspace above the states (casts, flat copies); live when
-                                  # the activations are not, so a stage holds max(activations, step) on top
+    accum_bytes: float = 0.0      # with one micro-batch: gradients accumulated for the step, allocated in
+                                  # this piece's backward (with several they are in states_bytes)
+    step_bytes: float = 0.0       # optimizer-step workspace above states + gradients (casts, flat copies);
+                                  # live when the activations are not
     detail: dict = field(default_factory=dict)
 
     @property
@@ -207,27 +212,46 @@ class CostModel:
 
     # ------------------------------------------------------------------ memory of model states
     def states_bytes(self, params: float, dp: int, zero: int) -> tuple[float, dict]:
-        """Bytes per rank for `params` parameters held by this rank before DP sharding.
+        """(persistent bytes, detail) per rank for `params` parameters held by this rank before DP sharding.
 
-        DeepSpeed 0.19 with bf16/fp16 (grad accumulation in fp32 for ZeRO >= 1, as our config sets):
-          ZeRO-0: low-precision param 2 + grad 2 + fp32 master 4 + Adam m,v 8  (FP16_Optimizer-style)
-          ZeRO-1: param 2 + fp32 grad accumulation buffer 4 + (master + Adam 12) / dp  (BF16_Optimizer)
-          ZeRO-2: param 2 + (fp32 grad partition 4 + master + Adam 12) / dp
-          ZeRO-3: (param 2 + fp32 grad 4 + master + Adam 12) / dp
-        fp32: param 4, grad 4, Adam 8; no master copy; ZeRO shards the same way.
+        Persistent: alive through the whole step. detail["accum_grads"] is kept apart: gradient buffers
+        that exist only from the first backward to the optimizer step (freed by it), so a single
+        micro-batch's activation peak (start of backward) does not see them but the optimizer step and
+        every later micro-batch of an accumulation do. Bytes per parameter as measured with train.py's
+        engine on one H100 (autotune/profile_engine.py: states after a step, then before the next step):
+          bf16/fp16  ZeRO-0: param 2 + fp32 master + Adam 12;        accumulated bf16 grads 2
+                     ZeRO-1: param 2 + fp32 flat grad 4 + 12 / dp;   accumulated bf16 grads 2
+                     ZeRO-2: param 2 + 12 / dp;                      accumulated fp32 grad partition 4 / dp
+                     ZeRO-3: (param 2 + fp32 grad 4 + 12) / dp;      none
+          fp32       ZeRO-0: param 4 + Adam 8;                       accumulated grads 4
+                     ZeRO-1/2: param 4 + (fp32 partition copy 4 + Adam 8) / dp; grads 4 (ZeRO-2: 4 / dp)
+                     ZeRO-3: (param 4 + grad 4 + Adam 8) / dp;       none
         """
         lowp = self.spec.precision in ("bf16", "fp16")
-        p, g, opt = (2, 4, 12) if lowp else (4, 4, 8)
-        if zero == 0:
-            per = {"params": p, "grads": 2 if lowp else 4, "optimizer": opt}
-        elif zero == 1:
-            per = {"params": p, "grads": g, "optimizer": opt / dp}
-        elif zero == 2:
-            per = {"params": p, "grads": g / dp, "optimizer": opt / dp}
+        if lowp:
+            per = {0: (2, 0, 12, 2), 1: (2, 4, 12 / dp, 2), 2: (2, 0, 12 / dp, 4 / dp),
+                   3: (2 / dp, 4 / dp, 12 / dp, 0)}[zero]
         else:
-            per = {"params": p / dp, "grads": g / dp, "optimizer": opt / dp}
-        detail = {k: v * params for k, v in per.items()}
-        return sum(detail.values()), detail
+            per = {0: (4, 0, 8, 4), 1: (4, 0, 12 / dp, 4), 2: (4, 0, 12 / dp, 4 / dp),
+                   3: (4 / dp, 4 / dp, 8 / dp, 0)}[zero]
+        detail = {k: v * params for k, v in zip(("params", "grads", "optimizer", "accum_grads"), per)}
+        return detail["params"] + detail["grads"] + detail["optimizer"], detail
+
+    def phase_bytes(self, params: float, dp: int, zero: int, chunks: int) -> tuple[float, float]:
+        """(bytes held through the activation phase, accumulated gradients that appear in backward).
+
+        With one micro-batch the accumulated gradients appear while backward frees the activations
+        (stage_memory scans that); with several they are alive while later micro-batches hold
+        activations, so they count with the states."""
+        states, detail = self.states_bytes(params, dp, zero)
+        accum = detail["accum_grads"]
+        return (states + accum, 0.0) if chunks > 1 else (states, accum)
+
+    @staticmethod
+    def accum_flush_elems(zero: int) -> float:
+        """ZeRO-2 allocates its whole fp32 gradient partition at the first bucket reduce (after this many
+        gradient elements of backward); 0: gradients appear piece by piece as backward reaches them."""
+        return REDUCE_BUCKET_ELEMS if zero == 2 else 0
 
     def zero_buffer_bytes(self, setting: Setting, stage_params: float) -> float:
         """Fixed DeepSpeed buffers per rank for the bucket sizes our generated config sets."""
@@ -250,6 +274,10 @@ class CostModel:
         (tp, tp_consec, tp_stride), (dp, dp_consec, dp_stride) = self.groups(setting, s)
         fwd, bwd, rc = self.layer_compute_s(lt, s.tp, b)
         engine_mb, engine_step, step_bpp = self.engine_costs(lt.name, setting.zero)
+        if s.checkpoint and setting.zero == 3:
+            # Recompute runs ZeRO-3's forward hooks again (gather, release): taken as the forward half of
+            # the measured per-micro-batch hook work (backward's hooks gather again and reduce).
+            engine_mb *= 1 + ZERO3_FORWARD_HOOK_SHARE
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
@@ -284,7 +312,8 @@ class CostModel:
                 bwd_side = overlap(ag + rs, bwd, coe) - bwd
                 exposed = m * (fwd_side + bwd_side)
         zero_dp = setting.zero_divisor(s.tp)
-        states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
+        _, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
+        held, accum = self.phase_bytes(shard, zero_dp, setting.zero, setting.chunks)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
@@ -294,7 +323,8 @@ class CostModel:
         local = shard / zero_dp if setting.zero >= 1 else shard
         optimizer = self.optimizer_s(local) + engine_step
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
-                    optimizer_s=optimizer, states_bytes=states, act_bytes=act, transient_bytes=transient,
+                    optimizer_s=optimizer, states_bytes=held, act_bytes=act, transient_bytes=transient,
+                    accum_bytes=accum,
                     step_bytes=local * step_bpp,
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
                             "engine_microbatch_s": engine_mb, "engine_step_s": engine_step, **states_detail})
@@ -359,14 +389,15 @@ class CostModel:
             # Vocab-parallel cross-entropy: all-reduces of per-token max, sum and target logit (fp32).
             tp_comm = m * 3 * self.allreduce_s(4 * self.spec.layer(self.spec.num_layers - 1).seq_len * b, vtp)
         zero_dp = setting.zero_divisor(vtp)
-        states, detail = self.states_bytes(shard, zero_dp, setting.zero)
+        _, detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
+        held, accum = self.phase_bytes(shard, zero_dp, setting.zero, setting.chunks)
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
-                    states_bytes=states, act_bytes=act_per_sample * b * inflight,
-                    transient_bytes=act_per_sample * b, step_bytes=local * step_bpp,
+                    states_bytes=held, act_bytes=act_per_sample * b * inflight,
+                    transient_bytes=act_per_sample * b, accum_bytes=accum, step_bytes=local * step_bpp,
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline

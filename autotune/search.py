@@ -363,11 +363,9 @@ class Searcher:
         of the layer in backward, the calibration offset. Buckets and transient depend on the chosen
         strategies only through their sizes: without `picks` the smallest over the usable choices is
         taken (a bound the DP starts from), with `picks` the exact value."""
-        others = []
-        if k == 0:
-            others.append(self.cm.other_cost("first", setting, k, setting.vtp))
-        if k == setting.pp - 1:
-            others.append(self.cm.other_cost("last", setting, k, setting.vtp))
+        before = [self.cm.other_cost("first", setting, k, setting.vtp)] if k == 0 else []
+        after = [self.cm.other_cost("last", setting, k, setting.vtp)] if k == setting.pp - 1 else []
+        others = before + after
         if picks is None:
             usable = {t: [c for c in row if c is not UNUSABLE] for t, row in by_type.items()}
             layer_params = sum(counts[t] * min(c.detail["shard_params"] for c in row) for t, row in usable.items())
@@ -379,7 +377,9 @@ class Searcher:
         transient = max([layer_transient] + [o.transient_bytes for o in others])
         offset = self.cm.cal.memory_offset_mb * MB  # calibrated per-rank memory the model lacks
         fixed = sum(o.states_bytes + o.act_bytes for o in others) + buffers + transient + offset
-        return {"bytes": fixed, "others": others, "buffers": buffers, "transient": transient, "offset": offset}
+        return {"bytes": fixed, "others": others, "before": before, "after": after, "inflight": setting.inflight(k),
+                "accum_flush_elems": self.cm.accum_flush_elems(setting.zero),
+                "buffers": buffers, "transient": transient, "offset": offset}
 
     def solve(self, costs: list[list[Cost]], free_bytes: float, switch: np.ndarray | None = None,
               groups: np.ndarray | None = None) -> list[int] | None:
@@ -485,23 +485,44 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.act_bytes += c.act_bytes
         out.transient_bytes = max(out.transient_bytes, c.transient_bytes)
         out.step_bytes += c.step_bytes
+        out.accum_bytes += c.accum_bytes
     return out
 
 
 def stage_memory(picks: list[Cost], fixed: dict) -> dict:
-    """MB of one stage's peak by part. Activations (with the transient of the layer in backward) and
-    the optimizer step's workspace are never live together: the stage holds the larger of the two."""
+    """MB of one stage's peak by part: states and buffers, plus the larger of the activation phase and
+    the optimizer step (accumulated gradients + the step's workspace), which are never live together.
+
+    The activation phase is scanned through backward, last piece first: while a piece runs backward,
+    the current micro-batch's activations of the pieces after it are freed, the piece adds its
+    workspace (`transient_bytes`: one layer's full activations, also what a checkpointed layer
+    recomputes), and the gradients accumulated so far are held (all at once after the first bucket under ZeRO-2). `picks`
+    are the stage's layers in order; fixed["before"]/["after"] the embeddings/head around them."""
+    seq = fixed.get("before", []) + picks + fixed.get("after", [])
+    inflight, flush = fixed.get("inflight", 1), fixed.get("accum_flush_elems", 0)
+    stored = sum(c.act_bytes for c in seq)
+    accum_total = sum(c.accum_bytes for c in seq)
+    peak, at_peak, freed, grads, elems = -1.0, (0.0, 0.0), 0.0, 0.0, 0.0
+    for c in reversed(seq):
+        elems += c.detail.get("shard_params", 0.0)
+        grads = (accum_total if elems >= flush else 0.0) if flush else grads + c.accum_bytes
+        extra = c.transient_bytes - freed
+        if stored + extra + grads > peak:
+            peak, at_peak = stored + extra + grads, (extra, grads)
+        freed += c.act_bytes / inflight
     parts = picks + fixed["others"]
     mem = {
         "model_states_mb": sum(c.states_bytes for c in parts) / MB,
-        "activations_mb": sum(c.act_bytes for c in parts) / MB,
+        "activations_mb": stored / MB,
         "zero_buffers_mb": fixed["buffers"] / MB,
-        "transient_mb": fixed["transient"] / MB,
-        "optimizer_step_mb": sum(c.step_bytes for c in parts) / MB,
+        "transient_mb": at_peak[0] / MB,          # workspace at the activation peak, less what backward freed
+        "backward_grads_mb": at_peak[1] / MB,     # gradients accumulated by then
+        "optimizer_step_mb": (accum_total + sum(c.step_bytes for c in parts)) / MB,
         "calibration_offset_mb": fixed["offset"] / MB,
     }
+    act_phase = mem["activations_mb"] + mem["transient_mb"] + mem["backward_grads_mb"]
     mem["total_mb"] = (mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"]
-                       + max(mem["activations_mb"] + mem["transient_mb"], mem["optimizer_step_mb"]))
+                       + max(act_phase, mem["optimizer_step_mb"]))
     return mem
 
 
@@ -645,7 +666,8 @@ def format_report(plan, best: Evaluated, rows: list[dict], alts: list[Evaluated]
     for k, m in enumerate(p["stage_memory_breakdown_mb"]):
         lines.append(f"  stage {k} mem  {m['total_mb'] / 1024:.2f} GB (states {m['model_states_mb'] / 1024:.2f}, "
                      f"activations {m['activations_mb'] / 1024:.2f}, buffers {m['zero_buffers_mb'] / 1024:.2f}, "
-                     f"transient {m['transient_mb'] / 1024:.2f}"
+                     f"backward workspace {m['transient_mb'] / 1024:.2f}"
+                     + (f", gradients in backward {m['backward_grads_mb'] / 1024:.2f}" if m.get("backward_grads_mb") else "")
                      + (f", optimizer step {m['optimizer_step_mb'] / 1024:.2f}" if m.get("optimizer_step_mb") else "")
                      + f") + {p['framework_overhead_mb'] / 1024:.1f} GB context")
     lines.append("  inputs       " + "; ".join(f"{k}: {v}" for k, v in sources.items()))

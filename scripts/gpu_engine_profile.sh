@@ -3,10 +3,14 @@
 #   bash scripts/gpu_engine_profile.sh bf16 OUT_DIR   engine block of profiles/h100/<m>.json (copied to OUT/bf16),
 #                                                     plus memory-phase diagnostics of fully checkpointed steps
 #   bash scripts/gpu_engine_profile.sh fp32 OUT_DIR   fp32 layer profiles (TP 1, what one GPU runs) + their engine
+#   bash scripts/gpu_engine_profile.sh fp32-engine OUT_DIR   engine blocks of the fp32 profiles in profiles/h100/fp32
+#                                                     (MODELS, default bert-large vit-large), then the recompute
+#                                                     diagnostics (RECOMPUTE_MODELS: bf16, ZeRO 0 and 3, all layers
+#                                                     checkpointed) that give ZeRO-3's repeated gathers
 # Commit what comes back under profiles/h100/ (bf16) and profiles/h100/fp32/.
 set -u
-phase=${1:?usage: gpu_engine_profile.sh bf16|fp32 OUT_DIR}
-out=${2:?usage: gpu_engine_profile.sh bf16|fp32 OUT_DIR}
+phase=${1:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine OUT_DIR}
+out=${2:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine OUT_DIR}
 models=${MODELS:-bert-large vit-large swin-base t5-large}
 mkdir -p "$out/$phase"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu_$phase.txt" 2>&1
@@ -37,6 +41,19 @@ elif [ "$phase" = fp32 ]; then
     [ -f "$out/fp32/$m.json" ] || continue
     timeout 55 python autotune/profile_engine.py --model "$m" --model-profile "$out/fp32/$m.json" --zero 0,1,2 \
       --stage-seconds 6 --warmup 2 --out "$out/fp32/engine_$m.json" 2>&1 | grep "profile_engine" | tee -a "$out/log_fp32.txt"
+  done
+elif [ "$phase" = fp32-engine ]; then
+  lscpu | grep -E "Model name|^CPU\(s\)|MHz" > "$out/$phase/cpu.txt" 2>&1
+  for m in ${MODELS:-bert-large vit-large}; do
+    cp "profiles/h100/fp32/$m.json" "$out/$phase/$m.json"
+    timeout "${ENGINE_TIMEOUT:-150}" python autotune/profile_engine.py --model "$m" --model-profile "$out/$phase/$m.json" \
+      --stage-seconds 10 --warmup 2 --out "$out/$phase/engine_$m.json" 2>&1 | grep "profile_engine" | tee -a "$out/$phase/log.txt"
+  done
+  for m in ${RECOMPUTE_MODELS:-bert-large swin-base}; do
+    n=$(python -c "from model_zoo import get_model_spec; print(get_model_spec('$m').num_layers)" 2>/dev/null)
+    timeout "${RECOMPUTE_TIMEOUT:-100}" python autotune/profile_engine.py --model "$m" --model-profile "profiles/h100/$m.json" \
+      --zero 0,3 --checkpoint-layers "$n" --stage-seconds 10 --warmup 2 --no-update \
+      --out "$out/$phase/recompute_$m.json" 2>&1 | grep "profile_engine" | tee -a "$out/$phase/log.txt"
   done
 fi
 # one archive: the device tool returns a limited number of files

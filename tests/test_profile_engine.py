@@ -159,6 +159,27 @@ def test_layer_cost_adds_engine_terms(model_parts):
     assert (on.states_bytes, on.act_bytes, on.tp_comm_s) == (off.states_bytes, off.act_bytes, off.tp_comm_s)
 
 
+def test_zero3_recompute_repeats_forward_hooks(model_parts):
+    """A checkpointed layer under ZeRO-3 pays the engine's per-micro-batch work 1.5 times (the forward
+    hooks, half of it, run again in recompute); under ZeRO-0 checkpointing adds no engine work."""
+    profile, spec, hw = model_parts
+    lt = spec.layer_types[0]
+    block = _block()
+    block["stages"]["3"] = dict(block["stages"]["0"])
+    profile.engine = block
+    try:
+        cm = CostModel(spec, hw, profile)
+        for zero, factor in ((3, 1.5), (0, 1.0)):
+            setting = Setting(world=1, pp=1, zero=zero, chunks=2, global_bsz=8)
+            plain = cm.layer_cost(lt, LayerStrategy(), setting, stage=0)
+            ckpt = cm.layer_cost(lt, LayerStrategy(checkpoint=True), setting, stage=0)
+            engine = 2 * 8e-3 * 16 / BLOCK_N
+            assert ckpt.compute_s - plain.compute_s == pytest.approx(
+                2 * ckpt.detail["recompute_s"] + (factor - 1) * engine, rel=1e-9)
+    finally:
+        profile.engine = {}
+
+
 def test_engine_step_clamped_at_zero(model_parts):
     _, spec, _ = model_parts
     lt = spec.layer_types[0]
@@ -192,12 +213,46 @@ def test_other_cost_adds_engine_terms(model_parts, part):
     assert on.step_bytes == pytest.approx(params * 4.0)
 
 
+# ---------------------------------------------------------------------- stage memory: the backward scan
+def _piece(act, transient, accum, params=1.0):
+    return Cost(act_bytes=act * MB, transient_bytes=transient * MB, accum_bytes=accum * MB,
+                detail={"shard_params": params})
+
+
+@pytest.mark.parametrize("flush, expect", [
+    # ZeRO-0/1: each piece's gradients appear in its backward. Last piece: 60 alive + 5 + 8 = 73;
+    # middle: 30 alive + 5 + 16 = 51; first: 10 + 5 + 24 = 39 -> 73 at the last piece.
+    (0, {"total": 73, "transient": 5, "grads": 8}),
+    # ZeRO-2 with a 2-parameter bucket: nothing until the middle piece, then all 24 MB at once:
+    # last 65; middle 30 + 5 + 24 = 59; first 10 + 5 + 24 = 39 -> 65 at the last piece.
+    (2, {"total": 65, "transient": 5, "grads": 0}),
+])
+def test_stage_memory_scans_backward(flush, expect):
+    pieces = [_piece(10, 5, 8), _piece(20, 5, 8), _piece(30, 5, 8)]
+    mem = stage_memory(pieces, {"others": [], "buffers": 0, "offset": 0, "accum_flush_elems": flush})
+    assert mem["activations_mb"] == pytest.approx(60)
+    assert mem["transient_mb"] == pytest.approx(expect["transient"])
+    assert mem["backward_grads_mb"] == pytest.approx(expect["grads"])
+    assert mem["total_mb"] == pytest.approx(expect["total"])
+    assert mem["optimizer_step_mb"] == pytest.approx(24)
+
+
+def test_stage_memory_peak_inside_backward():
+    """Large gradients that arrive in one lump (ZeRO-2 bucket) put the peak mid-backward: at the middle
+    piece 30 MB of activations are left, its 5 MB workspace, and all 3 x 40 MB of gradients = 155 MB."""
+    pieces = [_piece(10, 5, 40), _piece(20, 5, 40), _piece(30, 5, 40)]
+    mem = stage_memory(pieces, {"others": [], "buffers": 0, "offset": 0, "accum_flush_elems": 2})
+    assert mem["total_mb"] == pytest.approx(155)
+    assert (mem["transient_mb"], mem["backward_grads_mb"]) == pytest.approx((5 - 30, 120))
+
+
 # ---------------------------------------------------------------------- stage memory: max(activations, step)
 @pytest.mark.parametrize("step_mb, expect_mb", [(10.0, 100 + 30 + 6), (80.0, 100 + 80)],
                          ids=["activations-dominate", "step-dominates"])
 def test_stage_memory_takes_larger_of_activations_and_step(step_mb, expect_mb):
-    a = Cost(states_bytes=60 * MB, act_bytes=20 * MB, step_bytes=step_mb * 0.75 * MB)
-    b = Cost(states_bytes=40 * MB, act_bytes=10 * MB, step_bytes=step_mb * 0.25 * MB)
+    # backward of b (last) with all 30 MB alive + its 6 MB workspace; then a's 4 MB with b's 10 MB freed
+    a = Cost(states_bytes=60 * MB, act_bytes=20 * MB, transient_bytes=4 * MB, step_bytes=step_mb * 0.75 * MB)
+    b = Cost(states_bytes=40 * MB, act_bytes=10 * MB, transient_bytes=6 * MB, step_bytes=step_mb * 0.25 * MB)
     mem = stage_memory([a, b], {"others": [], "buffers": 0, "transient": 6 * MB, "offset": 0})
     assert mem["optimizer_step_mb"] == pytest.approx(step_mb)
     assert mem["model_states_mb"] == pytest.approx(100) and mem["activations_mb"] == pytest.approx(30)
