@@ -186,6 +186,15 @@ class CostModel:
                 return float(v) * self.cal.activation_scale
         return float(lt.ckpt_bytes if checkpoint else lt.act_bytes[tp]) * self.cal.activation_scale
 
+    def layer_workspace_bytes(self, lt: LayerType, tp: int, checkpoint: bool) -> float:
+        """Per sample, what one layer adds while it runs backward: its measured backward workspace
+        (profile_workspace.py) or, unmeasured, its full activations (Galvatron's assumption); a
+        checkpointed layer first recomputes its full activations, so they come on top."""
+        full = self.layer_act_bytes(lt, tp, False)
+        v = self.profile.workspace_bytes(lt.name, tp, False) if self.profile is not None else None
+        workspace = full if v is None else float(v) * self.cal.activation_scale
+        return workspace + (full if checkpoint else 0.0)
+
     # ------------------------------------------------------------------ DeepSpeed's engine
     def engine_costs(self, part: str, zero: int) -> tuple[float, float, float]:
         """(s per micro-batch, s per step, optimizer-step transient bytes per local parameter) that
@@ -319,7 +328,7 @@ class CostModel:
         if not s.checkpoint:
             # Tensors without a batch dimension (position-bias copies, masks, RNG state): once per micro-batch.
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
-        transient = self.layer_act_bytes(lt, s.tp, False) * b  # one layer's full activations during backward
+        transient = self.layer_workspace_bytes(lt, s.tp, s.checkpoint) * b   # while it runs backward
         local = shard / zero_dp if setting.zero >= 1 else shard
         optimizer = self.optimizer_s(local) + engine_step
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
@@ -356,17 +365,21 @@ class CostModel:
         m = setting.chunks
         prof = self.profile
         fwd = bwd = None
+        workspace = None
         if prof is not None:
             fwd = prof.other_time_ms(part, vtp, b, "fwd")
             bwd = prof.other_time_ms(part, vtp, b, "bwd")
             a = prof.other_act_bytes(part, vtp)
             if a is not None:
                 act_per_sample = a
+            workspace = prof.other_workspace_bytes(part, vtp)
         if fwd is None or bwd is None:
             fwd = self._analytic_s(flops * b / vtp) * 1e3
             bwd = 2 * fwd
         fwd, bwd = fwd * self.cal.compute_scale / 1e3, bwd * self.cal.compute_scale / 1e3
         act_per_sample *= self.cal.activation_scale
+        # while it runs backward: measured (profile_workspace.py), else its full activations
+        workspace = act_per_sample if workspace is None else workspace * self.cal.activation_scale
         dp = setting.dp(vtp)
         shard = params / vtp
         lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
@@ -397,7 +410,7 @@ class CostModel:
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,
-                    transient_bytes=act_per_sample * b, accum_bytes=accum, step_bytes=local * step_bpp,
+                    transient_bytes=workspace * b, accum_bytes=accum, step_bytes=local * step_bpp,
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline

@@ -288,6 +288,22 @@ class ModelProfile:
             return None
         return e.ckpt_bytes if checkpoint else e.act_bytes
 
+    def workspace_bytes(self, layer_type_name: str, tp: int, checkpoint: bool, reentrant: bool = True) -> int | None:
+        """Bytes per sample one layer adds while it runs backward (checkpointed: with its recompute, by the
+        reentrant or the non-reentrant variant), as autotune/profile_workspace.py measured them; None when
+        not measured."""
+        e = self._layer_entry(layer_type_name, tp)
+        key = ("bwd_workspace_bytes" if not checkpoint else
+               "ckpt_bwd_workspace_bytes" if reentrant else "ckpt_nonreentrant_bwd_workspace_bytes")
+        v = None if e is None else e.raw.get(key)
+        return None if v is None else int(v)
+
+    def other_workspace_bytes(self, part: str, vtp: int) -> int | None:
+        """Bytes per sample the embeddings or head + loss add while they run backward; None when not measured."""
+        e = self._other_entry(part, vtp)
+        v = None if e is None else e.raw.get("bwd_workspace_bytes")
+        return None if v is None else int(v)
+
     def other_time_ms(self, part: str, vtp: int, micro_batch: float, kind: str) -> float | None:
         """ms of the embeddings (`part`='first') or head + loss ('last') for `micro_batch` samples."""
         e = self._other_entry(part, vtp)

@@ -7,10 +7,12 @@
 #                                                     (MODELS, default bert-large vit-large), then the recompute
 #                                                     diagnostics (RECOMPUTE_MODELS: bf16, ZeRO 0 and 3, all layers
 #                                                     checkpointed) that give ZeRO-3's repeated gathers
+#   bash scripts/gpu_engine_profile.sh workspace OUT_DIR   layers' backward workspace (autotune/profile_workspace.py)
+#                                                     into copies of the bf16 and fp32 profiles (OUT/workspace/...)
 # Commit what comes back under profiles/h100/ (bf16) and profiles/h100/fp32/.
 set -u
-phase=${1:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine OUT_DIR}
-out=${2:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine OUT_DIR}
+phase=${1:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine|workspace OUT_DIR}
+out=${2:?usage: gpu_engine_profile.sh bf16|fp32|fp32-engine|workspace OUT_DIR}
 models=${MODELS:-bert-large vit-large swin-base t5-large}
 mkdir -p "$out/$phase"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu_$phase.txt" 2>&1
@@ -54,6 +56,16 @@ elif [ "$phase" = fp32-engine ]; then
     timeout "${RECOMPUTE_TIMEOUT:-100}" python autotune/profile_engine.py --model "$m" --model-profile "profiles/h100/$m.json" \
       --zero 0,3 --checkpoint-layers "$n" --stage-seconds 10 --warmup 2 --no-update \
       --out "$out/$phase/recompute_$m.json" 2>&1 | grep "profile_engine" | tee -a "$out/$phase/log.txt"
+  done
+elif [ "$phase" = workspace ]; then
+  mkdir -p "$out/$phase/fp32"
+  for m in $models; do
+    for src in "profiles/h100/$m.json" "profiles/h100/fp32/$m.json"; do
+      dst="$out/$phase/${src#profiles/h100/}"
+      cp "$src" "$dst"
+      timeout 120 python autotune/profile_workspace.py --model "$m" --model-profile "$dst" 2>&1 \
+        | grep "profile_workspace\|error" | tee -a "$out/$phase/log.txt"
+    done
   done
 fi
 # one archive: the device tool returns a limited number of files

@@ -114,7 +114,10 @@ def test_activation_memory_inflight():
     assert c.act_bytes == pytest.approx(100 * MB * 2 * 4)
     c3 = cm.layer_cost(lt, LayerStrategy(checkpoint=True), st, 3)  # last stage: 1 in flight
     assert c3.act_bytes == pytest.approx(10 * MB * 2 * 1)
-    assert c3.transient_bytes == pytest.approx(100 * MB * 2)
+    # in its backward a checkpointed layer recomputes its 100 MB and then needs its workspace (unmeasured:
+    # taken as its full activations again)
+    assert c3.transient_bytes == pytest.approx(2 * 100 * MB * 2)
+    assert cm.layer_cost(lt, LayerStrategy(), st, 3).transient_bytes == pytest.approx(100 * MB * 2)
     # pp = 1: gradient accumulation keeps one micro-batch
     assert Setting(8, 1, 0, 8, 64).inflight(0) == 1
 

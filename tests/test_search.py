@@ -17,13 +17,15 @@ def gpu_memory_for_budget(budget_mb: float) -> float:
 
 
 def test_golden_checkpoint_choice():
-    """1 GPU, layers A B A B; A is 3x cheaper to recompute than B; memory fits two full layers.
+    """1 GPU, layers A B A B; A is 3x cheaper to recompute than B.
 
     Hand computation (100 TFLOP/s x 0.5 = 5e13 FLOP/s, one sample):
       A: fwd 1e12/5e13 = 0.02 s, bwd 0.04, recompute 0.02;  B: fwd 0.06, bwd 0.12, recompute 0.06.
-      Memory: full layer 1000 MB, checkpointed 10 MB, plus one layer's full activations (1000 MB)
-      during its backward. Budget 3500 MB: 4 full = 5000 (no), 3 full + 1 ckpt = 4010 (no),
-      2 full + 2 ckpt = 3020 (yes) -> checkpoint the two A layers (cheapest recompute).
+      Memory: full layer 1000 MB kept, checkpointed 10 MB. Backward runs B3, A2, B1, A0; while a layer
+      runs it, the activations of the layers after it are freed and it adds its workspace (unmeasured:
+      one full layer, 1000 MB), a checkpointed one also its recomputed 1000 MB. Peak = max over layers.
+      Budget 3500: 4 full = 5000 (no), 3 full + 1 ckpt = 4010 (no), checkpoint the two A layers:
+      stored 2020; B3: 2020 + 1000 = 3020, A2: 1020 + 2000 = 3020 -> 3020 (yes); the cheapest recompute.
       Step = A: 2 x (0.02 + 0.04 + 0.02) + B: 2 x (0.06 + 0.12) = 0.52 s.
     """
     a = syn.layer("A", 2, params=0, fwd_flops=1e12, act_mb=1000, ckpt_mb=10)
@@ -36,18 +38,19 @@ def test_golden_checkpoint_choice():
     assert [int(x.checkpoint) for x in best.strategies] == [1, 0, 1, 0]
     assert best.step_time_s == pytest.approx(0.52)
     assert best.stage_memory[0]["total_mb"] == pytest.approx(3020, abs=0.5)
-    # With 4100 MB one checkpointed A is enough: step 0.50 s
+    # With 4100 MB one checkpointed A is enough (stored 3010, B3 at 4010): step 0.50 s
     best2 = Searcher(spec, hw, gpu_memory_for_budget(4100)).run([1])[0]
     assert sum(x.checkpoint for x in best2.strategies) == 1
     assert best2.step_time_s == pytest.approx(0.50)
-    # 2500 MB: 1 full + 3 checkpointed = 2030 fits; one B stays whole: 0.52 + 0.06 = 0.58 s
+    # 2500 MB: three checkpointed, and the one kept whole must be the last B: [1,1,1,0] stores 1030 and
+    # peaks at 2030 (B3: 1030 + 1000; A2: 30 + 2000), while [1,0,1,1] would peak at 1030 + 2000 = 3030.
     best3 = Searcher(spec, hw, gpu_memory_for_budget(2500)).run([1])[0]
-    assert sum(x.checkpoint for x in best3.strategies) == 3 and best3.step_time_s == pytest.approx(0.58)
-    # 1500 MB: only all four checkpointed fit (4 x 10 + 1000 = 1040): 0.52 + 2 x 0.06 = 0.64 s
-    best4 = Searcher(spec, hw, gpu_memory_for_budget(1500)).run([1])[0]
-    assert [int(x.checkpoint) for x in best4.strategies] == [1, 1, 1, 1]
-    assert best4.step_time_s == pytest.approx(0.64)
-    assert Searcher(spec, hw, gpu_memory_for_budget(1000)).run([1]) == []
+    assert [int(x.checkpoint) for x in best3.strategies] == [1, 1, 1, 0]
+    assert best3.step_time_s == pytest.approx(0.58)
+    assert best3.stage_memory[0]["total_mb"] == pytest.approx(2030, abs=0.5)
+    # All four checkpointed peak at 40 + 2000 = 2040 (B3 recomputes with everything stored): never better
+    # than [1,1,1,0]; below 2030 MB nothing fits.
+    assert Searcher(spec, hw, gpu_memory_for_budget(2000)).run([1]) == []
 
 
 def test_golden_data_parallel():
