@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from autotune.cost_model import MB, CostModel, LayerStrategy, Setting
+from autotune.cost_model import MB, CostModel, Setting
 from autotune.dp import solve_stage
 from autotune.search import Searcher, balanced_split, to_plan
 from backends.deepspeed.config import make_ds_config
