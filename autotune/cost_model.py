@@ -191,7 +191,7 @@ class CostModel:
         (profile_workspace.py) or, unmeasured, its full activations (Galvatron's assumption); a
         checkpointed layer first recomputes its full activations, so they come on top."""
         full = self.layer_act_bytes(lt, tp, False)
-        v = self.profile.workspace_bytes(lt.name, tp, False) if self.profile is not None else None
+        v = self.profile.workspace_bytes(lt.name, tp) if self.profile is not None else None
         workspace = full if v is None else float(v) * self.cal.activation_scale
         return workspace + (full if checkpoint else 0.0)
 
@@ -252,7 +252,10 @@ class CostModel:
         With one micro-batch the accumulated gradients appear while backward frees the activations
         (stage_memory scans that); with several they are alive while later micro-batches hold
         activations, so they count with the states."""
-        states, detail = self.states_bytes(params, dp, zero)
+        return self._phases(*self.states_bytes(params, dp, zero), chunks)
+
+    @staticmethod
+    def _phases(states: float, detail: dict, chunks: int) -> tuple[float, float]:
         accum = detail["accum_grads"]
         return (states + accum, 0.0) if chunks > 1 else (states, accum)
 
@@ -321,8 +324,8 @@ class CostModel:
                 bwd_side = overlap(ag + rs, bwd, coe) - bwd
                 exposed = m * (fwd_side + bwd_side)
         zero_dp = setting.zero_divisor(s.tp)
-        _, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
-        held, accum = self.phase_bytes(shard, zero_dp, setting.zero, setting.chunks)
+        states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
+        held, accum = self._phases(states, states_detail, setting.chunks)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
@@ -402,11 +405,11 @@ class CostModel:
             # Vocab-parallel cross-entropy: all-reduces of per-token max, sum and target logit (fp32).
             tp_comm = m * 3 * self.allreduce_s(4 * self.spec.layer(self.spec.num_layers - 1).seq_len * b, vtp)
         zero_dp = setting.zero_divisor(vtp)
-        _, detail = self.states_bytes(shard, zero_dp, setting.zero)
+        states, detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
-        held, accum = self.phase_bytes(shard, zero_dp, setting.zero, setting.chunks)
+        held, accum = self._phases(states, detail, setting.chunks)
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,

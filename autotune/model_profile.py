@@ -288,21 +288,15 @@ class ModelProfile:
             return None
         return e.ckpt_bytes if checkpoint else e.act_bytes
 
-    def workspace_bytes(self, layer_type_name: str, tp: int, checkpoint: bool, reentrant: bool = True) -> int | None:
-        """Bytes per sample one layer adds while it runs backward (checkpointed: with its recompute, by the
-        reentrant or the non-reentrant variant), as autotune/profile_workspace.py measured them; None when
-        not measured."""
-        e = self._layer_entry(layer_type_name, tp)
-        key = ("bwd_workspace_bytes" if not checkpoint else
-               "ckpt_bwd_workspace_bytes" if reentrant else "ckpt_nonreentrant_bwd_workspace_bytes")
-        v = None if e is None else e.raw.get(key)
-        return None if v is None else int(v)
+    def workspace_bytes(self, layer_type_name: str, tp: int) -> int | None:
+        """Bytes per sample one layer adds while it runs backward, as autotune/profile_workspace.py measured
+        them (its checkpointed measurements are kept as a record; the cost model composes its own); None
+        when not measured."""
+        return _raw_int(self._layer_entry(layer_type_name, tp), "bwd_workspace_bytes")
 
     def other_workspace_bytes(self, part: str, vtp: int) -> int | None:
         """Bytes per sample the embeddings or head + loss add while they run backward; None when not measured."""
-        e = self._other_entry(part, vtp)
-        v = None if e is None else e.raw.get("bwd_workspace_bytes")
-        return None if v is None else int(v)
+        return _raw_int(self._other_entry(part, vtp), "bwd_workspace_bytes")
 
     def other_time_ms(self, part: str, vtp: int, micro_batch: float, kind: str) -> float | None:
         """ms of the embeddings (`part`='first') or head + loss ('last') for `micro_batch` samples."""
@@ -419,6 +413,11 @@ class ModelProfile:
                    layer_types=layer_types, other=other, vocab_size=int(d.get("vocab_size") or 0),
                    notes=list(d.get("notes") or []), calibration=dict(d.get("calibration") or {}),
                    engine=dict(d.get("engine") or {}))
+
+
+def _raw_int(entry: Entry | None, key: str) -> int | None:
+    v = None if entry is None else entry.raw.get(key)
+    return None if v is None else int(v)
 
 
 def _int_key(k: Any, where: str) -> int:

@@ -83,30 +83,36 @@ def head_workspace(model: str, task: str | None, precision: str, num_layers: int
     init_distributed()
     choice = train.resolve_model(model, task, None)
     dev, dtype = device(), TORCH_DTYPES[precision]
+
+    def plan(b: int) -> Plan:
+        return Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=precision,
+                            model={"name": model})
+
+    groups = build_parallel_groups(plan(batches[0]))          # one rank: the same groups at every batch
+    seed_everything(seed, groups.rng_rank, groups.pp_rank)
+    adapter, seq = _sequence(choice, groups, seed)
+    net = SequentialWithLoss(seq, [0] * seq.num_layers).to(dev, dtype=dtype).train()
+    entries = list(net.entries)
+    body, head = entries[:-len(seq.head)], entries[-len(seq.head):]
+    head_params = [p for m in head for p in m.parameters()]
+    leaf = lambda t: t.detach().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t  # noqa: E731
     out = {}
     for b in batches:
-        plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=precision,
-                            model={"name": model})
-        groups = build_parallel_groups(plan)
-        seed_everything(seed, groups.rng_rank, groups.pp_rank)
-        adapter, seq = _sequence(choice, groups, seed)
-        net = SequentialWithLoss(seq, [0] * seq.num_layers).to(dev, dtype=dtype).train()
-        inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan, 0, seed,
+        inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan(b), 0, seed,
                                        seq_len=choice.seq_len).micro_batches(0)[0]
-        inputs, labels = _to(inputs, dev, dtype), _to(labels, dev)
-        head = list(net.entries)[-len(seq.head):]
+        x, labels = _to(inputs, dev, dtype), _to(labels, dev)
         with torch.no_grad():
-            x = inputs
-            for m in list(net.entries)[:-len(seq.head)]:
+            for m in body:
                 x = m(x)
-        leaf = lambda t: t.detach().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t  # noqa: E731
         x = tuple(leaf(t) for t in x) if isinstance(x, tuple) else leaf(x)
         for m in head:
             x = m(x)
-        loss = net.loss_fn(x, labels)
-        out[b] = _peak_above_start(loss.backward, dev, [p for m in head for p in m.parameters()])
-        del net, seq, head, x, loss
-        destroy_parallel_groups()
+        out[b] = _peak_above_start(net.loss_fn(x, labels).backward, dev, head_params)
+        for p in head_params:
+            p.grad = None
+    del net, seq, head, body, entries, head_params
+    destroy_parallel_groups()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
 

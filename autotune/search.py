@@ -495,9 +495,9 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
 
     The activation phase is scanned through backward, last piece first: while a piece runs backward,
     the current micro-batch's activations of the pieces after it are freed, the piece adds its
-    workspace (`transient_bytes`: one layer's full activations, also what a checkpointed layer
-    recomputes), and the gradients accumulated so far are held (all at once after the first bucket under ZeRO-2). `picks`
-    are the stage's layers in order; fixed["before"]/["after"] the embeddings/head around them."""
+    `transient_bytes` (its backward workspace, and a checkpointed layer's recomputed activations), and
+    the gradients accumulated so far are held (all at once after the first bucket under ZeRO-2).
+    `picks` are the stage's layers in order; fixed["before"]/["after"] the embeddings/head around them."""
     seq = fixed.get("before", []) + picks + fixed.get("after", [])
     inflight, flush = fixed.get("inflight", 1), fixed.get("accum_flush_elems", 0)
     stored = sum(c.act_bytes for c in seq)

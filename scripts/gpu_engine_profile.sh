@@ -51,7 +51,7 @@ elif [ "$phase" = fp32-engine ]; then
     timeout "${ENGINE_TIMEOUT:-150}" python autotune/profile_engine.py --model "$m" --model-profile "$out/$phase/$m.json" \
       --stage-seconds 10 --warmup 2 --out "$out/$phase/engine_$m.json" 2>&1 | grep "profile_engine" | tee -a "$out/$phase/log.txt"
   done
-  for m in ${RECOMPUTE_MODELS:-bert-large swin-base}; do
+  for m in ${RECOMPUTE_MODELS-bert-large swin-base}; do   # RECOMPUTE_MODELS= skips them
     n=$(python -c "from model_zoo import get_model_spec; print(get_model_spec('$m').num_layers)" 2>/dev/null)
     timeout "${RECOMPUTE_TIMEOUT:-100}" python autotune/profile_engine.py --model "$m" --model-profile "profiles/h100/$m.json" \
       --zero 0,3 --checkpoint-layers "$n" --stage-seconds 10 --warmup 2 --no-update \

@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--hardware", default="1xH100")
     args = ap.parse_args()
     hw = load_hardware(args.hardware)
+    profiles: dict[str, ModelProfile] = {}      # loaded once per model, for every run of it
     print("| run | model | budget GB | plan | measured MB | model alone | with stored calibration |")
     print("|---|---|---|---|---|---|---|")
     for path in args.runs:
@@ -38,7 +39,9 @@ def main() -> int:
             records = [json.loads(line) for line in f if line.strip()]
         for r in records:
             plan, model = Plan.from_dict(r["plan"]), r["model"]
-            profile = ModelProfile.load(os.path.join(args.profiles, f"{model}.json"))
+            if model not in profiles:
+                profiles[model] = ModelProfile.load(os.path.join(args.profiles, f"{model}.json"))
+            profile = profiles[model]
             spec = get_model_spec(model, precision=plan.precision)
             measured = (r.get("measured") or {}).get("stage_peak_memory_mb", [None])[0]
             cells = []
