@@ -131,7 +131,7 @@ class DSRunner:
         engine_module.make_ds_config = patched
         try:
             self.trainer = build_engine(plan, groups, adapter.layer_sequence(model, task), autocast=amp,
-                                        compile_layers=compile_layers)
+                                        compile_mode="default" if compile_layers else None)
         finally:
             engine_module.make_ds_config = make
         self.source = SyntheticData(adapter, config, task, plan, 0, 1234, seq_len=seq)

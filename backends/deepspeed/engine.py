@@ -200,11 +200,12 @@ def _to(x: Any, dev: torch.device, float_dtype: torch.dtype | None = None) -> An
 
 def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: float = 1e-4,
                  weight_decay: float = 0.01, eps: float = 1e-8, autocast: bool = False,
-                 compile_layers: bool = False) -> TrainEngine:
+                 compile_mode: str | None = None) -> TrainEngine:
     """deepspeed.initialize with the config generated from the plan.
 
     `autocast`: see make_ds_config (pp = 1 only: DeepSpeed's pipeline engine has no autocast).
-    `compile_layers`: torch.compile each Transformer layer (one compiled graph serves all equal layers).
+    `compile_mode`: torch.compile each Transformer layer in this torch.compile mode (one compiled graph serves
+    all equal layers); None leaves them eager.
     """
     autocast = autocast and plan.pp_deg == 1 and plan.precision in ("bf16", "fp16")
     os.environ.setdefault("LOCAL_RANK", "0")       # DeepSpeed's PipelineModule insists on it
@@ -214,9 +215,8 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
                       synchronize=False, profile=False)
     cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
                          fused=True if torch.cuda.is_available() else None, autocast=autocast)
-    if compile_layers:
-        for entry in seq.layers:
-            entry.module.compile()
+    if compile_mode is not None:
+        compile_layers(plan, seq, compile_mode)
     wrap = _prepare_layerwise(plan, groups, seq) if groups.layerwise is not None else None
     if plan.pp_deg > 1:
         model = build_pipeline_module(plan, groups, seq, wrap)
@@ -230,6 +230,32 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
     return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast)
+
+
+# torch.compile modes that capture CUDA graphs -> the same mode without them.
+CUDAGRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def check_compile_mode(plan: Plan, mode: str | None) -> None:
+    """ValueError for a compile mode this plan cannot run (see compile_layers)."""
+    if mode in CUDAGRAPH_MODES and plan.pp_deg > 1:
+        raise ValueError(f"--compile {mode} (CUDA graphs) is not supported with pp > 1 (this plan has pp = "
+                         f"{plan.pp_deg}); use --compile default or --compile {CUDAGRAPH_MODES[mode]}")
+
+
+def compile_layers(plan: Plan, seq: LayerSequence, mode: str) -> None:
+    """torch.compile each Transformer layer (one compiled graph serves all equal layers).
+
+    CUDA graphs replay into static output buffers. A checkpointed layer runs its forward again inside
+    backward, and with CUDA graphs that overwrote outputs still in use (T5-large on one H100, checkpointed
+    layers compiled with or without graphs: "accessing tensor output of CUDAGraphs that has been
+    overwritten"), so under those modes checkpointed layers stay eager. DeepSpeed's pipeline schedule
+    interleaves micro-batches in ways not tried with CUDA graphs: refused.
+    """
+    check_compile_mode(plan, mode)
+    for entry, flag in zip(seq.layers, plan.checkpoint):
+        if not (flag and mode in CUDAGRAPH_MODES):
+            entry.module.compile(mode=mode)
 
 
 def _prepare_layerwise(plan: Plan, groups: ParallelGroups, seq: LayerSequence):
