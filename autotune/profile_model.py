@@ -678,11 +678,16 @@ def make_inputs(spec_mod, job: LayerJob, batch: int, opts: Options) -> tuple:
     return as_leaves(spec_mod.layer_inputs(job.config, job.type_index, batch, opts.device, opts.dtype, **kw))
 
 
-def shared_of(spec_mod, job: LayerJob, inputs: tuple) -> tuple:
+def shared_of(spec_mod, job: LayerJob, inputs: tuple, ckpt: bool = False) -> tuple:
+    """Inputs not charged to the layer: those all layers share, and with checkpointing also those the
+    runtime's layer builds itself (spec `rebuilt_inputs`: a checkpoint never keeps them)."""
     fn = getattr(spec_mod, "shared_inputs", None)
     if fn is None:  # the documented convention: input 0 is the layer's own hidden state
-        return tuple(x for x in inputs[1:] if isinstance(x, torch.Tensor))
-    return tuple(fn(job.config, job.type_index, inputs))
+        shared = tuple(x for x in inputs[1:] if isinstance(x, torch.Tensor))
+    else:
+        shared = tuple(fn(job.config, job.type_index, inputs))
+    rebuilt = getattr(spec_mod, "rebuilt_inputs", None)
+    return shared + (tuple(rebuilt(job.config, job.type_index, inputs)) if ckpt and rebuilt else ())
 
 
 def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") -> dict:
@@ -719,9 +724,8 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
     act, ckpt = {}, {}
     for b in opts.act_batches:
         x = make_inputs(spec_mod, job, b, opts)
-        shared = shared_of(spec_mod, job, x)
-        act[b] = saved_bytes(layer, x, shared, ckpt=False)
-        ckpt[b] = saved_bytes(layer, x, shared, ckpt=True)
+        act[b] = saved_bytes(layer, x, shared_of(spec_mod, job, x), ckpt=False)
+        ckpt[b] = saved_bytes(layer, x, shared_of(spec_mod, job, x, ckpt=True), ckpt=True)
     b1, b2 = opts.act_batches
     entry["act_bytes"], entry["act_fixed_bytes"] = per_sample(b1, act[b1], b2, act[b2])
     entry["ckpt_bytes"], _ = per_sample(b1, ckpt[b1], b2, ckpt[b2])

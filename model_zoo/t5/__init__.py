@@ -1,2 +1,3 @@
 """T5 family: planner description (spec.py)."""
-from model_zoo.t5.spec import describe, layer_inputs, make_layer, shared_inputs, tp_shard_config  # noqa: F401
+from model_zoo.t5.spec import (describe, layer_inputs, make_layer, rebuilt_inputs, shared_inputs,  # noqa: F401
+                                tp_shard_config)

@@ -9,8 +9,11 @@ Task: "seq2seq" (T5ForConditionalGeneration). Conventions that make the layers i
 - Tensors every decoder layer reads but none owns are counted once in OtherModules (last stage): the
   encoder output (cross-attention keys/values input). With decoder layers on several pipeline stages
   each of those stages holds its own copy; the spec cannot say so and counts it once.
-- Tensors without a batch dimension (per-layer position-bias copies, the causal mask, SDPA RNG state)
-  are in LayerType.act_fixed_bytes (once per micro-batch), not in the per-sample act_bytes.
+- Tensors without a batch dimension (the decoder's per-layer position-bias copy and causal mask, SDPA
+  RNG state) are in LayerType.act_fixed_bytes (once per micro-batch), not in the per-sample act_bytes.
+- Source batches are taken as padded (real data almost always is, and so is the runtime's synthetic
+  data): each layer then builds a bool attention mask, and HF merges it with the position bias per layer
+  into a per-sample SDPA mask. An unpadded micro-batch holds less.
 - The encoder's final norm is counted with the last stage's other modules (its d_model weights; its
   activations are those of the encoder output it produces).
 """
@@ -22,9 +25,9 @@ import torch
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
-from model_zoo.accounting import (FP32, INT64, MEM_EFF_BIAS_ALIGN, ActTally, activation_extra_saves,
-                                  dropout_mask_bytes, efficient_bias_bytes, sdpa_bytes, sdpa_fixed_bytes, sdpa_kernel,
-                                  tp_degrees, vtp_degrees)
+from model_zoo.accounting import (FP32, INT64, ActTally, activation_extra_saves, dropout_mask_bytes,
+                                  efficient_bias_bytes, efficient_mask_last_dim, sdpa_bytes, sdpa_fixed_bytes,
+                                  sdpa_kernel, tp_degrees, vtp_degrees)
 from model_zoo.base import PRECISION_BYTES, LayerType, ModelSpec, OtherModules, pad_vocab
 
 TASKS = ("seq2seq",)
@@ -99,6 +102,10 @@ def layer_act(config: T5Config, type_index: int, enc: int, dec: int, precision: 
     kernel on CPU keeps the probabilities). Decoder cross-attention: q from the decoder, k and v projected
     from the (shared, not counted here) encoder output; its zero bias needs no gradient. fp16: T5 clamps
     the residual stream after every sublayer, and clamp keeps its input.
+    Padded sources (see the module docstring): the encoder's SDPA mask is torch.where(bool mask, position
+    bias, min) per layer, which keeps its bool condition (the bias needs a gradient), and the decoder's
+    cross-attention mask is the same where over its zero bias; CUDA's kernels keep either mask (padded
+    to the memory-efficient kernel's alignment), CPU's math kernel neither.
     """
     H, h, dk = config.d_model, config.num_heads, config.d_kv
     a = PRECISION_BYTES[precision]
@@ -113,40 +120,44 @@ def layer_act(config: T5Config, type_index: int, enc: int, dec: int, precision: 
             t.add(S * H * a)                                                  # clamp input
     p = config.dropout_rate
     t.add(sdpa_bytes(attention_kernel(config, device, precision, True), S, S, h, dk, a, dropout=p), sharded=True)
+    if type_index == ENCODER:
+        t.add(S * S)                                                          # where's bool condition
+        t.add(_kept_mask_bytes(attention_kernel(config, device, precision, True), h, S, S, a), sharded=True)
     if type_index == DECODER:
         kernel = attention_kernel(config, device, precision, False)
         t.add(sdpa_bytes(kernel, dec, enc, h, dk, a, dropout=p), sharded=True)
+        t.add(_kept_mask_bytes(kernel, h, dec, enc, a), sharded=True)
     t.add(ffn_bytes(config, S, a, device), sharded=True)
     return t
 
 
-def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision: str, device: str,
-                tp: int = 1) -> ActTally:
+def _kept_mask_bytes(kernel: str, heads: int, q_len: int, kv_len: int, a: int) -> int:
+    """Per sample: the additive mask a CUDA attention kernel keeps for backward (math keeps none)."""
+    if kernel == "math":
+        return 0
+    last = efficient_mask_last_dim(kv_len) if kernel == "efficient" else kv_len
+    return heads * q_len * last * a
+
+
+def layer_fixed(config: T5Config, type_index: int, enc: int, dec: int, precision: str, device: str) -> ActTally:
     """Saved once per micro-batch (no batch dimension), as HF's T5 runs.
 
-    Self-attention: HF hands SDPA a contiguous copy of the (permuted) position bias per layer, and the
-    decoder a causal torch.where of it (whose bool condition is kept); CUDA's memory-efficient kernel
-    keeps that mask. Cross-attention: the zero bias is shared (counted nowhere: no batch dimension);
-    the fp32 memory-efficient kernel keeps a padded copy when the encoder length is not 8-aligned.
-    Every CUDA attention call keeps its RNG seed and offset. fp16: each clamp keeps its bounds (two fp32
-    scalars). At one head per TP rank the encoder's bias keeps a permuted layout the kernel pads.
+    Decoder self-attention (no padding mask: causal): HF hands SDPA a causal torch.where of the position
+    bias (whose bool condition is kept), and CUDA's memory-efficient kernel keeps that mask. Every CUDA
+    attention call keeps its RNG seed and offset. fp16: each clamp keeps its bounds (two fp32 scalars).
+    The encoder's and the cross-attention's masks have a batch dimension (layer_act).
     """
     a = PRECISION_BYTES[precision]
     h = config.num_heads
-    S = enc if type_index == ENCODER else dec
     t = ActTally()
     if precision == "fp16":
         t.add((3 if type_index == DECODER else 2) * 2 * FP32)
     if type_index == DECODER:
         t.add(dec * dec)                                                      # causal condition (bool)
-    if attention_kernel(config, device, precision, True) == "efficient":
-        t.add(efficient_bias_bytes(h, S, S, a, stride_aligned=type_index == DECODER or h // tp > 1), sharded=True)
-    t.add(sdpa_fixed_bytes(device))
-    if type_index == DECODER:
-        if attention_kernel(config, device, precision, False) == "efficient" and enc % MEM_EFF_BIAS_ALIGN:
-            # the shared zero bias is kept as is when aligned, else as a padded per-layer copy
-            t.add(efficient_bias_bytes(h, dec, enc, a), sharded=True)
+        if attention_kernel(config, device, precision, True) == "efficient":
+            t.add(efficient_bias_bytes(h, dec, dec, a), sharded=True)
         t.add(sdpa_fixed_bytes(device))
+    t.add(sdpa_fixed_bytes(device))
     return t
 
 
@@ -165,7 +176,7 @@ def layer_type(config: T5Config, type_index: int, enc: int, dec: int, precision:
         ckpt_bytes=S * H * a,                                   # the hidden stream; shared inputs counted once
         tp_allreduce_bytes=S * H * a, tp_allreduces_fwd=3 if type_index == DECODER else 2,
         boundary_bytes=(enc + dec) * H * a,
-        act_fixed_bytes={tp: layer_fixed(config, type_index, enc, dec, precision, device, tp).at_tp(tp) for tp in tps},
+        act_fixed_bytes={tp: layer_fixed(config, type_index, enc, dec, precision, device).at_tp(tp) for tp in tps},
         relayout_inside=False)                                  # the position bias is split by heads
 
 
@@ -267,11 +278,14 @@ def tp_shard_config(config: T5Config, type_index: int, tp: int) -> T5Config:
 
 def layer_inputs(config: T5Config, type_index: int, batch: int, device: torch.device | str, dtype: torch.dtype,
                  seq_len: int | tuple[int, int] | None = None) -> tuple:
-    """Positional inputs of T5Block.forward as T5Stack passes them to blocks after the first.
+    """Positional inputs of T5Block.forward as the runtime's layers (model_zoo/t5/model.py) pass them to
+    blocks after the first, for a padded source batch (see the module docstring).
 
-    Encoder: (hidden, None mask, position bias). Decoder: (hidden, None mask (SDPA: causal from the bias
-    path), self-attention position bias, encoder output, None encoder mask, zero cross-attention bias).
-    The position biases need a gradient (they come from the learned bias table), as in the real model.
+    Encoder: (hidden, bool padding mask, position bias). Decoder: (hidden, None mask (causal: SDPA builds
+    it from the bias path), self-attention position bias, encoder output, bool cross-attention padding
+    mask, None cross bias (the block makes its zero bias)). The position biases need a gradient (they come
+    from the learned bias table), as in the real model. The masks are [batch, 1, queries, keys] with the
+    last key masked, as create_bidirectional_mask builds them per layer.
     """
     enc, dec = seq_lens(seq_len)
     stack = _stack_config(config, type_index)
@@ -279,13 +293,21 @@ def layer_inputs(config: T5Config, type_index: int, batch: int, device: torch.de
     hidden = torch.randn(batch, S, config.d_model, device=device, dtype=dtype, requires_grad=True)
     bias_table = T5Attention(stack, has_relative_attention_bias=True, layer_idx=0).to(device=device, dtype=dtype)
     position_bias = bias_table.compute_bias(S, S, device=device)
+    padding = torch.ones(batch, 1, S, enc, dtype=torch.bool, device=device)
+    padding[..., -1] = False
     if type_index == ENCODER:
-        return hidden, None, position_bias
+        return hidden, padding, position_bias
     encoder_out = torch.randn(batch, enc, config.d_model, device=device, dtype=dtype, requires_grad=True)
-    cross_bias = torch.zeros(1, config.num_heads, dec, enc, device=device, dtype=dtype)
-    return hidden, None, position_bias, encoder_out, None, cross_bias
+    return hidden, None, position_bias, encoder_out, padding, None
+
+
+def rebuilt_inputs(config: T5Config, type_index: int, inputs: tuple) -> tuple:
+    """The padding masks: the runtime's layer builds them from the token mask it passes on, so a
+    checkpointed layer keeps the (shared) token mask, not these."""
+    return tuple(x for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.bool)
 
 
 def shared_inputs(config: T5Config, type_index: int, inputs: tuple) -> tuple:
-    """The inputs every layer of a stack shares (counted once in OtherModules, not per layer)."""
-    return tuple(x for x in inputs[1:] if isinstance(x, torch.Tensor))
+    """The inputs every layer of a stack shares (counted once in OtherModules, not per layer): the position
+    bias and the encoder output. The padding masks are built per layer (layer_inputs)."""
+    return tuple(x for x in inputs[2:4] if isinstance(x, torch.Tensor))
