@@ -246,16 +246,12 @@ class CostModel:
         detail = {k: v * params for k, v in zip(("params", "grads", "optimizer", "accum_grads"), per)}
         return detail["params"] + detail["grads"] + detail["optimizer"], detail
 
-    def phase_bytes(self, params: float, dp: int, zero: int, chunks: int) -> tuple[float, float]:
-        """(bytes held through the activation phase, accumulated gradients that appear in backward).
-
-        With one micro-batch the accumulated gradients appear while backward frees the activations
-        (stage_memory scans that); with several they are alive while later micro-batches hold
-        activations, so they count with the states."""
-        return self._phases(*self.states_bytes(params, dp, zero), chunks)
-
     @staticmethod
-    def _phases(states: float, detail: dict, chunks: int) -> tuple[float, float]:
+    def phases(states: float, detail: dict, chunks: int) -> tuple[float, float]:
+        """(bytes held through the activation phase, accumulated gradients that appear in backward), from
+        states_bytes' result. With one micro-batch the accumulated gradients appear while backward frees
+        the activations (stage_memory scans that); with several they are alive while later micro-batches
+        hold activations, so they count with the states."""
         accum = detail["accum_grads"]
         return (states + accum, 0.0) if chunks > 1 else (states, accum)
 
@@ -325,7 +321,7 @@ class CostModel:
                 exposed = m * (fwd_side + bwd_side)
         zero_dp = setting.zero_divisor(s.tp)
         states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
-        held, accum = self._phases(states, states_detail, setting.chunks)
+        held, accum = self.phases(states, states_detail, setting.chunks)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
@@ -409,7 +405,7 @@ class CostModel:
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
-        held, accum = self._phases(states, detail, setting.chunks)
+        held, accum = self.phases(states, detail, setting.chunks)
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,

@@ -108,6 +108,43 @@ def _sequence(choice, groups, seed: int):
     return adapter, adapter.layer_sequence(model, choice.task)
 
 
+def one_rank_net(model: str, task: str | None, precision: str, seed: int = 1234):
+    """(net, seq, batch): train.py's model on one rank as its pp = 1 module (SequentialWithLoss, nothing
+    checkpointed) on the device, its layer sequence, and batch(b) giving the first micro-batch of a global
+    batch of b samples on the device, for tools that measure pieces of the real sequence (the head's
+    backward workspace, scripts/sequence_activation_probe.py)."""
+    import train
+    from autotune.plan import Plan
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import _to, device
+    from backends.deepspeed.layers import SequentialWithLoss
+    from backends.megatron.groups import build_parallel_groups, init_distributed
+    from backends.megatron.random import seed_everything
+    from model_zoo.common import TORCH_DTYPES
+    from model_zoo.runtime import get_adapter
+
+    init_distributed()
+    choice = train.resolve_model(model, task, None)
+    dev, dtype = device(), TORCH_DTYPES[precision]
+    num_layers = get_adapter(choice.family).num_layers(choice.config)
+
+    def plan(b: int) -> Plan:
+        return Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=precision,
+                            model={"name": model})
+
+    groups = build_parallel_groups(plan(1))          # one rank: the same groups at every batch size
+    seed_everything(seed, groups.rng_rank, groups.pp_rank)
+    adapter, seq = _sequence(choice, groups, seed)
+    net = SequentialWithLoss(seq, [0] * seq.num_layers).to(dev, dtype=dtype).train()
+
+    def batch(b: int) -> tuple:
+        inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan(b), 0, seed,
+                                       seq_len=choice.seq_len).micro_batches(0)[0]
+        return _to(inputs, dev, dtype), _to(labels, dev)
+
+    return net, seq, batch
+
+
 def param_tensors(seq, layer_type_names: list[str]) -> dict:
     """Parameter tensors per layer type (one layer), and on the embeddings / head entries (tied ones once)."""
     seen: set[int] = set()

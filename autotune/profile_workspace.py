@@ -66,48 +66,27 @@ def layer_workspace(layer: torch.nn.Module, inputs: tuple, reentrant: bool | Non
     return got
 
 
-def head_workspace(model: str, task: str | None, precision: str, num_layers: int, batches,
-                   seed: int = 1234) -> dict[int, int]:
+def head_workspace(model: str, task: str | None, precision: str, batches, seed: int = 1234) -> dict[int, int]:
     """{micro-batch: workspace bytes} of the head + loss, run inside train.py's layer sequence: the
     entries before the head under no_grad, their output made a leaf, then head, loss and backward."""
-    import train
-    from autotune.plan import Plan
-    from autotune.profile_engine import _sequence
-    from backends.data import SyntheticData
-    from backends.deepspeed.engine import _to, device
-    from backends.deepspeed.layers import SequentialWithLoss
-    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
-    from backends.megatron.random import seed_everything
-    from model_zoo.common import TORCH_DTYPES
+    from autotune.profile_engine import one_rank_net
+    from backends.megatron.groups import destroy_parallel_groups
 
-    init_distributed()
-    choice = train.resolve_model(model, task, None)
-    dev, dtype = device(), TORCH_DTYPES[precision]
-
-    def plan(b: int) -> Plan:
-        return Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=precision,
-                            model={"name": model})
-
-    groups = build_parallel_groups(plan(batches[0]))          # one rank: the same groups at every batch
-    seed_everything(seed, groups.rng_rank, groups.pp_rank)
-    adapter, seq = _sequence(choice, groups, seed)
-    net = SequentialWithLoss(seq, [0] * seq.num_layers).to(dev, dtype=dtype).train()
+    net, seq, batch = one_rank_net(model, task, precision, seed)
     entries = list(net.entries)
     body, head = entries[:-len(seq.head)], entries[-len(seq.head):]
     head_params = [p for m in head for p in m.parameters()]
     leaf = lambda t: t.detach().requires_grad_(t.is_floating_point()) if torch.is_tensor(t) else t  # noqa: E731
     out = {}
     for b in batches:
-        inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan(b), 0, seed,
-                                       seq_len=choice.seq_len).micro_batches(0)[0]
-        x, labels = _to(inputs, dev, dtype), _to(labels, dev)
+        x, labels = batch(b)
         with torch.no_grad():
             for m in body:
                 x = m(x)
         x = tuple(leaf(t) for t in x) if isinstance(x, tuple) else leaf(x)
         for m in head:
             x = m(x)
-        out[b] = _peak_above_start(net.loss_fn(x, labels).backward, dev, head_params)
+        out[b] = _peak_above_start(net.loss_fn(x, labels).backward, labels.device, head_params)
         for p in head_params:
             p.grad = None
     del net, seq, head, body, entries, head_params
@@ -146,7 +125,7 @@ def measure(model: str, profile: ModelProfile, progress=print) -> tuple[dict[str
                  f"{(profile.act_bytes(job.type_name, 1, False) or 0) / 2**20:.2f} MB/sample")
         del layer
         torch.cuda.empty_cache()
-    got = head_workspace(model, profile.task, profile.precision, spec.num_layers, BATCHES)
+    got = head_workspace(model, profile.task, profile.precision, BATCHES)
     head = {"bwd_workspace_bytes": max(0, pm.per_sample(b1, got[b1], b2, got[b2])[0]),
             "workspace_measured": {"method": method + "; head + loss inside train.py's layer sequence",
                                    "bytes": {str(b): x for b, x in got.items()}}}

@@ -505,7 +505,10 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
     peak, at_peak, freed, grads, elems = -1.0, (0.0, 0.0), 0.0, 0.0, 0.0
     for c in reversed(seq):
         elems += c.detail.get("shard_params", 0.0)
-        grads = (accum_total if elems >= flush else 0.0) if flush else grads + c.accum_bytes
+        if flush:          # ZeRO-2: the whole gradient partition appears at the first bucket reduce
+            grads = accum_total if elems >= flush else 0.0
+        else:
+            grads += c.accum_bytes
         extra = c.transient_bytes - freed
         if stored + extra + grads > peak:
             peak, at_peak = stored + extra + grads, (extra, grads)

@@ -24,7 +24,7 @@ ACT_FIELDS = ("act_bytes", "act_fixed_bytes", "ckpt_bytes", "act_measured", "act
 
 def merge(new: dict, into: dict, fields: tuple[str, ...]) -> list[str]:
     """Copy `fields` of every layer entry of `into` from `new`; returns one line per entry changed."""
-    for key in ("model", "precision", "seq_len"):
+    for key in ("model", "precision", "seq_len", "seq_lens"):
         if new.get(key) != into.get(key):
             raise ValueError(f"the profiles differ in {key}: {new.get(key)!r} against {into.get(key)!r}")
     changed = []

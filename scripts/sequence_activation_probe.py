@@ -25,61 +25,35 @@ MB = 2 ** 20
 
 
 def probe(model: str, batch: int, precision: str, seed: int = 1234) -> tuple[list[dict], dict]:
-    import train
-    from autotune.plan import Plan
-    from autotune.profile_engine import _sequence
-    from backends.data import SyntheticData
-    from backends.deepspeed.engine import _to, device
-    from backends.deepspeed.layers import SequentialWithLoss
-    from backends.megatron.groups import build_parallel_groups, init_distributed
-    from backends.megatron.random import seed_everything
-    from model_zoo.common import TORCH_DTYPES
+    """One forward of the sequence, entry by entry: rows of {entry, kind, module, saved_mb, alloc_mb, largest}
+    (kind: embed, layer, head, loss)."""
+    from autotune.profile_engine import one_rank_net
+    from model_zoo.accounting import saved_tensors
 
-    init_distributed()
-    choice = train.resolve_model(model, None, None)
-    dev, dtype = device(), TORCH_DTYPES[precision]
-    from model_zoo.runtime import get_adapter
-    plan = Plan.uniform(num_layers=get_adapter(choice.family).num_layers(choice.config), world_size=1,
-                        global_bsz=batch, precision=precision, model={"name": model})
-    groups = build_parallel_groups(plan)
-    seed_everything(seed, groups.rng_rank, groups.pp_rank)
-    adapter, seq = _sequence(choice, groups, seed)
-    net = SequentialWithLoss(seq, [0] * seq.num_layers).to(dev, dtype=dtype).train()
-    own = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan, 0, seed,
-                                   seq_len=choice.seq_len).micro_batches(0)[0]
-    x, labels = _to(inputs, dev, dtype), _to(labels, dev)
-    found: dict[tuple, tuple] = {}          # storage -> (entry index, bytes, shape, dtype)
-    keep: list[torch.Tensor] = []
-    current = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key[1] not in own and key not in found:
-            found[key] = (current[0], t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
-            keep.append(t)
-        return t.detach()
-
-    cuda = dev.type == "cuda"
+    net, seq, make_batch = one_rank_net(model, None, precision, seed)
+    x, labels = make_batch(batch)
+    cuda = labels.device.type == "cuda"
     alloc = lambda: torch.cuda.memory_allocated() if cuda else 0  # noqa: E731
+    seen: set = set()               # storages already charged to an earlier entry
     rows = []
-    start = alloc()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for i, m in enumerate(net.entries):
-            current[0] = i
-            before = alloc()
-            x = m(x)
-            rows.append({"entry": i, "module": type(getattr(m, "inner", m)).__name__, "alloc_mb": (alloc() - before) / MB})
-        current[0] = len(net.entries)
+
+    def run(kind: str, name: str, fn, *args):
         before = alloc()
-        loss = net.loss_fn(x, labels)
-        rows.append({"entry": len(net.entries), "module": "loss", "alloc_mb": (alloc() - before) / MB})
-    for r in rows:
-        mine = [v for v in found.values() if v[0] == r["entry"]]
-        r["saved_mb"] = sum(v[1] for v in mine) / MB
-        r["largest"] = [f"{v[3]}{list(v[2])} {v[1] / MB:.1f}" for v in sorted(mine, key=lambda v: -v[1])[:4]]
-    total = {"saved_mb": sum(v[1] for v in found.values()) / MB, "alloc_mb": (alloc() - start) / MB,
-             "loss": loss.item()}
+        storages, out = saved_tensors(fn, *args, exclude=net.parameters())
+        mine = [st for st in storages if st.key not in seen]
+        seen.update(st.key for st in mine)
+        rows.append({"entry": len(rows), "kind": kind, "module": name, "alloc_mb": (alloc() - before) / MB,
+                     "saved_mb": sum(st.nbytes for st in mine) / MB,
+                     "largest": [f"{str(st.dtype).replace('torch.', '')}{list(st.shape)} {st.nbytes / MB:.1f}"
+                                 for st in sorted(mine, key=lambda st: -st.nbytes)[:4]]})
+        return out
+
+    start = alloc()
+    kinds = ["embed"] * len(seq.embed) + ["layer"] * len(seq.layers) + ["head"] * len(seq.head)
+    for kind, m in zip(kinds, net.entries):
+        x = run(kind, type(getattr(m, "inner", m)).__name__, m, x)
+    loss = run("loss", "loss", net.loss_fn, x, labels)
+    total = {"saved_mb": sum(r["saved_mb"] for r in rows), "alloc_mb": (alloc() - start) / MB, "loss": loss.item()}
     return rows, total
 
 

@@ -181,3 +181,29 @@ def test_saved_tensor_bytes_counts_storages_once_and_skips_weights():
     storages, _ = saved_tensors(fn, x, exclude=list(lin.parameters()))
     assert sorted(s.nbytes for s in storages) == [4 * 8 * 4, 4 * 8 * 4]
     assert saved_tensor_bytes(fn, x) == 4 * 8 * 4 * 2 + 8 * 8 * 4    # not a module: weight counted
+
+
+# ------------------------------------------------------------------------------------------ train.py's sequence
+@pytest.mark.parametrize("name", ["bert-test", "vit-test"])
+def test_sequence_probe_layers_match_spec(name: str, tmp_path):
+    """scripts/sequence_activation_probe.py charges each Transformer layer of train.py's own sequence what the
+    spec says one layer keeps (CPU, fp32, batch 2): the probe counts the real runtime, the spec is checked
+    against HF modules above."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631" if name == "bert-test" else "29632",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    r = subprocess.run([sys.executable, "scripts/sequence_activation_probe.py", "--model", name, "--batch", "2",
+                        "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    spec = get_model_spec(name, precision="fp32", device="cpu")
+    lt = spec.layer_types[0]
+    layers = [row["saved_mb"] * 2 ** 20 for row in rows if row["kind"] == "layer"]
+    assert len(layers) == spec.num_layers
+    assert layers == [pytest.approx(2 * lt.act_bytes[1] + lt.act_fixed_bytes[1], abs=0.5)] * spec.num_layers

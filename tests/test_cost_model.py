@@ -44,8 +44,8 @@ def test_states_bytes_bf16(zero, persistent, accum):
     assert detail["accum_grads"] == pytest.approx(accum * 1e6)
     assert sum(detail.values()) == pytest.approx((persistent + accum) * 1e6)
     # one micro-batch: the gradients appear in backward; two: they are held with the states
-    assert cm.phase_bytes(1e6, 4, zero, 1) == pytest.approx((persistent * 1e6, accum * 1e6))
-    assert cm.phase_bytes(1e6, 4, zero, 2) == pytest.approx(((persistent + accum) * 1e6, 0.0))
+    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 1) == pytest.approx((persistent * 1e6, accum * 1e6))
+    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 2) == pytest.approx(((persistent + accum) * 1e6, 0.0))
 
 
 def test_states_bytes_fp32():
