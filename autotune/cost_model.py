@@ -81,6 +81,8 @@ class Cost:
     transient_bytes: float = 0.0  # workspace of the layer being recomputed / differentiated
     accum_bytes: float = 0.0      # with one micro-batch: gradients accumulated for the step, allocated in
                                   # this piece's backward (with several they are in states_bytes)
+    regrad_bytes: float = 0.0     # a second gradient buffer that each later micro-batch's backward allocates
+                                  # and frees (fp32 ZeRO-2 with accumulation); never live at the optimizer step
     step_bytes: float = 0.0       # optimizer-step workspace above states + gradients (casts, flat copies);
                                   # live when the activations are not
     detail: dict = field(default_factory=dict)
@@ -246,14 +248,23 @@ class CostModel:
         detail = {k: v * params for k, v in zip(("params", "grads", "optimizer", "accum_grads"), per)}
         return detail["params"] + detail["grads"] + detail["optimizer"], detail
 
-    @staticmethod
-    def phases(states: float, detail: dict, chunks: int) -> tuple[float, float]:
-        """(bytes held through the activation phase, accumulated gradients that appear in backward), from
-        states_bytes' result. With one micro-batch the accumulated gradients appear while backward frees
-        the activations (stage_memory scans that); with several they are alive while later micro-batches
-        hold activations, so they count with the states."""
+    def phases(self, states: float, detail: dict, chunks: int, zero: int) -> tuple[float, float, float]:
+        """(bytes held through the activation phase, accumulated gradients that appear in backward, gradient
+        buffer that appears in backward and is freed before the optimizer step), from states_bytes' result.
+
+        With one micro-batch the accumulated gradients appear while backward frees the activations
+        (stage_memory scans that); with several they are alive while later micro-batches hold activations,
+        so they count with the states. fp32 ZeRO-2 with several micro-batches holds them twice in each later
+        backward: DeepSpeed 0.19's stage-2 epilogue drops its gradient partition (`_release_ipg_buffers`:
+        grads_in_partition = None) while `all_grad_tensors` keeps views of it as the running sum, so the
+        next micro-batch's first bucket reduce allocates a new partition, added into the sum in its epilogue
+        and then freed (engine profile of T5-large fp32: ZeRO-2 backward peak 4.3 B/param above ZeRO-1's).
+        bf16/fp16 take the compact fp32 accumulation buffer instead, allocated once."""
         accum = detail["accum_grads"]
-        return (states + accum, 0.0) if chunks > 1 else (states, accum)
+        if chunks == 1:
+            return states, accum, 0.0
+        regrad = accum if zero == 2 and self.spec.precision == "fp32" else 0.0
+        return states + accum, 0.0, regrad
 
     @staticmethod
     def accum_flush_elems(zero: int) -> float:
@@ -321,7 +332,7 @@ class CostModel:
                 exposed = m * (fwd_side + bwd_side)
         zero_dp = setting.zero_divisor(s.tp)
         states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
-        held, accum = self.phases(states, states_detail, setting.chunks)
+        held, accum, regrad = self.phases(states, states_detail, setting.chunks, setting.zero)
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
@@ -332,7 +343,7 @@ class CostModel:
         optimizer = self.optimizer_s(local) + engine_step
         return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=held, act_bytes=act, transient_bytes=transient,
-                    accum_bytes=accum,
+                    accum_bytes=accum, regrad_bytes=regrad,
                     step_bytes=local * step_bpp,
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
                             "engine_microbatch_s": engine_mb, "engine_step_s": engine_step, **states_detail})
@@ -405,11 +416,12 @@ class CostModel:
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
-        held, accum = self.phases(states, detail, setting.chunks)
+        held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
         return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,
-                    transient_bytes=workspace * b, accum_bytes=accum, step_bytes=local * step_bpp,
+                    transient_bytes=workspace * b, accum_bytes=accum, regrad_bytes=regrad,
+                    step_bytes=local * step_bpp,
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline

@@ -486,6 +486,7 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.transient_bytes = max(out.transient_bytes, c.transient_bytes)
         out.step_bytes += c.step_bytes
         out.accum_bytes += c.accum_bytes
+        out.regrad_bytes += c.regrad_bytes
     return out
 
 
@@ -496,19 +497,21 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
     The activation phase is scanned through backward, last piece first: while a piece runs backward,
     the current micro-batch's activations of the pieces after it are freed, the piece adds its
     `transient_bytes` (its backward workspace, and a checkpointed layer's recomputed activations), and
-    the gradients accumulated so far are held (all at once after the first bucket under ZeRO-2).
+    the gradients accumulated so far are held (all at once after the first bucket under ZeRO-2; the
+    same for the second buffer of fp32 ZeRO-2 with accumulation, Cost.regrad_bytes).
     `picks` are the stage's layers in order; fixed["before"]/["after"] the embeddings/head around them."""
     seq = fixed.get("before", []) + picks + fixed.get("after", [])
     inflight, flush = fixed.get("inflight", 1), fixed.get("accum_flush_elems", 0)
     stored = sum(c.act_bytes for c in seq)
     accum_total = sum(c.accum_bytes for c in seq)
+    regrad_total = sum(c.regrad_bytes for c in seq)
     peak, at_peak, freed, grads, elems = -1.0, (0.0, 0.0), 0.0, 0.0, 0.0
     for c in reversed(seq):
         elems += c.detail.get("shard_params", 0.0)
         if flush:          # ZeRO-2: the whole gradient partition appears at the first bucket reduce
-            grads = accum_total if elems >= flush else 0.0
+            grads = accum_total + regrad_total if elems >= flush else 0.0
         else:
-            grads += c.accum_bytes
+            grads += c.accum_bytes + c.regrad_bytes
         extra = c.transient_bytes - freed
         if stored + extra + grads > peak:
             peak, at_peak = stored + extra + grads, (extra, grads)

@@ -44,8 +44,8 @@ def test_states_bytes_bf16(zero, persistent, accum):
     assert detail["accum_grads"] == pytest.approx(accum * 1e6)
     assert sum(detail.values()) == pytest.approx((persistent + accum) * 1e6)
     # one micro-batch: the gradients appear in backward; two: they are held with the states
-    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 1) == pytest.approx((persistent * 1e6, accum * 1e6))
-    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 2) == pytest.approx(((persistent + accum) * 1e6, 0.0))
+    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 1, zero) == pytest.approx((persistent * 1e6, accum * 1e6, 0.0))
+    assert cm.phases(*cm.states_bytes(1e6, 4, zero), 2, zero) == pytest.approx(((persistent + accum) * 1e6, 0.0, 0.0))
 
 
 def test_states_bytes_fp32():
@@ -55,6 +55,18 @@ def test_states_bytes_fp32():
     assert cm.states_bytes(1e6, 4, 0)[1]["accum_grads"] == pytest.approx(4e6)
     assert cm.states_bytes(1e6, 4, 2)[0] == pytest.approx(4e6 + 12e6 / 4)
     assert cm.states_bytes(1e6, 4, 3)[0] == pytest.approx(16e6 / 4)
+
+
+@pytest.mark.parametrize("precision,zero,chunks,regrad", [("fp32", 2, 2, 4), ("fp32", 2, 4, 4), ("fp32", 2, 1, 0),
+                                                          ("fp32", 1, 2, 0), ("fp32", 0, 2, 0), ("bf16", 2, 2, 0)])
+def test_phases_second_gradient_partition(precision, zero, chunks, regrad):
+    """Only fp32 ZeRO-2 with accumulation re-allocates its gradient partition (4 B/param at dp 1) in each
+    later micro-batch's backward (bf16 keeps one compact fp32 buffer; ZeRO 0/1 accumulate in place)."""
+    cm = CostModel(syn.spec([syn.layer()], [0], precision=precision), syn.hardware(gpus=1))
+    states, detail = cm.states_bytes(1e6, 1, zero)
+    held, accum, got = cm.phases(states, detail, chunks, zero)
+    assert got == pytest.approx(regrad * 1e6)
+    assert held == pytest.approx(states + (detail["accum_grads"] if chunks > 1 else 0.0))
 
 
 def test_layer_compute_time_analytic():

@@ -245,6 +245,18 @@ def test_stage_memory_peak_inside_backward():
     assert (mem["transient_mb"], mem["backward_grads_mb"]) == pytest.approx((5 - 30, 120))
 
 
+def test_stage_memory_second_gradient_buffer_in_backward_only():
+    """fp32 ZeRO-2 with accumulation: the accumulated partition is in the states, a second 40 MB per piece
+    (regrad) appears with the first bucket: at the middle piece 30 MB of activations + 5 MB workspace
+    + 120 MB = 155 MB; the optimizer step does not see it (no accum_bytes left: 0 MB)."""
+    pieces = [Cost(act_bytes=a * MB, transient_bytes=5 * MB, regrad_bytes=40 * MB, detail={"shard_params": 1.0})
+              for a in (10, 20, 30)]
+    mem = stage_memory(pieces, {"others": [], "buffers": 0, "offset": 0, "accum_flush_elems": 2})
+    assert mem["total_mb"] == pytest.approx(155)
+    assert mem["backward_grads_mb"] == pytest.approx(120)
+    assert mem["optimizer_step_mb"] == pytest.approx(0)
+
+
 # ---------------------------------------------------------------------- stage memory: max(activations, step)
 @pytest.mark.parametrize("step_mb, expect_mb", [(10.0, 100 + 30 + 6), (80.0, 100 + 80)],
                          ids=["activations-dominate", "step-dominates"])
