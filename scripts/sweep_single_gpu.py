@@ -51,6 +51,34 @@ def configs(model: str, num_layers: int) -> list[dict]:
     return out
 
 
+CONFIG_KEYS = {"bsz": int, "chunks": int, "ckpt": int, "zero": int, "precision": str}
+
+
+def load_configs(path: str) -> dict[str, list[dict]]:
+    """{model: [config, ...]} from a JSON file, replacing the built-in list for those models (a targeted
+    check, e.g. configurations predicted before they are measured). Raises ValueError naming the problem."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--configs {path}: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ValueError(f"--configs {path}: expected {{model: [{{bsz, chunks, ckpt, zero, precision}}, ...]}}")
+    for model, cfgs in data.items():
+        for c in cfgs:
+            bad = [k for k, t in CONFIG_KEYS.items() if not isinstance(c.get(k), t)]
+            if bad or set(c) - set(CONFIG_KEYS):
+                raise ValueError(f"--configs {path}: {model} entry {c} needs exactly {', '.join(CONFIG_KEYS)} "
+                                 f"(wrong or missing: {', '.join(bad or sorted(set(c) - set(CONFIG_KEYS)))})")
+    return data
+
+
+def model_configs(model: str, num_layers: int, path: str | None) -> list[dict]:
+    """The configurations to measure for `model`: from --configs when it names the model, else built in."""
+    custom = load_configs(path) if path else {}
+    return custom[model] if model in custom else configs(model, num_layers)
+
+
 def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list[str] = ()) -> dict:
     import torch
 
@@ -113,12 +141,14 @@ def spawn_groups(args: argparse.Namespace) -> int:
     from model_zoo import get_model_spec
 
     for model in args.models.split(","):
-        every = configs(model, get_model_spec(model).num_layers)
+        every = model_configs(model, get_model_spec(model).num_layers, args.configs)
         chosen = list(range(len(every)))[args.skip: args.limit]
         groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
         for group in (g for g in groups if g):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
+            if args.configs:
+                cmd += ["--configs", args.configs]
             if subprocess.run(cmd).returncode:
                 print(f"[sweep] {model} configurations {group}: the process failed", flush=True)
     return 0
@@ -132,8 +162,17 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=0, help="skip the first configurations of each model")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)   # "i,j,..": this process runs these
     ap.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. --train-args=--compile")
+    ap.add_argument("--configs", default=None,
+                    help="JSON file {model: [{bsz, chunks, ckpt, zero, precision}, ...]} measured instead of the "
+                         "built-in list for the models it names")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    try:
+        if args.configs:
+            load_configs(args.configs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     from model_zoo import get_model_spec
@@ -142,7 +181,7 @@ def main() -> int:
         return spawn_groups(args)
     for model in args.models.split(","):
         n = get_model_spec(model).num_layers
-        every = configs(model, n)
+        every = model_configs(model, n, args.configs)
         for i in (int(x) for x in args.only.split(",")):
             cfg = every[i]
             # ZeRO-3 steps take seconds on one GPU (its hooks run per module): fewer of them
