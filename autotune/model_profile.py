@@ -441,10 +441,31 @@ def _layer_type_from_dict(name: str, v: Any, origin: str) -> LayerTypeProfile:
 
 
 # -------------------------------------------------------------------------------------------- report
+def split_fit_errors(profile: "ModelProfile") -> tuple[float | None, float | None]:
+    """(GPU part, CPU part) of the split-timed layer entries, each a median relative error over all points:
+    the fit form fitted to the GPU times alone (how well t(b) describes what the GPU does), and the CPU
+    launch times about their entry's floor (a constant: launch work does not depend on b, so this is the
+    host's scatter). None without split timing. time_ms = max(cpu, gpu) inherits whichever dominates."""
+    gpu, cpu = [], []
+    for lt in profile.layer_types.values():
+        for e in lt.tp.values():
+            bs = e.raw.get("batch_sizes", [])
+            for k in MEASURED_KINDS:
+                g, c = (e.raw.get("gpu_ms") or {}).get(k), (e.raw.get("cpu_ms") or {}).get(k)
+                pts = [(b, gi, ci) for b, gi, ci in zip(bs, g or [], c or []) if gi and ci]
+                if len(pts) < 3:          # two points fit any line: no evidence either way
+                    continue
+                gpu += _errors(fit_time([p[0] for p in pts], [p[1] for p in pts]), [p[0] for p in pts],
+                               [p[1] for p in pts])
+                floor = statistics.median(p[2] for p in pts)
+                cpu += [abs(floor - p[2]) / p[2] for p in pts]
+    return (statistics.median(gpu) if gpu else None), (statistics.median(cpu) if cpu else None)
+
+
 def report(paths: list[str]) -> str:
     """Markdown tables of fit errors and of the activation cross-check (saved tensors vs GPU allocator)."""
-    fits = ["| model | device | precision | layer types x TP | median fit error | worst fit point |",
-            "|---|---|---|---|---|---|"]
+    fits = ["| model | device | precision | layer types x TP | median fit error | worst fit point | "
+            "GPU part | CPU launch scatter |", "|---|---|---|---|---|---|---|---|"]
     acts = ["| model | layer type | TP | batch | saved-tensor bytes | allocator: requested | difference | "
             "allocator: allocated blocks | difference |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
@@ -453,7 +474,8 @@ def report(paths: list[str]) -> str:
         entries += [e for per in p.other.values() for e in per.values()]
         worst = max((f.max_rel_err for e in entries for f in e.fits.values()), default=0.0)
         n = sum(len(lt.tp) for lt in p.layer_types.values())
-        fits.append(f"| {p.model} | {p.device} | {p.precision} | {n} | {p.fit_error:.2%} | {worst:.2%} |")
+        gpu, cpu = (format(x, ".2%") if x is not None else "-" for x in split_fit_errors(p))
+        fits.append(f"| {p.model} | {p.device} | {p.precision} | {n} | {p.fit_error:.2%} | {worst:.2%} | {gpu} | {cpu} |")
         for name, lt in p.layer_types.items():
             for tp, e in sorted(lt.tp.items()):
                 chk = e.raw.get("act_check")

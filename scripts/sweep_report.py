@@ -73,13 +73,18 @@ def main() -> int:
         # (the budget: at most 3 calibration runs per model). Memory factors (activation
         # accounting, allocator offset) hold for every precision; time factors scale the profile they
         # were fitted against (its host's speed), so a profile of another precision keeps its own.
+        # --calibrate 0: every configuration scored by the model alone (a check predicted before measuring).
         fit = ok[: args.calibrate]
-        runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False} for r in fit]
-        prec0 = fit[0]["plan_obj"].precision
-        result = calibrate(specs[prec0], hw, profiles[prec0], runs, [])
-        cal, fitted = Calibration.from_dict(result), {id(r) for r in fit}
-        memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
-        cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
+        result, cals = None, {prec: Calibration() for prec in profiles}
+        if fit:
+            runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False}
+                    for r in fit]
+            prec0 = fit[0]["plan_obj"].precision
+            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [])
+            cal = Calibration.from_dict(result)
+            memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
+            cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
+        fitted = {id(r) for r in fit}
         for r in recs:
             cfg = r["config"]
             if "measured" not in r:

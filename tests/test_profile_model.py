@@ -3,6 +3,7 @@ model calls return sane numbers; plus the profile file's validation and fits."""
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import os
 
@@ -183,6 +184,21 @@ def test_profiles_with_and_without_gpu_cpu_parts_load_and_refit(tmp_path, with_s
     else:
         assert fwd == fit_time(BS, TIME) and "gpu_ms" not in q.layer_types["enc"].tp[1].raw
     assert q.fit_error == pytest.approx(profile_model.pooled_fit_error(q))
+
+
+def test_split_fit_errors_gpu_part_and_cpu_scatter(tmp_path):
+    """GPU part: GPU times on a line are fitted exactly (0); CPU part: scatter about the median launch time,
+    hand-computed; entries without parts are left out (None when no entry has them)."""
+    from autotune.model_profile import split_fit_errors
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_old_format_profile(with_split=True)))
+    gpu, cpu = split_fit_errors(ModelProfile.load(str(path)))
+    assert gpu == pytest.approx(0.0, abs=1e-12)
+    floor = statistics.median(CPU)
+    assert cpu == pytest.approx(statistics.median(abs(floor - c) / c for c in CPU))
+    path.write_text(json.dumps(_old_format_profile(with_split=False)))
+    assert split_fit_errors(ModelProfile.load(str(path))) == (None, None)
 
 
 class FakeSplitClock(profile_model.Clock):
