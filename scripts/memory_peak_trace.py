@@ -28,24 +28,29 @@ OWN = ("model_zoo/", "backends/", "autotune/", "train.py")
 LIBS = ("transformers/models/", "deepspeed/", "torch/utils/checkpoint", "torch/optim/")
 
 
+def short(f: dict) -> str:
+    name = f.get("filename", "?")
+    if "site-packages/" in name:
+        name = name.split("site-packages/")[-1]
+    elif os.path.isabs(name):        # this repository's files relative to it, anything else by its name
+        rel = os.path.relpath(name)
+        name = os.path.basename(name) if rel.startswith("..") else rel
+    return f"{name}:{f.get('line')} {f.get('name')}"
+
+
 def site(frames: list[dict] | None) -> str:
-    """The innermost frame from this repository, else from the libraries in LIBS, else the innermost."""
+    """The innermost frame from this repository or from the libraries in LIBS, else the innermost."""
     frames = frames or []
-    for keys in (OWN, LIBS):
-        for f in frames:
-            name = f.get("filename", "")
-            if any(k in name for k in keys):
-                short = name.split("site-packages/")[-1] if "site-packages/" in name else os.path.relpath(name)
-                return f"{short}:{f.get('line')} {f.get('name')}"
-    if frames:
-        f = frames[0]
-        return f"{os.path.basename(f.get('filename', '?'))}:{f.get('line')} {f.get('name')}"
-    return "(allocated before the recorded window)"
+    for f in frames:
+        if any(k in f.get("filename", "") for k in OWN + LIBS):
+            return short(f)
+    return short(frames[0]) if frames else "(allocated before the recorded window)"
 
 
-def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, dict[int, tuple[int, str]]]:
-    """(peak allocated bytes, {address: (bytes, site)} live at that moment), replaying the recorded events
-    backwards from the blocks the snapshot holds at its end (event i undone takes the state to before it)."""
+def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, dict[int, tuple[int, str]], list[str]]:
+    """(peak allocated bytes, {address: (bytes, site)} live at that moment, the named frames of the
+    allocation that reached it), replaying the recorded events backwards from the blocks the snapshot
+    holds at its end (event i undone takes the state to before it)."""
     live: dict[int, tuple[int, str]] = {}
     for seg in snapshot["segments"]:
         if seg.get("device", device) != device:
@@ -64,12 +69,14 @@ def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, dict[int, tuple[
             total += e["size"]
         if total > best:
             best, best_i = total, i
+    peak_frames = events[best_i]["frames"] if best_i < len(events) else []
     for e in reversed(events[best_i:]):      # undo the events after the peak
         if e["action"] == "alloc":
             live.pop(e["addr"], None)
         elif e["action"] == "free_completed":
             live[e["addr"]] = (e["size"], site(e.get("frames")))
-    return best, live
+    return best, live, [short(f) for f in (peak_frames or [])
+                         if any(k in f.get("filename", "") for k in OWN + LIBS)]
 
 
 def grouped(live: dict[int, tuple[int, str]]) -> list[tuple[str, int, int]]:
@@ -128,7 +135,7 @@ def main() -> int:
                      "--metrics-file", metrics, "--force"])
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    peak, live = live_at_peak(snap, torch.cuda.current_device())
+    peak, live, where = live_at_peak(snap, torch.cuda.current_device())
     groups = grouped(live)
     with open(metrics) as f:
         summary = [json.loads(x) for x in f if x.strip() and json.loads(x).get("summary")]
@@ -136,12 +143,14 @@ def main() -> int:
               "trace_peak_mb": peak / MB, "max_memory_allocated_mb": torch.cuda.max_memory_allocated() / MB,
               "measured": summary[-1]["measured"] if summary else None,
               "predicted": predicted(args.model, args.galvatron_plan, args.model_profile),
+              "peak_allocation_stack": where,
               "live_at_peak": [{"site": s, "mb": b / MB, "blocks": n} for s, b, n in groups]}
     with open(os.path.join(args.out, "peak.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"peak from the trace {peak / MB:.0f} MB, max_memory_allocated {result['max_memory_allocated_mb']:.0f} MB"]
     if result["predicted"]:
         lines.append("predicted: " + ", ".join(f"{k} {v:.0f}" for k, v in result["predicted"].items()))
+    lines.append("allocation that reached the peak: " + " <- ".join(where[:8]))
     lines += [f"{b / MB:10.1f} MB {n:6d} blocks  {s}" for s, b, n in groups[: args.top]]
     with open(os.path.join(args.out, "peak.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -28,8 +28,8 @@ def test_replay_finds_the_peak_and_what_was_live_then():
             {"action": "free_completed", "addr": 3, "size": 30, "frames": tmp},
             {"action": "free_completed", "addr": 2, "size": 50, "frames": act},
             {"action": "alloc", "addr": 4, "size": 60, "frames": grad}]]}
-    peak, live = live_at_peak(snap, 0)
-    assert peak == 180
+    peak, live, where = live_at_peak(snap, 0)
+    assert peak == 180 and where == ["backends/x.py:5 f"]      # tmp's allocation reached it
     assert sorted(live) == [1, 2, 3]
     groups = {s: (b, n) for s, b, n in grouped(live)}
     assert groups == {"(allocated before the recorded window)": (100, 1), "model_zoo/t5/layer.py:10 forward": (50, 1),
