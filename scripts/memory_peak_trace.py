@@ -30,8 +30,9 @@ LIBS = ("transformers/models/", "deepspeed/", "torch/utils/checkpoint", "torch/o
 
 def short(f: dict) -> str:
     name = f.get("filename", "?")
-    if "site-packages/" in name:
-        name = name.split("site-packages/")[-1]
+    pkg = next((k for k in ("transformers/", "deepspeed/", "torch/") if f"/{k}" in name), None)
+    if pkg:                          # a library, wherever installed: from its package folder
+        name = name[name.index(f"/{pkg}") + 1:]
     elif os.path.isabs(name):        # this repository's files relative to it, anything else by its name
         rel = os.path.relpath(name)
         name = os.path.basename(name) if rel.startswith("..") else rel
