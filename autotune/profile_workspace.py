@@ -7,9 +7,12 @@ intermediate tensors in flight and, for a checkpointed layer, the activations re
 cost model's activation phase (autotune/search.py stage_memory) adds that workspace for the piece in
 backward; without a measurement it takes the piece's full activations. This runs each layer type at
 TP 1 with profile_model's builders (what one GPU runs), and the head + loss inside train.py's own
-layer sequence, at two micro-batch sizes, and records the allocator's peak during the backward above
-what was allocated when it started (saved activations, output, its gradient), less the parameter
-gradients it leaves behind (the cost model counts those apart), per sample (slope between the sizes):
+layer sequence, at two micro-batch sizes (--batches, default 8 and 32: between 4 and 8, as before session 7, fixed
+parts and the allocator's block rounding bent the slope; T5-large's checkpointed encoder layer came out
+at 37.5 MB/sample there against 42.3 in a traced batch-64 run), and records the allocator's peak during
+the backward above what was allocated when it started (saved activations, output, its gradient), less
+the parameter gradients it leaves behind (the cost model counts those apart), per sample (slope
+between the sizes):
   bwd_workspace_bytes                    plain layer, and the head ('other.last', vtp 1)
   ckpt_bwd_workspace_bytes               checkpointed, reentrant recompute (what pp = 1 runs)
   ckpt_nonreentrant_bwd_workspace_bytes  checkpointed, non-reentrant recompute (pipeline stages)
@@ -30,7 +33,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from autotune.model_profile import ModelProfile, ProfileError  # noqa: E402
 
-BATCHES = (4, 8)
+BATCHES = (8, 32)
 
 
 CKPT_MODES = {"bwd_workspace_bytes": None, "ckpt_bwd_workspace_bytes": True,
@@ -96,7 +99,8 @@ def head_workspace(model: str, task: str | None, precision: str, batches, seed: 
     return out
 
 
-def measure(model: str, profile: ModelProfile, progress=print) -> tuple[dict[str, dict], dict]:
+def measure(model: str, profile: ModelProfile, progress=print, batches: tuple[int, int] = BATCHES
+            ) -> tuple[dict[str, dict], dict]:
     """({layer type: raw fields} at TP 1, raw fields of the head) in the profile's precision."""
     from autotune import profile_model as pm
     from model_zoo.registry import get_model_spec, load_hf_config
@@ -105,17 +109,17 @@ def measure(model: str, profile: ModelProfile, progress=print) -> tuple[dict[str
     config = load_hf_config(model)
     spec = get_model_spec(model, profile.precision, None, profile.task, device="cuda")
     spec_mod = pm.family_spec(spec.family)
-    opts = pm.Options(device=device, precision=profile.precision, batch_sizes=list(BATCHES), tps=[1], warmup=0,
-                      reps=1, other_reps=1, act_batches=BATCHES, check_batch=BATCHES[-1],
+    opts = pm.Options(device=device, precision=profile.precision, batch_sizes=list(batches), tps=[1], warmup=0,
+                      reps=1, other_reps=1, act_batches=batches, check_batch=batches[-1],
                       seq_len=pm.layer_seq_len(model, None), do_other=False, layer_types=None)
-    b1, b2 = BATCHES
+    b1, b2 = batches
     method = ("torch.cuda.max_memory_allocated during one backward above memory_allocated at its start, less "
               f"the parameter gradients; slope between micro-batch sizes {b1} and {b2}")
     layers = {}
     for job in pm.layer_jobs(spec, config, spec_mod, opts, []):
         layer = pm.build_layer(spec_mod, job, opts)
         got = {field: {b: layer_workspace(layer, pm.make_inputs(spec_mod, job, b, opts), mode, device)
-                       for b in BATCHES} for field, mode in CKPT_MODES.items()}
+                       for b in batches} for field, mode in CKPT_MODES.items()}
         fields = {f: max(0, pm.per_sample(b1, v[b1], b2, v[b2])[0]) for f, v in got.items()}
         layers[job.type_name] = {**fields, "workspace_measured": {
             "method": method, "bytes": {f: {str(b): x for b, x in v.items()} for f, v in got.items()}}}
@@ -125,7 +129,7 @@ def measure(model: str, profile: ModelProfile, progress=print) -> tuple[dict[str
                  f"{(profile.act_bytes(job.type_name, 1, False) or 0) / 2**20:.2f} MB/sample")
         del layer
         torch.cuda.empty_cache()
-    got = head_workspace(model, profile.task, profile.precision, BATCHES)
+    got = head_workspace(model, profile.task, profile.precision, batches)
     head = {"bwd_workspace_bytes": max(0, pm.per_sample(b1, got[b1], b2, got[b2])[0]),
             "workspace_measured": {"method": method + "; head + loss inside train.py's layer sequence",
                                    "bytes": {str(b): x for b, x in got.items()}}}
@@ -138,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="preset name, HF config .json or checkpoint folder")
     ap.add_argument("--model-profile", required=True, help="profile whose tp=1 layer entries get the workspace")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                    help="two micro-batch sizes, small then large; the slope between them is stored per sample")
     args = ap.parse_args(argv)
+    try:
+        batches = tuple(int(x) for x in args.batches.split(","))
+        if len(batches) != 2 or not 0 < batches[0] < batches[1]:
+            raise ValueError
+    except ValueError:
+        print(f"error: --batches {args.batches}: give two increasing micro-batch sizes, e.g. 8,32", file=sys.stderr)
+        return 2
     try:
         if not torch.cuda.is_available():
             raise ValueError("the backward workspace is read from the CUDA allocator: run this on a GPU")
@@ -152,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     layers, head = measure(args.model, profile,
-                           progress=lambda s: print(f"[profile_workspace {args.model}] {s}", flush=True))
+                           progress=lambda s: print(f"[profile_workspace {args.model}] {s}", flush=True),
+                           batches=batches)
     for name, fields in layers.items():
         if name in profile.layer_types:
             profile.layer_types[name].tp[1].raw.update(fields)

@@ -57,6 +57,16 @@ def test_cli_refuses_without_cuda(tmp_path):
     assert path.read_text() == "{}"
 
 
+@pytest.mark.parametrize("batches", ["8", "32,8", "8,x"])
+def test_cli_refuses_bad_batches(tmp_path, batches):
+    path = tmp_path / "p.json"
+    path.write_text("{}")
+    r = subprocess.run([sys.executable, "autotune/profile_workspace.py", "--model", "bert-test", "--model-profile",
+                        str(path), "--batches", batches], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--batches" in r.stderr.strip().splitlines()[-1]
+    assert path.read_text() == "{}"
+
+
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ws") / "bert-test.json")
