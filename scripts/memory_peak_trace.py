@@ -32,7 +32,7 @@ def short(f: dict) -> str:
     name = f.get("filename", "?")
     pkg = next((k for k in ("transformers/", "deepspeed/", "torch/") if f"/{k}" in name), None)
     if pkg:                          # a library, wherever installed: from its package folder
-        name = name[name.index(f"/{pkg}") + 1:]
+        name = name[name.rindex(f"/{pkg}") + 1:]
     elif os.path.isabs(name):        # this repository's files relative to it, anything else by its name
         rel = os.path.relpath(name)
         name = os.path.basename(name) if rel.startswith("..") else rel
