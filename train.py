@@ -425,6 +425,8 @@ def export_hf(trainer, layout, adapter, choice: ModelChoice, out_dir: str, rank:
 def train(args: argparse.Namespace) -> int:
     import torch
 
+    from backends.gc_pause import automatic_gc_off
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
         # CPU runs are tests and debugging; intra-op threads that spin-wait on a shared or busy machine
@@ -540,43 +542,39 @@ def train(args: argparse.Namespace) -> int:
     metrics = Metrics(args.metrics_file, rank)
     records: list[dict] = []
     bar = tqdm(total=args.steps, initial=min(start, args.steps), disable=rank != 0, desc="train", dynamic_ncols=True)
-    # Python's cyclic GC otherwise pauses random steps (up to +90 % on ViT-L on an H100): freeze what setup
-    # made, switch automatic collection off, and collect every GC_EVERY steps between the timed regions
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    for step in range(start, args.steps):
-        if step > start and (step - start) % GC_EVERY == 0:
-            gc.collect()
-        # inputs reach the device before the timer starts, as in the plain-HF anchor loop (a real input
-        # pipeline overlaps this copy with the previous step: pinned memory, non-blocking copies)
-        micro = trainer.to_device(data.micro_batches(step))
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = trainer.train_step(micro)
-        if on_gpu:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        peaks = gather_floats(peak_memory_mb())
-        rec = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "step_time_s": dt,
-               "samples_per_s": plan.global_bsz / dt,
-               "tflops_per_gpu": flops * plan.global_bsz / dt / groups.world_size / 1e12,
-               "peak_memory_mb": max(peaks)}
-        records.append(rec)
-        metrics.write(rec)
-        bar.set_postfix(loss=f"{result.loss:.4f}", s_per_step=f"{dt:.3f}")
-        bar.update(1)
-        log(f"step {step:5d} | loss {result.loss:.6f} | grad norm {_fmt(result.grad_norm)} | {dt:.3f} s | "
-            f"{rec['samples_per_s']:.1f} samples/s | {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
-            f"peak {rec['peak_memory_mb']:.0f} MB")
-        if eval_data is not None and (step + 1 == args.steps or args.eval_every and (step + 1) % args.eval_every == 0):
-            run_eval(trainer, eval_data, seq.loss_fn, groups.tp_rank, step + 1, metrics, log)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(args, trainer, plan, choice, step + 1, rank)
+    # Python's cyclic GC otherwise pauses random steps (up to +90 % on ViT-L on an H100): automatic
+    # collection off (backends/gc_pause.py), a collection every GC_EVERY steps between the timed regions
+    with automatic_gc_off():
+        for step in range(start, args.steps):
+            if step > start and (step - start) % GC_EVERY == 0:
+                gc.collect()
+            # inputs reach the device before the timer starts, as in the plain-HF anchor loop (a real input
+            # pipeline overlaps this copy with the previous step: pinned memory, non-blocking copies)
+            micro = trainer.to_device(data.micro_batches(step))
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = trainer.train_step(micro)
+            if on_gpu:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            peaks = gather_floats(peak_memory_mb())
+            rec = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "step_time_s": dt,
+                   "samples_per_s": plan.global_bsz / dt,
+                   "tflops_per_gpu": flops * plan.global_bsz / dt / groups.world_size / 1e12,
+                   "peak_memory_mb": max(peaks)}
+            records.append(rec)
+            metrics.write(rec)
+            bar.set_postfix(loss=f"{result.loss:.4f}", s_per_step=f"{dt:.3f}")
+            bar.update(1)
+            log(f"step {step:5d} | loss {result.loss:.6f} | grad norm {_fmt(result.grad_norm)} | {dt:.3f} s | "
+                f"{rec['samples_per_s']:.1f} samples/s | {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU | "
+                f"peak {rec['peak_memory_mb']:.0f} MB")
+            if eval_data is not None and (step + 1 == args.steps or args.eval_every and (step + 1) % args.eval_every == 0):
+                run_eval(trainer, eval_data, seq.loss_fn, groups.tp_rank, step + 1, metrics, log)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save_checkpoint(args, trainer, plan, choice, step + 1, rank)
     bar.close()
-    gc.enable()
-    gc.unfreeze()
     if records:
         summary = summarize(plan, groups, records, gather_floats(peak_memory_mb()), flops)
         summary["measured"]["load_peak_memory_mb"] = load_peaks

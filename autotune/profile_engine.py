@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from autotune.model_profile import ModelProfile, ProfileError  # noqa: E402
 from autotune.plan import write_json_atomic  # noqa: E402
+from backends.gc_pause import automatic_gc_off  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -194,7 +195,8 @@ def measure_bare(opts: Options, choice, plan, adapter, seq) -> float:
 
     for _ in range(opts.warmup):
         once()
-    return statistics.median(_timed(once) for _ in range(opts.reps))
+    with automatic_gc_off():       # as train.py trains
+        return statistics.median(_timed(once) for _ in range(opts.reps))
 
 
 def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
@@ -228,9 +230,10 @@ def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
     states = _allocated() - base
     mb_ms, boundary_ms = [], []
     t_end = time.perf_counter() + opts.stage_seconds
-    while len(mb_ms) < opts.reps and (len(mb_ms) < 2 or time.perf_counter() < t_end):
-        mb_ms.append(_timed(lambda: micro_step(*micro[0])))
-        boundary_ms.append(_timed(lambda: micro_step(*micro[1])))
+    with automatic_gc_off():       # as train.py trains
+        while len(mb_ms) < opts.reps and (len(mb_ms) < 2 or time.perf_counter() < t_end):
+            mb_ms.append(_timed(lambda: micro_step(*micro[0])))
+            boundary_ms.append(_timed(lambda: micro_step(*micro[1])))
     # memory, untimed: the peaks of forward + backward and of the optimizer step, apart
     _reset_peak()
     micro_step(*micro[0])

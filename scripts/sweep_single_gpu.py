@@ -125,8 +125,6 @@ def _cleanup() -> None:
         pass
     if dist.is_initialized():
         dist.destroy_process_group()
-    gc.enable()                    # train.py switches automatic GC off while it trains (on again if it failed)
-    gc.unfreeze()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
