@@ -52,6 +52,7 @@ import socket
 import statistics
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -208,8 +209,10 @@ def make_options(args: argparse.Namespace) -> Options:
 
 
 # ============================================================================================ timing
-REGION_MS = 25.0     # CUDA: back-to-back calls per timed region sized to ~this many ms of max(CPU, GPU) time
-                     # (enough calls that the marginal launch time of marginal_ms is not lost in the noise)
+REGION_MS = 25.0     # CUDA: back-to-back calls per timed region sized to ~this many ms of max(CPU, GPU) time:
+                     # the first call after a synchronisation costs a fixed extra (H200 host: +45-63 % of a
+                     # further call's launch time), so a region of N calls charges 1/N of it per call; ~8
+                     # launch-bound calls here, 3-4 with the 10 ms before session 8
 MAX_CALLS = 32       # at most this many calls per region (they keep their activations alive until the backward)
 MEM_SHARE = 0.5      # ... and at most this share of the free device memory for the region's activations
 SLEEP_MARGIN = 1.25  # the GPU spin before a timed phase lasts this times the phase's expected CPU launch time
@@ -379,17 +382,7 @@ def split_region(module: nn.Module, leaves: list[tuple], grad: torch.Tensor, clo
             "fwd_cpu": (t1 - t0) * 1e3 / n, "bwd_gpu": clock.ms(b2, c) / n, "bwd_cpu": (t3 - t2) * 1e3 / n, "ok": ok}
 
 
-SPLIT_KEYS = ("fwd_gpu", "fwd_cpu", "bwd_gpu", "bwd_cpu", "bwd_ckpt_gpu", "bwd_ckpt_cpu",
-              "fwd_cpu1", "bwd_cpu1", "bwd_ckpt_cpu1")   # *_cpu1: CPU launch time of a region of one call
-
-
-def marginal_ms(region_ms: float, single_ms: float, n: int) -> float:
-    """CPU launch time per call that a layer adds inside a model, from a region of n back-to-back calls
-    (region_ms per call) and one of a single call: the first call after a synchronisation pays a fixed cost
-    (seen on H100 hosts: per-call times fell as the region grew, a region of 1 call about 25 % above one of
-    3), which a layer launched right after the previous one does not; the difference of the two regions
-    leaves that fixed cost out. n = 1: the single call's time."""
-    return (n * region_ms - single_ms) / (n - 1) if n > 1 else single_ms
+SPLIT_KEYS = ("fwd_gpu", "fwd_cpu", "bwd_gpu", "bwd_cpu", "bwd_ckpt_gpu", "bwd_ckpt_cpu")
 
 
 @dataclass
@@ -400,66 +393,33 @@ class SplitPoint:
     inputs: tuple
     grad: torch.Tensor
     leaves: list[tuple]
-    est_cpu: dict[str, float]          # expected CPU launch ms per call of "fwd", "bwd", "bwd_ckpt" in the region
-    est_single: dict[str, float]       # ... of a region of a single call
+    est_cpu: dict[str, float]          # single-call CPU launch ms of "fwd", "bwd", "bwd_ckpt" (warm-up)
     factor: float = 1.0                # spin length multiplier (doubled when a spin turned out too short)
     split: bool = True                 # False: no spin length / region size held; timed by time_layer
     rejected: int = 0                  # repetitions dropped because the spin ended before the host was done
     samples: dict = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
 
-    def sleep_ms(self, kind: str, single: bool = False) -> float:
-        calls, est = (1, self.est_single) if single else (len(self.leaves), self.est_cpu)
-        return self.factor * (SLEEP_MARGIN * calls * est[kind] + SLEEP_PAD_MS)
-
-    def expect(self, r: dict) -> None:
-        """Size the next spins from a repetition's CPU times."""
-        self.est_cpu = {k: r[f"{k}_cpu"] for k in MEASURED_KINDS}
-        self.est_single = {k: r[f"{k}_cpu1"] for k in MEASURED_KINDS}
+    def sleep_ms(self, kind: str) -> float:
+        return self.factor * (SLEEP_MARGIN * len(self.leaves) * self.est_cpu[kind] + SLEEP_PAD_MS)
 
     def add(self, r: dict) -> None:
         """Keep a repetition's numbers; the expected CPU times become the medians measured so far."""
         for k in SPLIT_KEYS:
             self.samples[k].append(r[k])
-        self.expect({k: statistics.median(v) for k, v in self.samples.items()})
-
-    def medians(self) -> tuple[dict, dict, dict]:
-        """(GPU ms, CPU ms, single-call CPU ms) per call and kind: medians over the repetitions; the CPU time
-        is each repetition's marginal_ms (region and single call measured back to back), then the median."""
-        n = len(self.leaves)
-        med = {k: statistics.median(v) for k, v in self.samples.items()}
-        cpu = {k: statistics.median(marginal_ms(r, s, n) for r, s in zip(self.samples[f"{k}_cpu"],
-                                                                          self.samples[f"{k}_cpu1"]))
-               for k in MEASURED_KINDS}
-        return ({k: med[f"{k}_gpu"] for k in MEASURED_KINDS}, cpu, {k: med[f"{k}_cpu1"] for k in MEASURED_KINDS})
+        self.est_cpu = {k: statistics.median(self.samples[f"{k}_cpu"]) for k in MEASURED_KINDS}
 
 
-def split_pair(module: nn.Module, p: SplitPoint, clock: Clock, single: bool) -> dict | None:
-    """The plain region (forward and backward spun) and the checkpointed one (backward spun), of p's calls
-    or of one call; None when a spin ended before the host had launched its phase."""
-    leaves = p.leaves[:1] if single else p.leaves
-    r = split_region(module, leaves, p.grad, clock, False, p.sleep_ms("fwd", single), p.sleep_ms("bwd", single))
+def split_rep(module: nn.Module, p: SplitPoint, clock: Clock) -> dict | None:
+    """One repetition at one batch size: the plain region (forward and backward spun) and the checkpointed
+    one (backward spun); None when a spin ended before the host had launched its phase."""
+    r = split_region(module, p.leaves, p.grad, clock, False, p.sleep_ms("fwd"), p.sleep_ms("bwd"))
     if not r["ok"]:
         return None
-    rc = split_region(module, leaves, p.grad, clock, True, 0.0, p.sleep_ms("bwd_ckpt", single))
+    rc = split_region(module, p.leaves, p.grad, clock, True, 0.0, p.sleep_ms("bwd_ckpt"))
     if not rc["ok"]:
         return None
     return {"fwd_gpu": r["fwd_gpu"], "fwd_cpu": r["fwd_cpu"], "bwd_gpu": r["bwd_gpu"], "bwd_cpu": r["bwd_cpu"],
             "bwd_ckpt_gpu": rc["bwd_gpu"], "bwd_ckpt_cpu": rc["bwd_cpu"]}
-
-
-def split_rep(module: nn.Module, p: SplitPoint, clock: Clock) -> dict | None:
-    """One repetition at one batch size: the region of p's calls, then (with more than one call) the same
-    of a single call, whose CPU launch times are *_cpu1 (marginal_ms takes the two apart); None when a spin
-    ended before the host had launched its phase."""
-    r = split_pair(module, p, clock, single=False)
-    if r is None:
-        return None
-    if len(p.leaves) == 1:
-        return {**r, **{f"{k}_cpu1": r[f"{k}_cpu"] for k in MEASURED_KINDS}}
-    one = split_pair(module, p, clock, single=True)
-    if one is None:
-        return None
-    return {**r, **{f"{k}_cpu1": one[f"{k}_cpu"] for k in MEASURED_KINDS}}
 
 
 def region_cap(clock: Clock, per_call_bytes: int) -> int:
@@ -488,14 +448,14 @@ def prepare_split(module: nn.Module, inputs: tuple, b: int, opts: Options, clock
     per_call = torch.cuda.max_memory_allocated(clock.device) - base if clock.cuda else 0
     single = max(plain["fwd_cpu"], plain["fwd_gpu"]) + max(plain["bwd_cpu"], plain["bwd_gpu"])
     n = calls_per_timing(single, opts, region_cap(clock, per_call))
-    single_cpu = {"fwd": plain["fwd_cpu"], "bwd": plain["bwd_cpu"], "bwd_ckpt": ck["bwd_cpu"]}
-    p = SplitPoint(b, inputs, grad, [as_leaves(inputs) for _ in range(n)], dict(single_cpu), dict(single_cpu))
+    p = SplitPoint(b, inputs, grad, [as_leaves(inputs) for _ in range(n)],
+                   {"fwd": plain["fwd_cpu"], "bwd": plain["bwd_cpu"], "bwd_ckpt": ck["bwd_cpu"]})
     split_region(module, p.leaves, grad, clock, False, 0.0, 0.0)
     split_region(module, p.leaves, grad, clock, True, 0.0, 0.0)
     for _ in range(SETTLE_TRIES):
         r = split_rep(module, p, clock)
         if r is not None:   # a warm-up too: only its CPU times are kept, as the expected ones
-            p.expect(r)
+            p.est_cpu = {k: r[f"{k}_cpu"] for k in MEASURED_KINDS}
             return p
         if p.factor < 4:
             p.factor *= 2
@@ -551,15 +511,17 @@ def time_layer_split(module: nn.Module, make: Callable[[int], tuple], opts: Opti
     results = []
     for p in points:
         if p.split and p.samples["fwd_gpu"]:
-            gpu, cpu, single = p.medians()
+            med = {k: statistics.median(v) for k, v in p.samples.items()}
+            gpu = {k: med[f"{k}_gpu"] for k in MEASURED_KINDS}
+            cpu = {k: med[f"{k}_cpu"] for k in MEASURED_KINDS}
             res = {k: max(gpu[k], cpu[k]) for k in MEASURED_KINDS}
-            res.update(gpu=gpu, cpu=cpu, cpu_single=single, calls_per_timing=len(p.leaves))
+            res.update(gpu=gpu, cpu=cpu, calls_per_timing=len(p.leaves))
         else:
             res = _unless_oom(lambda: time_layer(module, p.inputs, opts))
             if res is None:
                 notes.append(f"batch {p.b} and larger: out of memory")
                 break
-            res.update(gpu=None, cpu=None, cpu_single=None)
+            res.update(gpu=None, cpu=None)
             notes.append(f"batch {p.b}: GPU and CPU time could not be split (the GPU spin never outlasted the "
                          "host's launches: the layer may synchronise); timed as one region, CUDA events")
         results.append(res)
@@ -760,9 +722,9 @@ def profile_layer(spec_mod, job: LayerJob, opts: Options, progress: "Progress") 
                    "time_ms": times, "calls_per_timing": [t["calls_per_timing"] for t in results]}
     gpu_ms = cpu_ms = None
     if clock.can_split:   # same shape as time_ms; None where a batch size could not be split
-        gpu_ms, cpu_ms, single_ms = ({k: [t[part][k] if t[part] else None for t in results] for k in MEASURED_KINDS}
-                                     for part in ("gpu", "cpu", "cpu_single"))
-        entry.update(gpu_ms=gpu_ms, cpu_ms=cpu_ms, cpu_single_ms=single_ms)
+        gpu_ms = {k: [t["gpu"][k] if t["gpu"] else None for t in results] for k in MEASURED_KINDS}
+        cpu_ms = {k: [t["cpu"][k] if t["cpu"] else None for t in results] for k in MEASURED_KINDS}
+        entry.update(gpu_ms=gpu_ms, cpu_ms=cpu_ms)
     entry["fits"] = {k: f.to_dict() for k, f in fit_entry(done, times, gpu_ms, cpu_ms).items()}
     act, ckpt = {}, {}
     for b in opts.act_batches:
@@ -1119,10 +1081,9 @@ def source_info(opts: Options, seconds: float) -> dict:
             "date": _dt.date.today().isoformat(), "host": socket.gethostname(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(seconds, 1),
             "timing": (("layers: GPU time (CUDA events after a spin that outlasts the host's launches) and CPU "
-                        "launch time (wall clock while the GPU spins) per call of back-to-back calls, the CPU time "
-                        "marginal (a region of N calls less one of a single call, over N - 1), time = "
-                        "max(cpu, gpu), repetitions interleaved over batch sizes, automatic Python GC off as in "
-                        "train.py; task model: CUDA events")
+                        "launch time (wall clock while the GPU spins) per call of back-to-back calls, time = "
+                        "max(cpu, gpu), repetitions interleaved over batch sizes; task model: CUDA events; "
+                        "automatic Python GC off as in train.py")
                        if make_clock(opts).can_split else "CUDA events" if opts.cuda else "wall clock")
                       + f", {opts.warmup} warm-up, median of {opts.reps} (layers) / {opts.other_reps} (task model) "
                         "repetitions"}
@@ -1187,32 +1148,28 @@ def run(args: argparse.Namespace) -> ModelProfile:
     jobs = layer_jobs(spec, config, spec_mod, opts, notes)
     vtps = opts.tps if spec.other.vocab_size else [1]
     total = len(jobs) * len(opts.batch_sizes) + (len(vtps) * len(opts.batch_sizes) if opts.do_other else 0)
-    progress = Progress(total, f"profile {args.model}")
     layer_types: dict[str, LayerTypeProfile] = {}
-    try:
-        # timed as train.py trains: automatic GC off (collections in _free, between layers)
-        with automatic_gc_off():
-            for job in jobs:
-                lt = spec.layer_types[job.type_index]
-                ltp = layer_types.setdefault(lt.name, LayerTypeProfile(lt.name, job.type_index, lt.count, None))
-                e = profile_layer(spec_mod, job, opts, progress)
-                ltp.tp[job.tp] = Entry.from_dict(e, f"{lt.name} tp={job.tp}")
-                if job.tp == 1:
-                    ltp.params = e["params"]
-            other: dict = {}
-            if opts.do_other:
-                total_act = None
-                if all(1 in layer_types.get(lt.name, LayerTypeProfile("", 0, 0, None)).tp for lt in spec.layer_types):
-                    total_act = sum(layer_types[spec.layer(i).name].tp[1].act_bytes or 0 for i in range(spec.num_layers))
-                raw, other_notes = profile_other(spec, config, spec_mod, opts, vtps, progress, total_act)
-                notes += other_notes
-                other = {p: {v: Entry.from_dict(e, f"other.{p}.vtp.{v}") for v, e in d.items()} for p, d in raw.items()}
-                notes.append("embeddings/head measured inside the HF task model with layer hooks (model_zoo has no hook "
-                             f"to build them alone); modules between layers (T5's encoder norm + decoder embedding) and "
-                             f"saved inputs shared by all layers (T5's encoder output) are charged to '{BETWEEN_PART}' "
-                             "unless a profiled layer type contains them (Swin's patch merging: its *_merge types)")
-    finally:
-        progress.close()
+    # timed as train.py trains: automatic GC off (collections in _free, between layers)
+    with closing(Progress(total, f"profile {args.model}")) as progress, automatic_gc_off():
+        for job in jobs:
+            lt = spec.layer_types[job.type_index]
+            ltp = layer_types.setdefault(lt.name, LayerTypeProfile(lt.name, job.type_index, lt.count, None))
+            e = profile_layer(spec_mod, job, opts, progress)
+            ltp.tp[job.tp] = Entry.from_dict(e, f"{lt.name} tp={job.tp}")
+            if job.tp == 1:
+                ltp.params = e["params"]
+        other: dict = {}
+        if opts.do_other:
+            total_act = None
+            if all(1 in layer_types.get(lt.name, LayerTypeProfile("", 0, 0, None)).tp for lt in spec.layer_types):
+                total_act = sum(layer_types[spec.layer(i).name].tp[1].act_bytes or 0 for i in range(spec.num_layers))
+            raw, other_notes = profile_other(spec, config, spec_mod, opts, vtps, progress, total_act)
+            notes += other_notes
+            other = {p: {v: Entry.from_dict(e, f"other.{p}.vtp.{v}") for v, e in d.items()} for p, d in raw.items()}
+            notes.append("embeddings/head measured inside the HF task model with layer hooks (model_zoo has no hook "
+                         f"to build them alone); modules between layers (T5's encoder norm + decoder embedding) and "
+                         f"saved inputs shared by all layers (T5's encoder output) are charged to '{BETWEEN_PART}' "
+                         "unless a profiled layer type contains them (Swin's patch merging: its *_merge types)")
     profile = ModelProfile(model=str(args.model), family=spec.family, task=spec.task, precision=opts.precision,
                            device=device_name(opts), device_type=opts.device.type, seq_len=spec.seq_lens[0] if spec.seq_lens else None,
                            seq_lens=list(spec.seq_lens), batch_sizes=opts.batch_sizes, fit_error=0.0,

@@ -7,7 +7,6 @@ import json
 import statistics
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -283,69 +282,3 @@ def test_split_repetition_retried_with_longer_spin_then_dropped():
     assert done == [1] and results[0]["calls_per_timing"] == 1 and results[0]["gpu"]["fwd"] > 0
     assert any("repetitions dropped" in n and "{1: 1}" in n for n in notes)
 
-
-def test_marginal_launch_time_arithmetic():
-    # 3 ms a call and 6 ms once per region: 4 calls take 4.5 ms per call, a single call 9 ms
-    assert profile_model.marginal_ms(4.5, 9.0, 4) == pytest.approx(3.0)
-    assert profile_model.marginal_ms(2.0, 2.5, 1) == 2.5     # one call per region: nothing to take apart
-
-
-class _PaysOnce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        layer.pay("fwd")
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.layer.pay("bwd")
-        return g, None
-
-
-class FirstCallCost(torch.nn.Module):
-    """A layer whose launch costs `per_call` s a call plus `fixed` s for the first forward and the first
-    backward after a synchronisation (what the H100 hosts showed): the CPU launch time it adds inside a
-    model is per_call, whatever the region size."""
-
-    def __init__(self, per_call: float, fixed: float):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(8))
-        self.per_call, self.fixed, self.fresh = per_call, fixed, set()
-
-    def pay(self, phase: str) -> None:
-        time.sleep(self.per_call + (self.fixed if phase in self.fresh else 0.0))
-        self.fresh.discard(phase)
-
-    def forward(self, x):
-        return _PaysOnce.apply(x * self.w, self)
-
-
-def test_split_timing_takes_the_first_call_cost_out_of_the_launch_time(monkeypatch):
-    """4 calls per region, 3 ms a call and 9 ms once per region and phase: the stored CPU time is the
-    marginal 3 ms (the region's own per-call time would be 3 + 9/4 = 5.25), the single call's 12 ms is kept
-    next to it."""
-    class Progress:
-        def step(self, n=1, what=""):
-            pass
-
-    layer = FirstCallCost(per_call=0.003, fixed=0.009)
-
-    class SyncClock(FakeSplitClock):
-        def sync(self):                       # a synchronisation: the next forward and backward pay again
-            layer.fresh = {"fwd", "bwd"}
-
-    monkeypatch.setattr(profile_model, "calls_per_timing", lambda single, opts, cap=32: 4)
-    opts = profile_model.Options(device=torch.device("cpu"), precision="fp32", batch_sizes=[1, 2], tps=[1], warmup=1,
-                                 reps=3, other_reps=1, act_batches=(4, 8), check_batch=8, seq_len=None,
-                                 do_other=False, layer_types=None)
-    done, results, _ = profile_model.time_layer_split(
-        layer, lambda b: (torch.randn(b, 8, requires_grad=True),), opts, SyncClock(torch.device("cpu")), Progress(),
-        "first-call")
-    assert done == [1, 2]
-    for r in results:
-        assert r["calls_per_timing"] == 4
-        for k in ("fwd", "bwd"):
-            assert 2.5 < r["cpu"][k] < 4.2, (k, r["cpu"])            # 3 ms, not 5.25
-            assert 11.0 < r["cpu_single"][k] < 14.0, (k, r["cpu_single"])
-            assert r[k] == max(r["cpu"][k], r["gpu"][k])
