@@ -35,9 +35,11 @@ How (and why this way):
     Anything between layers that no profiled layer type contains (T5's encoder norm and decoder
     embedding) and shared layer inputs (T5's encoder output) are charged to "last", as the analytic
     model_zoo description does; Swin's patch merging is part of its "*_merge" layer types.
-    Vocab TP for text models: the task model is built with the padded V/vtp vocabulary. Their times are
-    CUDA events of one whole training step from a synchronised start, not split into GPU and CPU time
-    (a spin would have to be placed inside the hooks at every region boundary), fitted by fit_time.
+    Vocab TP for text models: the task model is built with the padded V/vtp vocabulary. On CUDA their
+    times are split as the layers' are (SpunStep: the hooks place a spin before each of the four regions
+    and time GPU and CPU launch apart; the GPU catches up before the last layer's forward and the first
+    layer's backward); fitted like the layers. Where no spun step holds, and on CPU: the stream-order
+    times of one whole training step from a synchronised start, fitted by fit_time.
 """
 from __future__ import annotations
 
@@ -63,8 +65,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError,
-                                    fit_entry, fit_time)
+from autotune.model_profile import MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError, fit_entry
 from backends.gc_pause import automatic_gc_off
 from model_zoo.accounting import _storage_key as _key   # (device, storage address), as the accounting keys
 from model_zoo.common import TORCH_DTYPES
@@ -797,7 +798,38 @@ class Marks:
         self.items: list[tuple[str, Any]] = []
 
     def add(self, label: str) -> None:
-        self.items.append((label, self.clock.mark()))
+        self.items.append((label, self.clock.mark(), time.perf_counter()))
+
+
+BOUNDARY = ("first_fwd", "last_fwd", "last_bwd", "first_bwd")   # the embeddings' and head's regions of a step
+
+
+class SpunStep:
+    """The embeddings and head + loss of one task-model step timed as the layers are (split_region): before
+    each of their regions a spin (ms by region) that outlasts the host's launch of it, then its GPU time
+    between CUDA events and its CPU launch time by the host clock. `ok`: every spin was still running when
+    the host had launched its region. References only the clock (tensor hooks hold it, see Marks)."""
+
+    def __init__(self, clock: Clock, spin_ms: dict[str, float]):
+        self.clock, self.spin_ms, self.ok = clock, spin_ms, True
+        self.start: dict[str, tuple] = {}
+        self.end: dict[str, tuple] = {}
+
+    def open(self, region: str) -> None:
+        self.clock.sleep(self.spin_ms[region])
+        self.start[region] = (self.clock.mark(), time.perf_counter())
+
+    def close(self, region: str) -> None:
+        self.end[region] = (self.clock.mark(), time.perf_counter())
+        self.ok = self.ok and not self.clock.reached(self.start[region][0])
+
+    def times(self) -> dict[str, float]:
+        """{region}_gpu and {region}_cpu in ms."""
+        out = {}
+        for r in BOUNDARY:
+            (a, host_a), (b, host_b) = self.start[r], self.end[r]
+            out[f"{r}_gpu"], out[f"{r}_cpu"] = self.clock.ms(a, b), (host_b - host_a) * 1e3
+        return out
 
 
 @dataclass
@@ -812,14 +844,20 @@ class LayerHooks:
     """Hooks on every Transformer layer: forward pre/post hooks mark where each layer starts and ends;
     gradient hooks on each layer's input and output hidden states mark its backward (the output's
     gradient is ready: backward starts; the input's is ready: it ends). They also tell which saved
-    storage belongs to which region (first = before the layers, between, last = after)."""
+    storage belongs to which region (first = before the layers, between, last = after). With `spun` set
+    (a SpunStep) they close the embeddings' forward at the first layer, open the head's at the end of the
+    last one, close the head's backward where the last layer's starts and open the embeddings' where the
+    first layer's ends; and the GPU catches up (a synchronisation) before the last layer's forward and the
+    first layer's backward, so the launches timed next never wait for room in a full launch queue (GPU-bound
+    layers leave the host thousands of kernels ahead) and are not the first after a synchronisation."""
 
     def __init__(self, layers: list[nn.Module], clock: Clock):
         self.layers, self.clock = layers, clock
         self.state = RegionState()
         self.shared_refs: list[torch.Tensor] = []
-        self.posts = 0
+        self.pres = self.posts = 0
         self.track_backward = True
+        self.spun: SpunStep | None = None
         self._marks = Marks(clock)
         self.handles = []
         for m in layers:
@@ -832,6 +870,13 @@ class LayerHooks:
 
     def _pre(self, module, args, kwargs):
         self._marks.add("pre")
+        index, spun, clock = self.pres, self.spun, self.clock
+        self.pres += 1
+        if spun is not None:
+            if index == 0:
+                spun.close("first_fwd")
+            if index == len(self.layers) - 1:
+                clock.sync()
         rest = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         hidden = args[0] if args else (rest.pop(0) if rest else None)   # keywords only: hidden comes first
         self.state.shared_keys |= {_key(t) for t in rest}
@@ -839,40 +884,60 @@ class LayerHooks:
         self.state.region = "layer"
         if self.track_backward and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             marks = self._marks
-            hidden.register_hook(lambda g: marks.add("bpost"))
+
+            def bpost(grad):
+                marks.add("bpost")
+                if spun is not None and index == 1:
+                    clock.sync()
+                if spun is not None and index == 0:
+                    spun.open("first_bwd")
+            hidden.register_hook(bpost)
 
     def _post(self, module, args, out):
         self._marks.add("post")
         self.posts += 1
-        self.state.region = "last" if self.posts == len(self.layers) else "between"
+        last, spun = self.posts == len(self.layers), self.spun
+        self.state.region = "last" if last else "between"
+        if spun is not None and last:
+            spun.open("last_fwd")
         hidden = first_tensor(out)
         if self.track_backward and hidden.requires_grad:
             marks = self._marks
-            hidden.register_hook(lambda g: marks.add("bpre"))
+
+            def bpre(grad):
+                marks.add("bpre")
+                if spun is not None and last:
+                    spun.close("last_bwd")
+            hidden.register_hook(bpre)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def reset(self, track_backward: bool = True) -> None:
-        self.state, self.shared_refs, self.posts = RegionState(), [], 0
-        self.track_backward = track_backward
+    def reset(self, track_backward: bool = True, spun: SpunStep | None = None) -> None:
+        self.state, self.shared_refs, self.pres, self.posts = RegionState(), [], 0, 0
+        self.track_backward, self.spun = track_backward, spun
         self._marks = Marks(self.clock)
 
 
-def split_times(marks: list[tuple[str, Any]], start: Any, fwd_end: Any, bwd_end: Any, clock: Clock) -> dict:
-    """first/last forward and backward ms from the layer marks, and the time between layers on its own."""
-    pre = [m for k, m in marks if k == "pre"]
-    post = [m for k, m in marks if k == "post"]
-    bpre = [m for k, m in marks if k == "bpre"]
-    bpost = [m for k, m in marks if k == "bpost"]
-    f_layers = sum(clock.ms(a, b) for a, b in zip(pre, post))
-    f_between = clock.ms(pre[0], post[-1]) - f_layers
-    b_layers = sum(clock.ms(a, b) for a, b in zip(bpre, bpost))
-    b_between = clock.ms(bpre[0], bpost[-1]) - b_layers
-    return {"first_fwd": clock.ms(start, pre[0]), "last_fwd": clock.ms(post[-1], fwd_end),
-            "last_bwd": clock.ms(fwd_end, bpre[0]), "first_bwd": clock.ms(bpost[-1], bwd_end),
-            "between_fwd": f_between, "between_bwd": b_between, "layers_fwd": f_layers, "layers_bwd": b_layers}
+def split_times(marks: list[tuple[str, Any, float]], start: tuple, fwd_end: tuple, bwd_end: tuple,
+                clock: Clock) -> dict:
+    """first/last forward and backward ms from the layer marks (stream order: the GPU's time where it was
+    ahead of the host, else the host's), the same by the host clock ({region}_cpu: what spins are sized
+    from), and the time between layers on its own. start, fwd_end, bwd_end: (mark, host time)."""
+    def of(kind: str) -> list[tuple]:
+        return [(m, host) for k, m, host in marks if k == kind]
+
+    pre, post, bpre, bpost = of("pre"), of("post"), of("bpre"), of("bpost")
+    f_layers = sum(clock.ms(a[0], b[0]) for a, b in zip(pre, post))
+    f_between = clock.ms(pre[0][0], post[-1][0]) - f_layers
+    b_layers = sum(clock.ms(a[0], b[0]) for a, b in zip(bpre, bpost))
+    b_between = clock.ms(bpre[0][0], bpost[-1][0]) - b_layers
+    out = {"between_fwd": f_between, "between_bwd": b_between, "layers_fwd": f_layers, "layers_bwd": b_layers}
+    for region, a, b in (("first_fwd", start, pre[0]), ("last_fwd", post[-1], fwd_end),
+                         ("last_bwd", fwd_end, bpre[0]), ("first_bwd", bpost[-1], bwd_end)):
+        out[region], out[f"{region}_cpu"] = clock.ms(a[0], b[0]), (b[1] - a[1]) * 1e3
+    return out
 
 
 @dataclass
@@ -894,24 +959,57 @@ def find_layers(model: nn.Module, layer_classes: set[type], expected: int) -> li
     return found
 
 
-def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> dict:
-    """One timed training step of the task model, split into first / layers / last."""
+def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, spin_ms: dict | None = None) -> dict:
+    """One timed training step of the task model, split into first / layers / last. With spin_ms (ms by
+    BOUNDARY region) the embeddings and head are timed as the layers are (SpunStep): {region}_gpu and
+    {region}_cpu, and "ok" whether every spin held."""
     clock = hooks.clock
     batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
     ctx.model.zero_grad(set_to_none=True)
-    hooks.reset()
+    spun = SpunStep(clock, spin_ms) if spin_ms else None
+    hooks.reset(spun=spun)
     clock.sync()
-    start = clock.mark()
+    if spun:
+        spun.open("first_fwd")
+    start = (clock.mark(), time.perf_counter())
     loss = ctx.model(**batch).loss
-    fwd_end = clock.mark()
+    if spun:
+        spun.close("last_fwd")
+    fwd_end = (clock.mark(), time.perf_counter())
+    if spun:
+        spun.open("last_bwd")
     loss.backward()
-    bwd_end = clock.mark()
+    if spun:
+        spun.close("first_bwd")
+    bwd_end = (clock.mark(), time.perf_counter())
     clock.sync()
     t = split_times(hooks.marks, start, fwd_end, bwd_end, clock)
+    hooks.reset()
+    if spun:
+        t.update(spun.times(), ok=spun.ok)
     part = BETWEEN_PART if ctx.between_is_other else "layers"
-    t[f"{part}_fwd"] += t["between_fwd"]
-    t[f"{part}_bwd"] += t["between_bwd"]
+    for kind in ("fwd", "bwd"):
+        t[f"{part}_{kind}"] += t[f"between_{kind}"]
+        if spun and part != "layers":     # between the layers: not split, counted in both parts
+            t[f"{part}_{kind}_gpu"] += t[f"between_{kind}"]
+            t[f"{part}_{kind}_cpu"] += t[f"between_{kind}"]
     return t
+
+
+def spun_other_steps(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict) -> list[dict]:
+    """opts.other_reps split steps at batch b with spins sized from the expected CPU launch times (ms by
+    BOUNDARY region, from an unspun step): a step whose spins did not all hold is run once more with spins
+    twice as long (and they stay so, up to x8), then dropped. The steps that held."""
+    factor, held = 1.0, []
+    for _ in range(opts.other_reps):
+        for _attempt in range(2):
+            spin = {r: factor * (SLEEP_MARGIN * est_cpu[r] + SLEEP_PAD_MS) for r in BOUNDARY}
+            t = other_step(ctx, b, opts, hooks, spin)
+            if t["ok"]:
+                held.append(t)
+                break
+            factor = min(8.0, 2 * factor)
+    return held
 
 
 def other_act(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks) -> dict[str, int]:
@@ -956,7 +1054,7 @@ def profile_other(spec, config: Any, spec_mod, opts: Options, vtps: list[int], p
     notes: list[str] = []
     for vtp in (vtps if vocab else [1]):
         ctx = build_task_model(spec, config, opts, classes, pad_vocab(vocab, vtp) // vtp if vocab else 0)
-        hooks = LayerHooks(ctx.layers, Clock(opts.device))
+        hooks = LayerHooks(ctx.layers, make_clock(opts))
         try:
             per_part = _other_times(ctx, opts, hooks, progress, vtp, notes)
             b1, b2 = opts.act_batches
@@ -995,13 +1093,23 @@ def build_task_model(spec, config: Any, opts: Options, classes: set[type], vocab
 
 def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: "Progress", vtp: int,
                  notes: list[str]) -> dict:
-    points: dict[str, list[float]] = {"first_fwd": [], "first_bwd": [], "last_fwd": [], "last_bwd": [],
-                                      "between_fwd": [], "between_bwd": [], "layers_fwd": [], "layers_bwd": []}
-    done = []
+    """Per batch size, medians over opts.other_reps task-model steps: the embeddings' and head's times, on CUDA
+    split into GPU time and CPU launch time as the layers' are (spun_other_steps; time = max of the two,
+    gpu_ms/cpu_ms stored, fit_split), else (CPU, or no split step held: noted) the stream-order times of
+    whole steps; and the layers' and between-layer times inside the model (a check of the isolated ones)."""
+    points: dict[str, list[float]] = {k: [] for k in (*BOUNDARY, "between_fwd", "between_bwd", "layers_fwd",
+                                                      "layers_bwd")}
+    parts: dict[str, list[float | None]] = {f"{r}_{side}": [] for r in BOUNDARY for side in ("gpu", "cpu")}
+    done, unsplit = [], []
     for b in opts.batch_sizes:
         def steps() -> list[dict]:
             for _ in range(max(1, opts.warmup - 1)):
-                other_step(ctx, b, opts, hooks)
+                warm = other_step(ctx, b, opts, hooks)
+            if hooks.clock.can_split:
+                held = spun_other_steps(ctx, b, opts, hooks, {r: warm[f"{r}_cpu"] for r in BOUNDARY})
+                if held:
+                    return held
+                unsplit.append(b)
             return [other_step(ctx, b, opts, hooks) for _ in range(opts.other_reps)]
 
         runs = _unless_oom(steps)
@@ -1011,17 +1119,31 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
             _free(opts)
             progress.step(len(opts.batch_sizes) - len(done))
             break
+        split = "ok" in runs[0]
+        for k, v in parts.items():
+            v.append(statistics.median(r[k] for r in runs) if split else None)
         for k in points:
-            points[k].append(statistics.median(r[k] for r in runs))
+            if split and k in BOUNDARY:
+                points[k].append(max(parts[f"{k}_gpu"][-1], parts[f"{k}_cpu"][-1]))
+            else:
+                points[k].append(statistics.median(r[k] for r in runs))
         done.append(b)
         progress.step(1, f"other vtp={vtp} b={b}")
     if not done:
         raise ProfileError(f"the whole task model does not fit in memory at batch {opts.batch_sizes[0]} (vtp={vtp}); "
                            "use smaller --batch-sizes or --skip-other")
+    if unsplit:
+        notes.append(f"other modules (vtp={vtp}): batch {unsplit}: GPU and CPU time could not be split (no spun "
+                     "step held); timed as whole steps")
     out = {}
     for part in ("first", "last"):
         times = {"fwd": points[f"{part}_fwd"], "bwd": points[f"{part}_bwd"]}
-        e = {"batch_sizes": done, "time_ms": times, "fits": {k: fit_time(done, v).to_dict() for k, v in times.items()}}
+        e: dict = {"batch_sizes": done, "time_ms": times}
+        gpu = cpu = None
+        if any(x is not None for x in parts[f"{part}_fwd_gpu"]):
+            gpu, cpu = ({k: parts[f"{part}_{k}_{side}"] for k in ("fwd", "bwd")} for side in ("gpu", "cpu"))
+            e.update(gpu_ms=gpu, cpu_ms=cpu)
+        e["fits"] = {k: f.to_dict() for k, f in fit_entry(done, times, gpu, cpu).items()}
         if part == "first":   # all layers as they run inside the task model: a check of the isolated timings
             e["in_model_layers_ms"] = {"fwd": points["layers_fwd"], "bwd": points["layers_bwd"]}
         if part == BETWEEN_PART:

@@ -282,3 +282,70 @@ def test_split_repetition_retried_with_longer_spin_then_dropped():
     assert done == [1] and results[0]["calls_per_timing"] == 1 and results[0]["gpu"]["fwd"] > 0
     assert any("repetitions dropped" in n and "{1: 1}" in n for n in notes)
 
+
+
+class LoggingSplitClock(FakeSplitClock):
+    """FakeSplitClock that also logs synchronisations and spins in order, and fails the checks numbered in
+    `fail_at` (every check, layers' and task model's, counts)."""
+
+    def __init__(self, device, fail_at=()):
+        super().__init__(device, fail_at=fail_at)
+        self.log = []
+
+    def sync(self):
+        self.log.append("sync")
+
+    def sleep(self, ms):
+        super().sleep(ms)
+        if ms > 0:
+            self.log.append(float(ms))
+
+
+def _other_split_profile(tmp_path, monkeypatch, model, fail_at=()):
+    clocks = []
+    monkeypatch.setattr(profile_model, "make_clock",
+                        lambda opts: clocks.append(LoggingSplitClock(opts.device, fail_at)) or clocks[-1])
+    out = tmp_path / f"{model}.json"
+    assert profile_model.main(["--model", model, "--device", "cpu", "--precision", "fp32", "--batch-sizes", "1,2",
+                               "--reps", "2", "--warmup", "2", "--tp", "1", "--out", str(out)]) == 0
+    return json.loads(out.read_text()), clocks[-2]   # the task model's (vtp 1); the last one is source_info's
+
+
+@pytest.mark.parametrize("model", ["bert-test", "t5-test"])
+def test_task_model_regions_split_into_gpu_and_cpu_time(tmp_path, monkeypatch, model):
+    """Embeddings and head + loss under the split timing: per step a spin before each of the four regions, in
+    stream order first forward, head forward, head backward, first backward, the GPU caught up before the last
+    layer's forward and before the first layer's backward; both parts stored and fitted as the layers are."""
+    d, clock = _other_split_profile(tmp_path, monkeypatch, model)
+    # per batch size (1, 2): a warm-up step (synchronised at start and end), then reps // 2 = 1 spun step:
+    # sync, spin, [layers but the last], sync, [last layer], spin, [head], spin, [head backward, layers' backward
+    # down to the second], sync, [first layer's backward], spin, [embeddings' backward], sync
+    steps = ["sync", "sync"] + ["sync", "spin", "sync", "spin", "spin", "sync", "spin", "sync"]
+    assert ["spin" if isinstance(x, float) else x for x in clock.log] == steps * 2
+    for part in ("first", "last"):
+        e = d["other"][part]["vtp"]["1"]
+        for k in ("fwd", "bwd"):
+            g, c, t = e["gpu_ms"][k], e["cpu_ms"][k], e["time_ms"][k]
+            assert len(g) == len(c) == len(t) == 2 and t == [max(a, b) for a, b in zip(g, c)]
+            assert e["fits"][k] == fit_split(e["batch_sizes"], t, g, c).to_dict()
+    assert not any("could not be split" in x for x in d["notes"])
+
+
+def test_task_model_split_retries_with_longer_spins_then_falls_back(tmp_path, monkeypatch):
+    # the task model's checks fail from the start: every spun step is retried once, then whole-step times
+    # are stored without parts (a note says so)
+    clocks = []
+    monkeypatch.setattr(profile_model, "make_clock", lambda opts: clocks.append(
+        LoggingSplitClock(opts.device, fail_at=range(1, 10**4) if len(clocks) else ())) or clocks[-1])
+    out = tmp_path / "fallback.json"
+    assert profile_model.main(["--model", "bert-test", "--device", "cpu", "--precision", "fp32", "--batch-sizes",
+                               "1,2", "--reps", "2", "--warmup", "2", "--tp", "1", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    e = d["other"]["first"]["vtp"]["1"]
+    assert "gpu_ms" not in e and e["fits"]["fwd"] == fit_time(e["batch_sizes"], e["time_ms"]["fwd"]).to_dict()
+    assert any("batch [1, 2]: GPU and CPU time could not be split" in x for x in d["notes"])
+    spins = [x for x in clocks[-2].log if isinstance(x, float)]
+    steps = [spins[i:i + 4] for i in range(0, len(spins), 4)]   # the four regions' spins of each spun step
+    assert len(steps) == 4           # per batch size: a step, and its retry with every spin twice as long
+    for tried, retried in (steps[:2], steps[2:]):
+        assert retried == pytest.approx([2 * x for x in tried])
