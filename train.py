@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("dry-run memory check (before the model is built)")
     m.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="device memory to check the plan against (default: the GPU's; on CPU no check unless given)")
-    m.add_argument("--model-profile", default=None, help="model profile for the check (default: analytic)")
+    m.add_argument("--model-profile", default=None,
+                   help="model profile for the check (default: the one the plan was searched with, else analytic)")
     m.add_argument("--force", action="store_true", help="run even if the plan is predicted not to fit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -214,11 +215,18 @@ def check_memory(args: argparse.Namespace, plan, choice: ModelChoice, on_gpu: bo
     from autotune.memory_check import check_plan_memory
     from model_zoo.registry import get_model_spec
 
-    profile = None
-    if args.model_profile:
-        from autotune.model_profile import ModelProfile, ProfileError
+    from autotune.model_profile import ModelProfile, ProfileError, find_profile
+
+    profile, path = None, args.model_profile
+    recorded = (plan.search or {}).get("model_profile")
+    if path is None and recorded:          # the profile the search predicted the plan with
+        path = find_profile(recorded)
+        if path is None:
+            print(f"train.py: the plan was searched with the model profile {recorded}, which is not here: "
+                  "checking its memory with the analytic model (give --model-profile FILE)", file=sys.stderr)
+    if path:
         try:
-            profile = ModelProfile.load(args.model_profile)
+            profile = ModelProfile.load(path)
         except ProfileError as e:
             raise BadInput(str(e)) from None
     spec = get_model_spec(choice.name, precision=plan.precision, seq_len=choice.seq_len, task=choice.task)

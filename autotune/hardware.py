@@ -13,6 +13,7 @@ JSON format (written by autotune/profile_hardware.py, read by the search):
       "inter_node_p2p_gbps": 45.0,
       "collective_latency_us": 15.0,                  # fixed cost of one collective call
       "overlap_coe": 1.15,                            # slowdown when compute and communication overlap
+      "model_profiles": {"bf16": "profiles/h100"},    # presets: shipped model profiles of this GPU
       "sources": {"compute_tflops": "...", ...}       # where every number comes from
     }
 
@@ -54,6 +55,9 @@ class Hardware:
     sources: dict[str, str] = field(default_factory=dict)
     # Fitted collective times from the profiler: {"allgather": {"8": [a_ms, b_ms_per_MB]}, ...}
     collective_fits: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # Model profiles measured on this hardware's GPU and shipped with the repository: precision -> folder of
+    # <model preset>.json, relative to the repository root; the search uses them unless told otherwise
+    model_profiles: dict[str, str] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:

@@ -440,6 +440,33 @@ def _layer_type_from_dict(name: str, v: Any, origin: str) -> LayerTypeProfile:
                             params=None if params is None else int(params), tp=tp)
 
 
+# -------------------------------------------------------------------------------------------- shipped files
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shipped_profile(folders: dict[str, str], model: str, precision: str) -> str | None:
+    """The profile a hardware preset ships for a model preset at a precision: folders maps precision to a
+    folder relative to the repository root (Hardware.model_profiles), holding <model>.json. None if absent."""
+    folder = folders.get(precision)
+    path = os.path.join(REPO_ROOT, folder, f"{model}.json") if folder else None
+    return path if path and os.path.isfile(path) else None
+
+
+def portable_path(path: str) -> str:
+    """How a plan records a profile: relative to the repository root when inside it (the same checkout on
+    every node), else absolute."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, REPO_ROOT) if full.startswith(REPO_ROOT + os.sep) else full
+
+
+def find_profile(recorded: str) -> str | None:
+    """A profile path as a plan records it (portable_path), found as given or under the repository root."""
+    for path in (recorded, os.path.join(REPO_ROOT, recorded)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 # -------------------------------------------------------------------------------------------- report
 def split_fit_errors(profile: "ModelProfile") -> tuple[float | None, float | None]:
     """(GPU part, CPU part) of the split-timed layer entries, each a median relative error over all points:

@@ -645,13 +645,21 @@ def baseline_rows(results: list[Evaluated], best: Evaluated, world: int) -> list
     return rows
 
 
+def layout_key(ev: Evaluated) -> tuple:
+    """What makes a plan a different idea: pp, ZeRO, batch and every layer's TP degree and layout (and the
+    vocabulary's TP), not chunk counts or checkpointing; a layer-wise plan that gives every layer one
+    degree is the uniform plan of that degree."""
+    c = ev.cand
+    layers = tuple((s.tp, s.tp == 1 or s.tp_consecutive) for s in ev.strategies)
+    return c.pp, c.zero, c.global_bsz, layers, c.vtp or c.tp
+
+
 def distinct_alternatives(results: list[Evaluated], k: int) -> list[Evaluated]:
-    """The next-best plans, one per (pp, tp, layout, zero): chunk counts alone do not make a new idea."""
-    seen, out = set(), []
+    """The next-best plans, one per layout_key, none the best plan's."""
+    seen, out = {layout_key(results[0])}, []
     for r in results[1:]:
-        key = (r.cand.pp, r.cand.tp, r.cand.tp_consecutive, r.cand.zero, r.cand.global_bsz)
-        if key in seen or key == (results[0].cand.pp, results[0].cand.tp, results[0].cand.tp_consecutive,
-                                  results[0].cand.zero, results[0].cand.global_bsz):
+        key = layout_key(r)
+        if key in seen:
             continue
         seen.add(key)
         out.append(r)
@@ -701,7 +709,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--global-batch-size", type=int, default=None, help="fixed global batch (default: searched)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample for text models")
     ap.add_argument("--hardware", default="8xH100", help="hardware preset or JSON from profile_hardware.py")
-    ap.add_argument("--model-profile", default=None, help="JSON from autotune/profile_model.py")
+    ap.add_argument("--model-profile", default="auto",
+                    help="JSON from autotune/profile_model.py; 'auto' (default): the profile the hardware preset "
+                         "ships for this model and precision, if any (profiles/h100/ for the H100 presets); "
+                         "'none': analytic times and activations")
     ap.add_argument("--space", default="layerwise", choices=SPACES,
                     help="search space: layerwise (default: per-layer TP, layout and checkpointing), uniform (one TP "
                          "degree), or a baseline: dp zero3 tp pp 3d deepspeed")
@@ -713,6 +724,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def pick_model_profile(choice: str, hw, model: str, spec) -> tuple:
+    """(profile, path, why not) for --model-profile: a file; 'none': analytic; 'auto': the profile the
+    hardware ships for this model preset and precision (Hardware.model_profiles), when it was measured at
+    the model's sequence length and with its task head -- else analytic, and `why not` says why."""
+    from autotune.model_profile import ModelProfile, shipped_profile
+
+    if choice == "none":
+        return None, None, ""
+    if choice != "auto":
+        return ModelProfile.load(choice), choice, ""
+    path = shipped_profile(hw.model_profiles, model, spec.precision)
+    if path is None:
+        return None, None, f"no profile shipped with {hw.name} for {model} in {spec.precision}" if hw.model_profiles else ""
+    profile = ModelProfile.load(path)
+    seq = spec.seq_lens[0] if spec.seq_lens else None
+    if profile.seq_len != seq or profile.task != spec.task:
+        return None, None, (f"the profile shipped with {hw.name} is for sequence length {profile.seq_len} and task "
+                            f"{profile.task}, not {seq} and {spec.task}")
+    return profile, path, ""
+
+
 def default_batches(world: int) -> list[int]:
     """Global batches tried when none is given: the world size times 1, 2, 4, ... 64 (at most 4096)."""
     return sorted({min(world * 2 ** k, max(4096, world)) for k in range(7)})
@@ -721,6 +753,7 @@ def default_batches(world: int) -> list[int]:
 def run_search(args: argparse.Namespace) -> tuple:
     """Everything but printing: returns (plan, report text, results)."""
     from autotune.hardware import load_hardware
+    from autotune.model_profile import portable_path
     from model_zoo import get_model_spec
 
     t0 = time.perf_counter()
@@ -732,17 +765,18 @@ def run_search(args: argparse.Namespace) -> tuple:
         raise SearchError(f"--gpu-memory-gb must be positive, got {mem}")
     spec = get_model_spec(args.model, precision=args.precision, seq_len=args.seq_len, task=args.task)
     profiled = any("profile_hardware.py" in str(v) for v in hw.sources.values())
-    profile, sources = None, {"hardware": f"{hw.name} ({'measured' if profiled else 'preset'})"}
-    if args.model_profile:
-        from autotune.model_profile import ModelProfile
-        profile = ModelProfile.load(args.model_profile)
-        sources["layer times"] = f"measured ({os.path.basename(args.model_profile)}, analytic where missing)"
+    sources = {"hardware": f"{hw.name} ({'measured' if profiled else 'preset'})"}
+    profile, profile_path, why = pick_model_profile(args.model_profile, hw, args.model, spec)
+    if profile is not None:
+        name = os.path.basename(profile_path) + (f", shipped with {hw.name}" if args.model_profile == "auto" else "")
+        sources["layer times"] = f"measured ({name}, analytic where missing)"
         sources["activations"] = "measured saved tensors (analytic where missing)"
     else:
-        sources["layer times"] = f"analytic ({hw.analytic_mfu:.0%} of {hw.compute_tflops.get(args.precision, 0)} TFLOP/s)"
+        sources["layer times"] = (f"analytic ({hw.analytic_mfu:.0%} of {hw.compute_tflops.get(args.precision, 0)} "
+                                  f"TFLOP/s{'; ' + why if why else ''})")
         sources["activations"] = "analytic (model_zoo formulas)"
     if profile is not None and profile.engine:
-        sources["engine overheads"] = f"measured per ZeRO stage ({os.path.basename(args.model_profile)})"
+        sources["engine overheads"] = f"measured per ZeRO stage ({os.path.basename(profile_path)})"
     else:
         sources["engine overheads"] = "not modelled (add them with autotune/profile_engine.py)"
     W = hw.world_size
@@ -765,7 +799,8 @@ def run_search(args: argparse.Namespace) -> tuple:
     alts = distinct_alternatives(results, 5)
     plan.search = {"seconds": round(seconds, 3), "space": args.space, "configurations": searcher.evaluated,
                    "memory_resolution": f"stage budget / {DP_UNITS} per DP unit, layers rounded up",
-                   "inputs": sources, "baselines": rows,
+                   "inputs": sources, "model_profile": portable_path(profile_path) if profile_path else None,
+                   "baselines": rows,
                    "alternatives": [{"samples_per_s": round(r.samples_per_s, 3), "plan": strategy_summary(r, W)}
                                     for r in alts]}
     report = format_report(plan, best, rows, alts, W, sources, seconds, searcher.evaluated)

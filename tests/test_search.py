@@ -268,3 +268,21 @@ def test_grouped_dp_matches_brute_force():
                 sw[i, groups[res.choice[i - 1]], groups[res.choice[i]]] for i in range(1, n))
             assert t == pytest.approx(res.time_s)
             assert sum(mem[i, c] for i, c in enumerate(res.choice)) <= V
+
+
+def test_alternatives_skip_plans_that_are_the_same_layout():
+    """A layer-wise plan that gives every layer TP 1 (vtp 1) is the uniform TP-1 plan: listed once; other
+    chunk counts or checkpointing of one layout are not new either; a new batch size is."""
+    from autotune.cost_model import LayerStrategy
+    from autotune.search import Candidate, Evaluated, distinct_alternatives
+
+    def ev(cand, sps, tps, ckpt=False):
+        return Evaluated(cand, 1.0 / sps, sps, [len(tps)], [LayerStrategy(t, True, ckpt) for t in tps], [], [])
+
+    best = ev(Candidate(1, 1, True, 1, 1, 64), 10.0, [1, 1])
+    same_layerwise = ev(Candidate(1, 0, True, 1, 1, 64, vtp=1), 9.0, [1, 1])
+    same_more_chunks = ev(Candidate(1, 1, True, 1, 2, 64), 8.0, [1, 1], ckpt=True)
+    mixed = ev(Candidate(1, 0, True, 1, 1, 64, vtp=1), 7.0, [1, 2])
+    smaller_batch = ev(Candidate(1, 1, True, 1, 1, 32), 6.0, [1, 1])
+    alts = distinct_alternatives([best, same_layerwise, same_more_chunks, mixed, smaller_batch], 5)
+    assert alts == [mixed, smaller_batch]
