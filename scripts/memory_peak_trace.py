@@ -138,11 +138,15 @@ def main() -> int:
     torch.cuda.memory._record_memory_history(enabled=None)
     peak, live, where = live_at_peak(snap, torch.cuda.current_device())
     groups = grouped(live)
-    with open(metrics) as f:
-        summary = [json.loads(x) for x in f if x.strip() and json.loads(x).get("summary")]
+    from autotune.validate import read_summary
+
+    try:
+        measured = read_summary(metrics)
+    except (OSError, RuntimeError):        # train.py did not finish: the trace still shows what it held
+        measured = None
     result = {"model": args.model, "plan": args.galvatron_plan, "rc": rc, "steps": args.steps,
               "trace_peak_mb": peak / MB, "max_memory_allocated_mb": torch.cuda.max_memory_allocated() / MB,
-              "measured": summary[-1]["measured"] if summary else None,
+              "measured": measured,
               "predicted": predicted(args.model, args.galvatron_plan, args.model_profile),
               "peak_allocation_stack": where,
               "live_at_peak": [{"site": s, "mb": b / MB, "blocks": n} for s, b, n in groups]}

@@ -73,9 +73,9 @@ def load_configs(path: str) -> dict[str, list[dict]]:
     return data
 
 
-def model_configs(model: str, num_layers: int, path: str | None) -> list[dict]:
-    """The configurations to measure for `model`: from --configs when it names the model, else built in."""
-    custom = load_configs(path) if path else {}
+def model_configs(model: str, num_layers: int, custom: dict[str, list[dict]]) -> list[dict]:
+    """The configurations to measure for `model`: from --configs (load_configs) when it names the model,
+    else built in."""
     return custom[model] if model in custom else configs(model, num_layers)
 
 
@@ -130,7 +130,7 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-def spawn_groups(args: argparse.Namespace) -> int:
+def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int:
     """Run each model's configurations in fresh processes: one for all ZeRO 0-2 configurations, one per
     ZeRO-3 configuration. DeepSpeed's ZeRO-3 engine leaves ~12 GB allocated after it is destroyed (seen on
     an H100: every later configuration's peak memory included it), and no model should inherit another's."""
@@ -139,7 +139,7 @@ def spawn_groups(args: argparse.Namespace) -> int:
     from model_zoo import get_model_spec
 
     for model in args.models.split(","):
-        every = model_configs(model, get_model_spec(model).num_layers, args.configs)
+        every = model_configs(model, get_model_spec(model).num_layers, custom)
         chosen = list(range(len(every)))[args.skip: args.limit]
         groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
         for group in (g for g in groups if g):
@@ -166,8 +166,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     try:
-        if args.configs:
-            load_configs(args.configs)
+        custom = load_configs(args.configs) if args.configs else {}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -176,10 +175,10 @@ def main() -> int:
     from model_zoo import get_model_spec
 
     if args.only is None:
-        return spawn_groups(args)
+        return spawn_groups(args, custom)
     for model in args.models.split(","):
         n = get_model_spec(model).num_layers
-        every = model_configs(model, n, args.configs)
+        every = model_configs(model, n, custom)
         for i in (int(x) for x in args.only.split(",")):
             cfg = every[i]
             # ZeRO-3 steps take seconds on one GPU (its hooks run per module): fewer of them

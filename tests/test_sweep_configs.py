@@ -1,0 +1,38 @@
+"""scripts/sweep_single_gpu.py --configs: a targeted list of configurations replaces the built-in one for the
+models it names; a malformed file is refused with one line naming the entry (exit 2) before anything runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts.sweep_single_gpu import configs, load_configs, model_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = {"vit-large": [{"bsz": 32, "chunks": 2, "ckpt": 0, "zero": 2, "precision": "fp32"}]}
+
+
+def test_configs_file_replaces_only_the_models_it_names(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(GOOD))
+    custom = load_configs(str(path))
+    assert model_configs("vit-large", 24, custom) == GOOD["vit-large"]
+    assert model_configs("bert-large", 24, custom) == configs("bert-large", 24)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ([1, 2], "expected {model"),
+    ({"vit-large": [{"bsz": 32, "chunks": 2, "ckpt": 0, "zero": 2}]}, "missing: precision"),
+    ({"vit-large": [{**GOOD["vit-large"][0], "bsz": "32"}]}, "wrong or missing: bsz"),
+    ({"vit-large": [{**GOOD["vit-large"][0], "steps": 3}]}, "steps"),
+])
+def test_malformed_configs_are_refused(tmp_path, data, needle):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=needle.replace("{", r"\{")):
+        load_configs(str(path))
+    out = tmp_path / "sweep.jsonl"
+    r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--configs", str(path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not out.exists()
