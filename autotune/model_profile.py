@@ -448,8 +448,10 @@ def shipped_profile(folders: dict[str, str], model: str, precision: str) -> str 
     """The profile a hardware preset ships for a model preset at a precision: folders maps precision to a
     folder relative to the repository root (Hardware.model_profiles), holding <model>.json. None if absent."""
     folder = folders.get(precision)
-    path = os.path.join(REPO_ROOT, folder, f"{model}.json") if folder else None
-    return path if path and os.path.isfile(path) else None
+    if not folder or os.sep in model:        # a config or checkpoint path is no preset
+        return None
+    path = os.path.join(REPO_ROOT, folder, f"{model}.json")
+    return path if os.path.isfile(path) else None
 
 
 def portable_path(path: str) -> str:
