@@ -736,7 +736,8 @@ def pick_model_profile(choice: str, hw, model: str, spec) -> tuple:
         return ModelProfile.load(choice), choice, ""
     path = shipped_profile(hw.model_profiles, model, spec.precision)
     if path is None:
-        return None, None, f"no profile shipped with {hw.name} for {model} in {spec.precision}" if hw.model_profiles else ""
+        why = f"no profile shipped with {hw.name} for {model} in {spec.precision}" if hw.model_profiles else ""
+        return None, None, why
     profile = ModelProfile.load(path)
     seq = spec.seq_lens[0] if spec.seq_lens else None
     if profile.seq_len != seq or profile.task != spec.task:

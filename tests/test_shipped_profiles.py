@@ -2,6 +2,7 @@
 records which, and train.py's memory check predicts with the same file."""
 import argparse
 import json
+import os
 
 import pytest
 
@@ -10,6 +11,8 @@ from autotune import memory_check
 from autotune.plan import Plan
 from autotune.search import main
 
+FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles", "h100", "bert-large.json")
+REAL_CHECK = memory_check.check_plan_memory
 BASE = ["--model", "bert-large", "--hardware", "1xH100", "--gpu-memory-gb", "40", "--global-batch-size", "32",
         "--quiet"]
 
@@ -22,7 +25,7 @@ def search(tmp_path, name, *extra):
 
 def test_auto_is_the_shipped_file_and_none_is_analytic(tmp_path):
     auto = search(tmp_path, "auto")
-    given = search(tmp_path, "given", "--model-profile", "profiles/h100/bert-large.json")
+    given = search(tmp_path, "given", "--model-profile", FILE)
     none = search(tmp_path, "none", "--model-profile", "none")
     assert auto["search"]["model_profile"] == "profiles/h100/bert-large.json"
     assert "shipped with 1xH100" in auto["search"]["inputs"]["layer times"]
@@ -47,28 +50,22 @@ def test_auto_only_where_the_shipped_profile_matches(tmp_path, extra, expected, 
         assert why in times
 
 
-def _check(plan: Plan, model_profile=None) -> list[float]:
+def _check(monkeypatch, plan: Plan, model_profile=None) -> list[float]:
     """train.py's memory check on CPU with a 40 GB budget; the stage peaks it predicted."""
     seen = []
-    real = memory_check.check_plan_memory
 
     def spy(*a, **k):
-        verdict = real(*a, **k)
+        verdict = REAL_CHECK(*a, **k)
         seen.append(verdict.stage_peak_mb)
         return verdict
 
+    monkeypatch.setattr(memory_check, "check_plan_memory", spy)
     args = argparse.Namespace(force=False, gpu_memory_gb=40.0, model_profile=model_profile)
-    choice = train.resolve_model("bert-large", None, None)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(memory_check, "check_plan_memory", spy)
-    try:
-        train.check_memory(args, plan, choice, on_gpu=False)
-    finally:
-        mp.undo()
+    train.check_memory(args, plan, train.resolve_model("bert-large", None, None), on_gpu=False)
     return seen[0]
 
 
-def test_train_memory_check_predicts_with_the_plans_profile(tmp_path, capsys):
+def test_train_memory_check_predicts_with_the_plans_profile(tmp_path, capsys, monkeypatch):
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile
     from autotune.search import Searcher
@@ -78,17 +75,17 @@ def test_train_memory_check_predicts_with_the_plans_profile(tmp_path, capsys):
     search(tmp_path, "n", "--model-profile", "none")
     auto, analytic = Plan.load(str(tmp_path / "a.json")), Plan.load(str(tmp_path / "n.json"))
     # the search's own prediction is the independent reference: same file, same peaks
-    assert _check(auto) == pytest.approx(auto.predicted["stage_peak_memory_mb"], abs=0.1)
-    assert _check(analytic) == pytest.approx(analytic.predicted["stage_peak_memory_mb"], abs=0.1)
+    assert _check(monkeypatch, auto) == pytest.approx(auto.predicted["stage_peak_memory_mb"], abs=0.1)
+    assert _check(monkeypatch, analytic) == pytest.approx(analytic.predicted["stage_peak_memory_mb"], abs=0.1)
     # a recorded profile that is not on this machine: analytic, and train.py says so
     auto.search["model_profile"] = "profiles/h100/no-such-model.json"
     plain = [m["total_mb"] for m in Searcher(get_model_spec("bert-large"), load_hardware("1xH100"), 40)
              .predict(auto).stage_memory]
     assert plain != pytest.approx(auto.predicted["stage_peak_memory_mb"], abs=1.0)   # the two models differ here
-    assert _check(auto) == pytest.approx(plain, abs=0.1)
+    assert _check(monkeypatch, auto) == pytest.approx(plain, abs=0.1)
     assert "not here" in capsys.readouterr().err
     # an explicit --model-profile wins over the recorded one (none here): the analytic plan priced with the file
-    profile = ModelProfile.load("profiles/h100/bert-large.json")
+    profile = ModelProfile.load(FILE)
     expected = Searcher(get_model_spec("bert-large"), load_hardware("1xH100"), 40, profile=profile).predict(analytic)
-    assert _check(analytic, "profiles/h100/bert-large.json") == pytest.approx(
+    assert _check(monkeypatch, analytic, FILE) == pytest.approx(
         [m["total_mb"] for m in expected.stage_memory], abs=0.1)
