@@ -38,8 +38,10 @@ How (and why this way):
     Vocab TP for text models: the task model is built with the padded V/vtp vocabulary. On CUDA their
     times are split as the layers' are (SpunStep: the hooks place a spin before each of the four regions
     and time GPU and CPU launch apart; the GPU catches up before the last layer's forward and the first
-    layer's backward); fitted like the layers. Where no spun step holds, and on CPU: the stream-order
-    times of one whole training step from a synchronised start, fitted by fit_time.
+    layer's backward); fitted like the layers. A region no spin outlasts (the host waits for the GPU
+    inside it: BERT's and T5's embeddings/masks on CUDA) keeps its stream-order time, and so do all four
+    where no spun step holds, and on CPU: times of one whole training step from a synchronised start,
+    fitted by fit_time.
 """
 from __future__ import annotations
 
@@ -806,27 +808,36 @@ BOUNDARY = ("first_fwd", "last_fwd", "last_bwd", "first_bwd")   # the embeddings
 
 class SpunStep:
     """The embeddings and head + loss of one task-model step timed as the layers are (split_region): before
-    each of their regions a spin (ms by region) that outlasts the host's launch of it, then its GPU time
-    between CUDA events and its CPU launch time by the host clock. `ok`: every spin was still running when
-    the host had launched its region. References only the clock (tensor hooks hold it, see Marks)."""
+    each spun region (those in spin_ms, ms by region) a spin that outlasts the host's launch of it, then its
+    GPU time between CUDA events and its CPU launch time by the host clock. `held[region]`: the spin was
+    still running when the host had launched the region (a region with a host synchronisation inside never
+    holds). Regions not in spin_ms keep their stream-order time only. References only the clock (tensor
+    hooks hold it, see Marks)."""
 
     def __init__(self, clock: Clock, spin_ms: dict[str, float]):
-        self.clock, self.spin_ms, self.ok = clock, spin_ms, True
+        self.clock, self.spin_ms = clock, spin_ms
+        self.held: dict[str, bool] = {}
         self.start: dict[str, tuple] = {}
         self.end: dict[str, tuple] = {}
 
     def open(self, region: str) -> None:
-        self.clock.sleep(self.spin_ms[region])
-        self.start[region] = (self.clock.mark(), time.perf_counter())
+        if region in self.spin_ms:
+            self.clock.sleep(self.spin_ms[region])
+            self.start[region] = (self.clock.mark(), time.perf_counter())
 
     def close(self, region: str) -> None:
-        self.end[region] = (self.clock.mark(), time.perf_counter())
-        self.ok = self.ok and not self.clock.reached(self.start[region][0])
+        if region in self.spin_ms:
+            self.end[region] = (self.clock.mark(), time.perf_counter())
+            self.held[region] = not self.clock.reached(self.start[region][0])
+
+    @property
+    def ok(self) -> bool:
+        return all(self.held.get(r, False) for r in self.spin_ms)
 
     def times(self) -> dict[str, float]:
-        """{region}_gpu and {region}_cpu in ms."""
+        """{region}_gpu and {region}_cpu in ms of the spun regions."""
         out = {}
-        for r in BOUNDARY:
+        for r in self.spin_ms:
             (a, host_a), (b, host_b) = self.start[r], self.end[r]
             out[f"{r}_gpu"], out[f"{r}_cpu"] = self.clock.ms(a, b), (host_b - host_a) * 1e3
         return out
@@ -961,8 +972,9 @@ def find_layers(model: nn.Module, layer_classes: set[type], expected: int) -> li
 
 def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, spin_ms: dict | None = None) -> dict:
     """One timed training step of the task model, split into first / layers / last. With spin_ms (ms by
-    BOUNDARY region) the embeddings and head are timed as the layers are (SpunStep): {region}_gpu and
-    {region}_cpu, and "ok" whether every spin held."""
+    BOUNDARY region; regions left out are not spun) the embeddings and head are timed as the layers are
+    (SpunStep): {region}_gpu and {region}_cpu of the spun regions, "held" by region and "ok" whether every
+    spin held."""
     clock = hooks.clock
     batch = task_batch(ctx.model.config, ctx.task, ctx.seq_lens, b, opts.device, opts.dtype, ctx.vocab)
     ctx.model.zero_grad(set_to_none=True)
@@ -986,29 +998,63 @@ def other_step(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, spin
     t = split_times(hooks.marks, start, fwd_end, bwd_end, clock)
     hooks.reset()
     if spun:
-        t.update(spun.times(), ok=spun.ok)
+        t.update(spun.times(), ok=spun.ok, held=dict(spun.held))
     part = BETWEEN_PART if ctx.between_is_other else "layers"
     for kind in ("fwd", "bwd"):
         t[f"{part}_{kind}"] += t[f"between_{kind}"]
-        if spun and part != "layers":     # between the layers: not split, counted in both parts
+        if f"{part}_{kind}_gpu" in t:     # between the layers: not split, counted in both parts
             t[f"{part}_{kind}_gpu"] += t[f"between_{kind}"]
             t[f"{part}_{kind}_cpu"] += t[f"between_{kind}"]
     return t
 
 
-def spun_other_steps(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict) -> list[dict]:
-    """opts.other_reps split steps at batch b with spins sized from the expected CPU launch times (ms by
-    BOUNDARY region, from an unspun step): a step whose spins did not all hold is run once more with spins
-    twice as long (and they stay so, up to x8), then dropped. The steps that held."""
-    factor, held = 1.0, []
+MAX_SPIN_FACTOR = 8.0   # a task-model region whose spin runs out even this many times longer is not spun
+
+
+def spin_plan(est_cpu: dict[str, float], factor: dict[str, float]) -> dict[str, float]:
+    """Spin ms per spun region (those in factor) from the expected CPU launch times."""
+    return {r: f * (SLEEP_MARGIN * est_cpu[r] + SLEEP_PAD_MS) for r, f in factor.items()}
+
+
+def unspinnable_regions(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict) -> set[str]:
+    """The BOUNDARY regions that no spin outlasts, found once per task model with steps at batch b: a region
+    whose spin ran out is spun twice as long in the next step, and given up once it ran out at
+    MAX_SPIN_FACTOR. Such a region makes the host wait for the GPU inside it (a synchronisation: a mask
+    check or an embedding backward reading a count back), so the GPU catches up whatever the spin; it is
+    timed in stream order, the other regions stay split."""
+    factor, dropped = {r: 1.0 for r in BOUNDARY}, set()
+    while factor:
+        t = other_step(ctx, b, opts, hooks, spin_plan(est_cpu, factor))
+        failed = [r for r in factor if not t["held"][r]]
+        for r in failed:
+            if factor[r] >= MAX_SPIN_FACTOR:
+                dropped.add(r)
+                del factor[r]
+            else:
+                factor[r] *= 2
+        if not any(r in factor for r in failed):   # the rest held in this step
+            break
+    return dropped
+
+
+def spun_other_steps(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict,
+                     unspun: set[str]) -> list[dict]:
+    """opts.other_reps split steps at batch b, spinning the regions not in `unspun` with spins sized from
+    the expected CPU launch times (ms by BOUNDARY region, from an unspun step): a step whose spins did not
+    all hold is run once more with the failed regions' spins twice as long (and they stay so, up to
+    MAX_SPIN_FACTOR), then dropped. The steps that held."""
+    factor, held = {r: 1.0 for r in BOUNDARY if r not in unspun}, []
+    if not factor:
+        return []
     for _ in range(opts.other_reps):
         for _attempt in range(2):
-            spin = {r: factor * (SLEEP_MARGIN * est_cpu[r] + SLEEP_PAD_MS) for r in BOUNDARY}
-            t = other_step(ctx, b, opts, hooks, spin)
+            t = other_step(ctx, b, opts, hooks, spin_plan(est_cpu, factor))
             if t["ok"]:
                 held.append(t)
                 break
-            factor = min(8.0, 2 * factor)
+            for r in factor:
+                if not t["held"][r]:
+                    factor[r] = min(MAX_SPIN_FACTOR, 2 * factor[r])
     return held
 
 
@@ -1095,21 +1141,27 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
                  notes: list[str]) -> dict:
     """Per batch size, medians over opts.other_reps task-model steps: the embeddings' and head's times, on CUDA
     split into GPU time and CPU launch time as the layers' are (spun_other_steps; time = max of the two,
-    gpu_ms/cpu_ms stored, fit_split), else (CPU, or no split step held: noted) the stream-order times of
-    whole steps; and the layers' and between-layer times inside the model (a check of the isolated ones)."""
+    gpu_ms/cpu_ms stored, fit_split), else (CPU, a region no spin outlasts, or no split step held: noted) the
+    stream-order times of whole steps; and the layers' and between-layer times inside the model (a check of the isolated ones)."""
     points: dict[str, list[float]] = {k: [] for k in (*BOUNDARY, "between_fwd", "between_bwd", "layers_fwd",
                                                       "layers_bwd")}
     parts: dict[str, list[float | None]] = {f"{r}_{side}": [] for r in BOUNDARY for side in ("gpu", "cpu")}
     done, unsplit = [], []
+    unspun: set[str] | None = None   # regions no spin outlasts: found at the first batch size
     for b in opts.batch_sizes:
         def steps() -> list[dict]:
+            nonlocal unspun
             for _ in range(max(1, opts.warmup - 1)):
                 warm = other_step(ctx, b, opts, hooks)
             if hooks.clock.can_split:
-                held = spun_other_steps(ctx, b, opts, hooks, {r: warm[f"{r}_cpu"] for r in BOUNDARY})
+                est = {r: warm[f"{r}_cpu"] for r in BOUNDARY}
+                if unspun is None:
+                    unspun = unspinnable_regions(ctx, b, opts, hooks, est)
+                held = spun_other_steps(ctx, b, opts, hooks, est, unspun)
                 if held:
                     return held
-                unsplit.append(b)
+                if len(unspun) < len(BOUNDARY):
+                    unsplit.append(b)
             return [other_step(ctx, b, opts, hooks) for _ in range(opts.other_reps)]
 
         runs = _unless_oom(steps)
@@ -1119,19 +1171,24 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
             _free(opts)
             progress.step(len(opts.batch_sizes) - len(done))
             break
-        split = "ok" in runs[0]
-        for k, v in parts.items():
-            v.append(statistics.median(r[k] for r in runs) if split else None)
+        for r in BOUNDARY:
+            split = all(f"{r}_gpu" in run for run in runs)
+            for side in ("gpu", "cpu"):
+                parts[f"{r}_{side}"].append(statistics.median(run[f"{r}_{side}"] for run in runs) if split else None)
+            points[r].append(max(parts[f"{r}_gpu"][-1], parts[f"{r}_cpu"][-1]) if split
+                             else statistics.median(run[r] for run in runs))
         for k in points:
-            if split and k in BOUNDARY:
-                points[k].append(max(parts[f"{k}_gpu"][-1], parts[f"{k}_cpu"][-1]))
-            else:
-                points[k].append(statistics.median(r[k] for r in runs))
+            if k not in BOUNDARY:
+                points[k].append(statistics.median(run[k] for run in runs))
         done.append(b)
         progress.step(1, f"other vtp={vtp} b={b}")
     if not done:
         raise ProfileError(f"the whole task model does not fit in memory at batch {opts.batch_sizes[0]} (vtp={vtp}); "
                            "use smaller --batch-sizes or --skip-other")
+    if unspun:
+        notes.append(f"other modules (vtp={vtp}): {', '.join(r for r in BOUNDARY if r in unspun)} not split into GPU "
+                     f"and CPU time: the spin before it ran out even at x{MAX_SPIN_FACTOR:g} (the host waits for the "
+                     "GPU inside it); stream-order times of steps without that spin")
     if unsplit:
         notes.append(f"other modules (vtp={vtp}): batch {unsplit}: GPU and CPU time could not be split (no spun "
                      "step held); timed as whole steps")
@@ -1139,9 +1196,9 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
     for part in ("first", "last"):
         times = {"fwd": points[f"{part}_fwd"], "bwd": points[f"{part}_bwd"]}
         e: dict = {"batch_sizes": done, "time_ms": times}
-        gpu = cpu = None
-        if any(x is not None for x in parts[f"{part}_fwd_gpu"]):
-            gpu, cpu = ({k: parts[f"{part}_{k}_{side}"] for k in ("fwd", "bwd")} for side in ("gpu", "cpu"))
+        kinds = [k for k in ("fwd", "bwd") if any(x is not None for x in parts[f"{part}_{k}_gpu"])]
+        gpu, cpu = ({k: parts[f"{part}_{k}_{side}"] for k in kinds} for side in ("gpu", "cpu"))
+        if kinds:
             e.update(gpu_ms=gpu, cpu_ms=cpu)
         e["fits"] = {k: f.to_dict() for k, f in fit_entry(done, times, gpu, cpu).items()}
         if part == "first":   # all layers as they run inside the task model: a check of the isolated timings

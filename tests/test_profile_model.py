@@ -319,9 +319,11 @@ def test_task_model_regions_split_into_gpu_and_cpu_time(tmp_path, monkeypatch, m
     d, clock = _other_split_profile(tmp_path, monkeypatch, model)
     # per batch size (1, 2): a warm-up step (synchronised at start and end), then reps // 2 = 1 spun step:
     # sync, spin, [layers but the last], sync, [last layer], spin, [head], spin, [head backward, layers' backward
-    # down to the second], sync, [first layer's backward], spin, [embeddings' backward], sync
-    steps = ["sync", "sync"] + ["sync", "spin", "sync", "spin", "spin", "sync", "spin", "sync"]
-    assert ["spin" if isinstance(x, float) else x for x in clock.log] == steps * 2
+    # down to the second], sync, [first layer's backward], spin, [embeddings' backward], sync. At the first
+    # batch size one spun step more first: the probe for regions no spin outlasts (here: every spin holds)
+    spun = ["sync", "spin", "sync", "spin", "spin", "sync", "spin", "sync"]
+    steps = ["sync", "sync"] + spun
+    assert ["spin" if isinstance(x, float) else x for x in clock.log] == steps[:2] + spun + steps[2:] + steps
     for part in ("first", "last"):
         e = d["other"][part]["vtp"]["1"]
         for k in ("fwd", "bwd"):
@@ -331,9 +333,29 @@ def test_task_model_regions_split_into_gpu_and_cpu_time(tmp_path, monkeypatch, m
     assert not any("could not be split" in x for x in d["notes"])
 
 
+def test_task_model_region_no_spin_outlasts_is_timed_in_stream_order(tmp_path, monkeypatch):
+    """A region whose spin always runs out (a synchronisation inside it, as in an embedding backward): the probe
+    at the first batch size doubles that region's spin up to x8, then gives it up; the other three regions stay
+    split, that one keeps its stream-order time (fit_time), and a note names it."""
+    # probe steps check first_fwd, last_fwd, last_bwd, first_bwd in that order: fail the 4th of 4 steps
+    d, clock = _other_split_profile(tmp_path, monkeypatch, "bert-test", fail_at=(4, 8, 12, 16))
+    spins = [x for x in clock.log if isinstance(x, float)]
+    probe = [spins[i:i + 4] for i in range(0, 16, 4)]
+    for a, b in zip(probe, probe[1:]):   # the failed region twice as long each time, the others as they were
+        assert b[3] == pytest.approx(2 * a[3]) and b[:3] == pytest.approx(a[:3])
+    assert len(spins) == 16 + 3 * 2      # then one spun step per batch size with three spins
+    first, last = d["other"]["first"]["vtp"]["1"], d["other"]["last"]["vtp"]["1"]
+    assert set(first["gpu_ms"]) == {"fwd"} and set(last["gpu_ms"]) == {"fwd", "bwd"}
+    assert first["fits"]["bwd"] == fit_time(first["batch_sizes"], first["time_ms"]["bwd"]).to_dict()
+    assert first["fits"]["fwd"] == fit_split(first["batch_sizes"], first["time_ms"]["fwd"], first["gpu_ms"]["fwd"],
+                                             first["cpu_ms"]["fwd"]).to_dict()
+    assert any("first_bwd not split into GPU and CPU time" in x for x in d["notes"])
+    assert not any("could not be split" in x for x in d["notes"])
+
+
 def test_task_model_split_retries_with_longer_spins_then_falls_back(tmp_path, monkeypatch):
-    # the task model's checks fail from the start: every spun step is retried once, then whole-step times
-    # are stored without parts (a note says so)
+    # the task model's checks fail from the start: the probe doubles every spin up to x8 and gives all four
+    # regions up; whole-step times are stored without parts (a note names the regions)
     clocks = []
     monkeypatch.setattr(profile_model, "make_clock", lambda opts: clocks.append(
         LoggingSplitClock(opts.device, fail_at=range(1, 10**4) if len(clocks) else ())) or clocks[-1])
@@ -343,9 +365,33 @@ def test_task_model_split_retries_with_longer_spins_then_falls_back(tmp_path, mo
     d = json.loads(out.read_text())
     e = d["other"]["first"]["vtp"]["1"]
     assert "gpu_ms" not in e and e["fits"]["fwd"] == fit_time(e["batch_sizes"], e["time_ms"]["fwd"]).to_dict()
-    assert any("batch [1, 2]: GPU and CPU time could not be split" in x for x in d["notes"])
+    assert any("first_fwd, last_fwd, last_bwd, first_bwd not split" in x for x in d["notes"])
     spins = [x for x in clocks[-2].log if isinstance(x, float)]
-    steps = [spins[i:i + 4] for i in range(0, len(spins), 4)]   # the four regions' spins of each spun step
-    assert len(steps) == 4           # per batch size: a step, and its retry with every spin twice as long
-    for tried, retried in (steps[:2], steps[2:]):
+    steps = [spins[i:i + 4] for i in range(0, len(spins), 4)]   # the four regions' spins of each probe step
+    assert len(steps) == 4           # x1, x2, x4, x8; then no spun step at either batch size
+    for tried, retried in zip(steps, steps[1:]):
         assert retried == pytest.approx([2 * x for x in tried])
+
+
+def test_task_model_spin_that_runs_out_once_is_retried_longer(monkeypatch):
+    """spun_other_steps: a step whose spin ran out in one region is run again with that region's spin doubled
+    (the others unchanged); the held retry is kept, the failed try is not."""
+    clock = LoggingSplitClock(torch.device("cpu"), fail_at=(2,))   # the first step's last_fwd check
+    seen = []
+
+    def fake_step(ctx, b, opts, hooks, spin_ms=None):
+        s = profile_model.SpunStep(clock, spin_ms)
+        for r in profile_model.BOUNDARY:
+            s.open(r)
+            s.close(r)
+        seen.append(dict(spin_ms))
+        return {**s.times(), "ok": s.ok, "held": dict(s.held)}
+
+    import types
+    opts = types.SimpleNamespace(other_reps=2)
+    est = {r: 1.0 for r in profile_model.BOUNDARY}
+    monkeypatch.setattr(profile_model, "other_step", fake_step)
+    held = profile_model.spun_other_steps(None, 1, opts, None, est, unspun={"first_bwd"})
+    assert len(held) == 2 and len(seen) == 3 and all("first_bwd" not in x for x in seen)
+    assert seen[1]["last_fwd"] == pytest.approx(2 * seen[0]["last_fwd"])
+    assert seen[1]["first_fwd"] == pytest.approx(seen[0]["first_fwd"])
