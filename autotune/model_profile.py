@@ -26,6 +26,7 @@ File format (JSON, `schema_version` 1):
                                        # null where a point could not be split; absent in CPU profiles,
                                        # for embeddings/head and in files written before the split
                   "fits": {"fwd": {"c": 0.05, "m": 0.61, "floor": 0.0, "median_rel_err": 0.004, ...},
+                                       # optional "floor_step": {"from_b": 5.66, "floor": 0.8}: a second floor
                            "bwd": {...}, "bwd_ckpt": {...}},
                   "act_bytes": 37748736,       # kept for backward, per sample
                   "ckpt_bytes": 1048576,       # kept per sample when the layer is checkpointed
@@ -53,6 +54,7 @@ the two parts. Recompute = fitted bwd_ckpt - fitted bwd. Activation bytes are pe
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -65,7 +67,9 @@ SCHEMA_VERSION = 1
 TIME_KINDS = ("fwd", "bwd", "recompute")
 MEASURED_KINDS = ("fwd", "bwd", "bwd_ckpt")
 TIME_FIT = ("t_ms(b) = max(floor, c + m * b), c, m >= 0. Entries with gpu_ms/cpu_ms (layers profiled on CUDA): "
-            "floor = median CPU launch time per call over the profiled batch sizes, c + m * b = least squares over "
+            "floor = median CPU launch time per call over the profiled batch sizes (two medians, floor below "
+            "floor_step.from_b and floor_step.floor from it on, where the launch times of the small and large "
+            "batches lie apart and differ by more than 25 %), c + m * b = least squares over "
             "the GPU times in relative error of the stored time (weights 1/time_ms^2), through the points whose GPU "
             "time is at least floor/2 (at least the 3 largest b). Other entries (CPU profiles, embeddings/head, "
             "older files): least squares over time_ms in relative error (weights 1/t^2); floor > 0 only where the "
@@ -79,26 +83,39 @@ class ProfileError(ValueError):
 # -------------------------------------------------------------------------------------------- fits
 @dataclass(frozen=True)
 class TimeFit:
-    """t(b) = max(floor, c + m*b): a per-sample cost m, a fixed per-call cost c, and a floor for small
-    batches where the layer is bound by kernel launches rather than by the GPU (floor 0 = plain line)."""
+    """t(b) = max(floor(b), c + m*b): a per-sample cost m, a fixed per-call cost c, and a floor for small
+    batches where the layer is bound by kernel launches rather than by the GPU (floor 0 = plain line).
+    The floor is one constant, or two (`floor` below `step_b`, `step_floor` from it on) where the CPU launch
+    work itself changes with b: a library that switches kernels at a size (CUDA's embedding backward takes a
+    sort-based path of more launches above 3072 indices)."""
 
     c: float
     m: float
     floor: float = 0.0
     median_rel_err: float = 0.0
     max_rel_err: float = 0.0
+    step_b: float = math.inf
+    step_floor: float = 0.0
+
+    def floor_at(self, b: float) -> float:
+        return self.step_floor if b >= self.step_b else self.floor
 
     def __call__(self, b: float) -> float:
-        return max(self.floor, self.c + self.m * b)
+        return max(self.floor_at(b), self.c + self.m * b)
 
     def to_dict(self) -> dict:
-        return {"c": self.c, "m": self.m, "floor": self.floor, "median_rel_err": self.median_rel_err,
-                "max_rel_err": self.max_rel_err}
+        d = {"c": self.c, "m": self.m, "floor": self.floor, "median_rel_err": self.median_rel_err,
+             "max_rel_err": self.max_rel_err}
+        if math.isfinite(self.step_b):
+            d["floor_step"] = {"from_b": self.step_b, "floor": self.step_floor}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TimeFit":
+        step = d.get("floor_step") or {}
         return cls(float(d["c"]), float(d["m"]), float(d.get("floor", 0.0)), float(d.get("median_rel_err", 0.0)),
-                   float(d.get("max_rel_err", 0.0)))
+                   float(d.get("max_rel_err", 0.0)), float(step.get("from_b", math.inf)),
+                   float(step.get("floor", 0.0)))
 
 
 def _line(bs: list[float], ts: list[float], ws: list[float] | None = None) -> tuple[float, float]:
@@ -148,29 +165,53 @@ def fit_time(bs: list[float], ts: list[float]) -> TimeFit:
 
 
 SPLIT_MIN_POINTS = 3   # the line of a split fit goes through at least this many points (the largest b)
+STEP_MIN_JUMP = 0.25   # a two-level CPU floor: the levels differ by at least this share of the lower one ...
+STEP_MIN_POINTS = 2    # ... with at least this many points on each level, the levels' points apart
+
+
+def cpu_floor(cpu: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(floor, step_b, step_floor) of CPU launch times [(b, ms)] sorted by b: the median, one robust constant
+    as launch work does not depend on b; or two medians split at the b where the launches change when
+    every point below lies on one side of every point above (not scatter) and the levels differ by more than
+    STEP_MIN_JUMP. The step sits at the geometric middle of the two b around it."""
+    ms = [p[1] for p in cpu]
+    best = (statistics.median(ms), math.inf, 0.0)
+    best_spread = sum(abs(best[0] - x) / x for x in ms)
+    for k in range(STEP_MIN_POINTS, len(cpu) - STEP_MIN_POINTS + 1):
+        lo, hi = ms[:k], ms[k:]
+        if not (max(lo) < min(hi) or min(lo) > max(hi)):
+            continue
+        f_lo, f_hi = statistics.median(lo), statistics.median(hi)
+        if abs(f_hi - f_lo) < STEP_MIN_JUMP * min(f_lo, f_hi):
+            continue
+        spread = sum(abs(f_lo - x) / x for x in lo) + sum(abs(f_hi - x) / x for x in hi)
+        if spread < best_spread:
+            best, best_spread = (f_lo, math.sqrt(cpu[k - 1][0] * cpu[k][0]), f_hi), spread
+    return best
 
 
 def fit_split(bs: list[float], ts: list[float], gpu: list[float | None], cpu: list[float | None]) -> TimeFit:
     """t(b) = max(floor, c + m*b) from the two measured parts of time_ms = max(cpu, gpu): the floor is the CPU
-    launch time per call, which does not depend on b, so one robust constant (the median over all batch
-    sizes); the line is the GPU time, fitted in relative error of the stored time (weights 1/time^2: a GPU
-    point hidden under the floor counts no more than a visible one) through the points whose GPU time is at
-    least floor/2 (topped up with the largest b to SPLIT_MIN_POINTS): the GPU time of small batches, far
-    under the floor, is not linear in b (kernels are latency-bound) and would only bend the line where it
-    matters. Errors are reported against ts. Points without a split (None) are left out of both parts;
-    with fewer than 2 split points this is fit_time(bs, ts)."""
+    launch time per call (cpu_floor: one constant, or two levels where the launches change at a size); the
+    line is the GPU time, fitted in relative error of the stored time (weights 1/time^2: a GPU point hidden
+    under the floor counts no more than a visible one) through the points whose GPU time is at least half
+    the floor (topped up with the largest b to SPLIT_MIN_POINTS): the GPU time of small batches, far under
+    the floor, is not linear in b (kernels are latency-bound) and would only bend the line where it matters.
+    Errors are reported against ts. Points without a split (None) are left out of both parts; with fewer
+    than 2 split points this is fit_time(bs, ts)."""
     if not (len(bs) == len(ts) == len(gpu) == len(cpu)):
         raise ValueError("bs, ts, gpu and cpu must have one value per batch size")
     pts = sorted((b, t, g, c) for b, t, g, c in zip(bs, ts, gpu, cpu) if g is not None and c is not None and t > 0)
     if len(pts) < 2:
         return fit_time(bs, ts)
-    floor = statistics.median(p[3] for p in pts)
-    keep = [p for p in pts if p[2] >= floor / 2]
+    floor, step_b, step_floor = cpu_floor([(p[0], p[3]) for p in pts])
+    shape = TimeFit(0.0, 0.0, floor, step_b=step_b, step_floor=step_floor)
+    keep = [p for p in pts if p[2] >= shape.floor_at(p[0]) / 2]
     keep += [p for p in reversed(pts) if p not in keep][:max(0, min(SPLIT_MIN_POINTS, len(pts)) - len(keep))]
     keep.sort()
     c, m = _line([p[0] for p in keep], [p[2] for p in keep], [1.0 / (p[1] * p[1]) for p in keep])
-    errs = _errors(TimeFit(c, m, floor), bs, ts)
-    return TimeFit(c, m, floor, statistics.median(errs), max(errs))
+    errs = _errors(TimeFit(c, m, floor, step_b=step_b, step_floor=step_floor), bs, ts)
+    return TimeFit(c, m, floor, statistics.median(errs), max(errs), step_b, step_floor)
 
 
 def fit_entry(bs: list[float], time_ms: dict, gpu_ms: dict | None = None, cpu_ms: dict | None = None) -> dict:

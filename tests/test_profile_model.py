@@ -158,6 +158,27 @@ def test_fit_split_recovers_floor_and_slope():
     assert fit_split(BS, TIME, [None] * 5 + [1.7], [None] * 5 + [0.95]) == fit_time(BS, TIME)
 
 
+def test_fit_split_two_level_floor_where_the_launches_change_at_a_size():
+    # CPU launch time 0.4 ms up to b=4, then 0.8 ms (as CUDA's embedding backward above 3072 indices): the
+    # floor takes two levels, the step at the geometric middle of b=4 and b=8; the GPU line stays
+    cpu = [0.40, 0.41, 0.39, 0.80, 0.82, 0.78]
+    gpu = [0.05 * b for b in BS]                      # 0.05 .. 1.6: visible only at b=32
+    t = [max(c, g) for c, g in zip(cpu, gpu)]
+    f = fit_split(BS, t, gpu, cpu)
+    assert (f.floor, f.step_floor, f.step_b) == (pytest.approx(0.40), pytest.approx(0.80), pytest.approx(32 ** 0.5))
+    assert f(4) == pytest.approx(0.40) and f(8) == pytest.approx(0.80) and f(32) == pytest.approx(1.6)
+    # errors against t: b=2 0.01/0.41, b=4 0.01/0.39, b=8 0, b=16 0.02/0.82, b=32 0 -> median of 6
+    errs = sorted([0, 0.01 / 0.41, 0.01 / 0.39, 0, 0.02 / 0.82, 0])
+    assert f.median_rel_err == pytest.approx((errs[2] + errs[3]) / 2)
+    # the file keeps the step; an old file (no floor_step) loads as one floor
+    assert TimeFit.from_dict(f.to_dict()) == f
+    assert TimeFit.from_dict({"c": 0.1, "m": 0.05, "floor": 1.0})(64) == pytest.approx(3.3)
+    # scatter is no step: the two groups overlap (0.45 above 0.44), or the jump is under STEP_MIN_JUMP
+    for noisy in ([0.40, 0.45, 0.39, 0.44, 0.50, 0.48], [0.40, 0.41, 0.39, 0.46, 0.47, 0.45]):
+        g = fit_split(BS, [max(c, x) for c, x in zip(noisy, gpu)], gpu, noisy)
+        assert g.step_b == float("inf") and g.floor == pytest.approx(statistics.median(noisy))
+
+
 def _old_format_profile(with_split: bool) -> dict:
     entry = {"batch_sizes": BS, "time_ms": {"fwd": TIME, "bwd": [0.3 + 0.2 * b for b in BS],
                                           "bwd_ckpt": [0.5 + 0.4 * b for b in BS]},
