@@ -532,10 +532,28 @@ def split_fit_errors(profile: "ModelProfile") -> tuple[float | None, float | Non
     return (statistics.median(gpu) if gpu else None), (statistics.median(cpu) if cpu else None)
 
 
+def fit_errors(profile: "ModelProfile") -> dict[str, float | None]:
+    """Median relative error over every fitted point of every time fit ("all"), of the layers' alone and of
+    the embeddings' and head's alone (None where there are none)."""
+    def points(entries: list[Entry]) -> list[float]:
+        out = []
+        for e in entries:
+            for kind, fit in e.fits.items():
+                for b, t in zip(e.raw.get("batch_sizes", []), e.raw.get("time_ms", {}).get(kind, [])):
+                    if t > 0:
+                        out.append(abs(fit(b) - t) / t)
+        return out
+
+    layers = points([e for lt in profile.layer_types.values() for e in lt.tp.values()])
+    other = points([e for per in profile.other.values() for e in per.values()])
+    return {name: (statistics.median(v) if v else (0.0 if name == "all" else None))
+            for name, v in (("all", layers + other), ("layers", layers), ("other", other))}
+
+
 def report(paths: list[str]) -> str:
     """Markdown tables of fit errors and of the activation cross-check (saved tensors vs GPU allocator)."""
-    fits = ["| model | device | precision | layer types x TP | median fit error | worst fit point | "
-            "GPU part | CPU launch scatter |", "|---|---|---|---|---|---|---|---|"]
+    fits = ["| model | device | precision | layer types x TP | median fit error | layers | embeddings/head | "
+            "worst fit point | GPU part | CPU launch scatter |", "|---|---|---|---|---|---|---|---|---|---|"]
     acts = ["| model | layer type | TP | batch | saved-tensor bytes | allocator: requested | difference | "
             "allocator: allocated blocks | difference |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
@@ -545,7 +563,10 @@ def report(paths: list[str]) -> str:
         worst = max((f.max_rel_err for e in entries for f in e.fits.values()), default=0.0)
         n = sum(len(lt.tp) for lt in p.layer_types.values())
         gpu, cpu = (format(x, ".2%") if x is not None else "-" for x in split_fit_errors(p))
-        fits.append(f"| {p.model} | {p.device} | {p.precision} | {n} | {p.fit_error:.2%} | {worst:.2%} | {gpu} | {cpu} |")
+        errs = fit_errors(p)
+        lay, oth = (format(errs[k], ".2%") if errs[k] is not None else "-" for k in ("layers", "other"))
+        fits.append(f"| {p.model} | {p.device} | {p.precision} | {n} | {p.fit_error:.2%} | {lay} | {oth} | "
+                    f"{worst:.2%} | {gpu} | {cpu} |")
         for name, lt in p.layer_types.items():
             for tp, e in sorted(lt.tp.items()):
                 chk = e.raw.get("act_check")

@@ -67,7 +67,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autotune.model_profile import MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError, fit_entry
+from autotune.model_profile import (MEASURED_KINDS, Entry, LayerTypeProfile, ModelProfile, ProfileError, fit_entry,
+                                    fit_errors)
 from backends.gc_pause import automatic_gc_off
 from model_zoo.accounting import _storage_key as _key   # (device, storage address), as the accounting keys
 from model_zoo.common import TORCH_DTYPES
@@ -1276,16 +1277,7 @@ def device_name(opts: Options) -> str:
 
 def pooled_fit_error(profile: ModelProfile) -> float:
     """Median relative error over every fitted point of every time fit."""
-    errs = []
-    entries = [e for lt in profile.layer_types.values() for e in lt.tp.values()]
-    entries += [e for per in profile.other.values() for e in per.values()]
-    for e in entries:
-        bs = e.raw.get("batch_sizes", [])
-        for kind, fit in e.fits.items():
-            for b, t in zip(bs, e.raw.get("time_ms", {}).get(kind, [])):
-                if t > 0:
-                    errs.append(abs(fit(b) - t) / t)
-    return statistics.median(errs) if errs else 0.0
+    return fit_errors(profile)["all"]
 
 
 def refit(profile: ModelProfile) -> ModelProfile:

@@ -223,6 +223,23 @@ def test_split_fit_errors_gpu_part_and_cpu_scatter(tmp_path):
     assert split_fit_errors(ModelProfile.load(str(path))) == (None, None)
 
 
+def test_fit_errors_pool_layers_and_embeddings_head_apart(tmp_path):
+    """fit_errors: the layers' points and the embeddings'/head's points, each pooled on its own and together;
+    errors hand-computed against the stored fits (no refit)."""
+    from autotune.model_profile import fit_errors
+
+    d = _old_format_profile(with_split=False)
+    d["layer_types"]["enc"]["tp"]["1"] = {"batch_sizes": [1, 2], "time_ms": {"fwd": [1.0, 2.0]},
+                                          "fits": {"fwd": {"c": 0.0, "m": 1.1}}}          # errors 10 %, 10 %
+    d["other"] = {"first": {"vtp": {"1": {"batch_sizes": [1, 2, 4], "time_ms": {"fwd": [1.0, 1.0, 1.0]},
+                                          "fits": {"fwd": {"c": 1.2, "m": 0.0}}}}}}        # errors 20 % x3
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    errs = fit_errors(ModelProfile.load(str(path)))
+    assert errs["layers"] == pytest.approx(0.1) and errs["other"] == pytest.approx(0.2)
+    assert errs["all"] == pytest.approx(0.2)   # median of 0.1, 0.1, 0.2, 0.2, 0.2
+
+
 class FakeSplitClock(profile_model.Clock):
     """CPU stand-in for the CUDA clock, to run the split-timing path on CPU: marks are wall clock, spins are
     recorded (nothing waits), and the first `fails` checks say the spin had already ended."""

@@ -1,4 +1,4 @@
-"""The H100 presets ship model profiles: the search uses them by default (`--model-profile auto`), the plan
+"""The H100 and H200 presets ship model profiles: the search uses them by default (`--model-profile auto`), the plan
 records which, and train.py's memory check predicts with the same file."""
 import argparse
 import json
@@ -40,6 +40,8 @@ def test_auto_is_the_shipped_file_and_none_is_analytic(tmp_path):
     (["--seq-len", "128"], None, "sequence length 512"),
     (["--task", "text-classification"], None, "task mlm"),
     (["--hardware", "8xA100-80G", "--gpus", "1"], None, None),
+    (["--hardware", "1xH200"], "profiles/h200/bert-large.json", None),
+    (["--hardware", "1xH200", "--precision", "fp32"], None, None),   # no fp32 profiles measured on the H200
 ])
 def test_auto_only_where_the_shipped_profile_matches(tmp_path, extra, expected, why):
     plan = search(tmp_path, "p", *extra)
