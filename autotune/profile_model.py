@@ -39,9 +39,9 @@ How (and why this way):
     times are split as the layers' are (SpunStep: the hooks place a spin before each of the four regions
     and time GPU and CPU launch apart; the GPU catches up before the last layer's forward and the first
     layer's backward); fitted like the layers. A region no spin outlasts (the host waits for the GPU
-    inside it: BERT's and T5's embeddings/masks on CUDA) keeps its stream-order time, and so do all four
-    where no spun step holds, and on CPU: times of one whole training step from a synchronised start,
-    fitted by fit_time.
+    inside it: BERT's and T5's embeddings forward, with HF's mask preparation, on an H200) keeps its
+    stream-order time, and so do all four where no spun step holds, and on CPU: times of one whole
+    training step from a synchronised start, fitted by fit_time.
 """
 from __future__ import annotations
 
