@@ -1,10 +1,11 @@
 """Pieces the family adapters share: deterministic generators, loss helpers, FLOPs."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import create_bidirectional_mask
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # plan precision -> dtype
 
@@ -39,3 +40,27 @@ def encoder_layer_flops(seq: int, hidden: int, ffn: int, kv_seq: int | None = No
     attn = 2 * seq * kv * hidden * 2              # scores and weighted sum
     mlp = 2 * seq * hidden * ffn * 2
     return float(proj + attn + mlp)
+
+
+def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                       encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The padding mask a runtime layer hands HF attention: what create_bidirectional_mask returns (None
+    where nothing is masked, so SDPA may take flash attention; else bool [batch, 1, queries, keys]) without
+    its host synchronisation in every layer. HF reads back from the GPU whether the 2D mask masks anything;
+    HF's own models do that once per forward, our layers (each builds its mask, so that only the 2D mask
+    travels between pipeline stages) did it once per layer, and a host that waits for the GPU 24 times a
+    forward cannot queue work ahead of it. The answer is kept on the mask tensor, which every layer of a
+    stage shares: once per micro-batch and stage (again for a recomputed layer, whose inputs are detached).
+    SDPA with a 2D mask only; anything else goes to HF."""
+    if (attention_mask is None or attention_mask.dim() != 2
+            or getattr(config, "_attn_implementation", None) != "sdpa"):
+        return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                         encoder_hidden_states=encoder_hidden_states)
+    masks_nothing = getattr(attention_mask, "_masks_nothing", None)
+    if masks_nothing is None:
+        masks_nothing = bool(attention_mask.all())     # the one synchronisation
+        attention_mask._masks_nothing = masks_nothing
+    if masks_nothing:
+        return None
+    batch, keys = attention_mask.shape
+    return attention_mask.bool()[:, None, None, :].expand(batch, 1, inputs_embeds.shape[1], keys).contiguous()

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from transformers.masking_utils import create_bidirectional_mask
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator, classification_loss, encoder_layer_flops, record_label
+from model_zoo.common import (batch_generator, classification_loss, encoder_layer_flops, layer_padding_mask,
+                               record_label)
 from model_zoo.tp import (VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition, row_parallel,
                           vocab_parallel_bias, vocab_parallel_cross_entropy, vocab_parallel_embedding,
                           vocab_parallel_logits)
@@ -81,7 +81,7 @@ class LayerEntry(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         hidden, attention_mask = inputs
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = layer_padding_mask(self.config, hidden, attention_mask)
         return self.layer(hidden, attention_mask=mask), attention_mask
 
 

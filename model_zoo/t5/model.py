@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_causal_mask
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator
+from model_zoo.common import batch_generator, layer_padding_mask
 from model_zoo.t5.spec import seq_lens as _seq_lens     # (encoder, decoder) tokens, as the planner reads them
 from model_zoo.tp import (IGNORE_INDEX, VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition,
                           row_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding,
@@ -110,7 +110,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         hidden, attention_mask, dec, *bias = inputs
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = layer_padding_mask(self.config, hidden, attention_mask)
         hidden, position_bias, _ = self.block(hidden, attention_mask=mask, position_bias=bias[0] if bias else None)
         if self.end is None:
             return hidden, attention_mask, dec, position_bias.contiguous()    # contiguous: p2p sends need it
@@ -131,8 +131,7 @@ class DecoderLayer(nn.Module):
         else:
             hidden, attention_mask, enc_out, bias = inputs
         causal = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-        cross = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                          encoder_hidden_states=enc_out)
+        cross = layer_padding_mask(self.config, hidden, attention_mask, encoder_hidden_states=enc_out)
         hidden, position_bias, _ = self.block(hidden, attention_mask=causal, position_bias=bias,
                                               encoder_hidden_states=enc_out, encoder_attention_mask=cross)
         if self.last:

@@ -1,0 +1,67 @@
+"""layer_padding_mask: the mask HF's create_bidirectional_mask builds, with the GPU read-back of "does it mask
+anything" done once per mask tensor instead of once per layer."""
+import pytest
+import torch
+from transformers import BertConfig, T5Config
+from transformers.masking_utils import create_bidirectional_mask
+
+from model_zoo.common import layer_padding_mask
+
+
+def _configs():
+    bert = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2)
+    t5 = T5Config(d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2)
+    for c in (bert, t5):
+        c._attn_implementation = "sdpa"
+    return bert, t5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_same_mask_as_hf_self_and_cross_attention(padded):
+    bert, t5 = _configs()
+    hidden, dec = torch.randn(3, 6, 32), torch.randn(3, 4, 32)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    if padded:
+        mask[1, 4:] = 0
+        mask[2, 5:] = 0
+    for config, kwargs in ((bert, {"inputs_embeds": hidden}), (t5, {"inputs_embeds": dec,
+                                                                   "encoder_hidden_states": hidden})):
+        ref = create_bidirectional_mask(config=config, attention_mask=mask, **kwargs)
+        ours = layer_padding_mask(config, kwargs["inputs_embeds"], mask, kwargs.get("encoder_hidden_states"))
+        if not padded:
+            assert ref is None and ours is None          # SDPA may take flash attention
+        else:
+            assert ours.dtype == ref.dtype == torch.bool and ours.shape == ref.shape and ours.is_contiguous()
+            assert torch.equal(ours, ref)
+
+
+def test_the_read_back_happens_once_per_mask_tensor(monkeypatch):
+    bert, _ = _configs()
+    hidden = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    calls = []
+    real_all = torch.Tensor.all
+
+    def counting_all(self, *a, **k):
+        calls.append(self.shape)
+        return real_all(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    first = layer_padding_mask(bert, hidden, mask)
+    for _ in range(23):                                   # the other layers of the stage
+        assert torch.equal(layer_padding_mask(bert, hidden, mask), first)
+    assert calls == [mask.shape]
+    # a new micro-batch is a new tensor: asked again
+    layer_padding_mask(bert, hidden, torch.ones(2, 5, dtype=torch.long))
+    assert len(calls) == 2
+
+
+def test_other_attention_implementations_get_hfs_own_mask():
+    bert, _ = _configs()
+    bert._attn_implementation = "eager"
+    hidden = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 2:] = 0
+    ref = create_bidirectional_mask(config=bert, inputs_embeds=hidden, attention_mask=mask)
+    assert torch.equal(layer_padding_mask(bert, hidden, mask), ref) and ref.dtype != torch.bool
