@@ -1020,9 +1020,9 @@ def spin_plan(est_cpu: dict[str, float], factor: dict[str, float]) -> dict[str, 
 def unspinnable_regions(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict) -> set[str]:
     """The BOUNDARY regions that no spin outlasts, found once per task model with steps at batch b: a region
     whose spin ran out is spun twice as long in the next step, and given up once it ran out at
-    MAX_SPIN_FACTOR. Such a region makes the host wait for the GPU inside it (a synchronisation: a mask
-    check or an embedding backward reading a count back), so the GPU catches up whatever the spin; it is
-    timed in stream order, the other regions stay split."""
+    MAX_SPIN_FACTOR. Such a region makes the host wait for the GPU inside it (a synchronisation: HF's mask
+    preparation reads back whether the attention mask masks anything), so the GPU catches up whatever the
+    spin; it is timed in stream order, the other regions stay split."""
     factor, dropped = {r: 1.0 for r in BOUNDARY}, set()
     while factor:
         t = other_step(ctx, b, opts, hooks, spin_plan(est_cpu, factor))
@@ -1142,8 +1142,9 @@ def _other_times(ctx: OtherContext, opts: Options, hooks: LayerHooks, progress: 
                  notes: list[str]) -> dict:
     """Per batch size, medians over opts.other_reps task-model steps: the embeddings' and head's times, on CUDA
     split into GPU time and CPU launch time as the layers' are (spun_other_steps; time = max of the two,
-    gpu_ms/cpu_ms stored, fit_split), else (CPU, a region no spin outlasts, or no split step held: noted) the
-    stream-order times of whole steps; and the layers' and between-layer times inside the model (a check of the isolated ones)."""
+    gpu_ms/cpu_ms stored, fit_split), else (CPU, a region no spin outlasts, or no split step held: noted)
+    the stream-order times of whole steps; and the layers' and between-layer times inside the model (a
+    check of the isolated ones)."""
     points: dict[str, list[float]] = {k: [] for k in (*BOUNDARY, "between_fwd", "between_bwd", "layers_fwd",
                                                       "layers_bwd")}
     parts: dict[str, list[float | None]] = {f"{r}_{side}": [] for r in BOUNDARY for side in ("gpu", "cpu")}

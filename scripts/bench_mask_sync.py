@@ -36,11 +36,6 @@ def hf_per_layer(config, inputs_embeds, attention_mask, encoder_hidden_states=No
                                      encoder_hidden_states=encoder_hidden_states)
 
 
-def family_module(family: str):
-    import importlib
-    return importlib.import_module(f"model_zoo.{family}.model")
-
-
 def step(seq, inputs, labels) -> None:
     loss = seq.loss_fn(run_sequence(seq.entries, inputs), labels)
     loss.backward()
@@ -57,7 +52,7 @@ def bench(model: str, batches: list[int], steps: int, pad: bool, device: torch.d
     adapter = get_adapter(config.model_type)
     net = adapter.build_model(config, preset.task).to(device, torch.bfloat16 if device.type == "cuda" else None)
     seq = adapter.layer_sequence(net, preset.task)
-    mod = family_module(preset.family)
+    mod = sys.modules[type(adapter).__module__]     # model_zoo/<family>/model.py, whose layers call the builder
     ours = mod.layer_padding_mask
     rows = []
     for b in batches:
@@ -99,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model:batch,batch ... (presets of the bert and t5 families)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--pad", action="store_true", help="pad BERT's batches too")
-    ap.add_argument("--device", default="cuda", help="cuda (what it is for) or cpu (a smoke run: no GPU, nothing to measure)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda (what it is for) or cpu (a smoke run: no GPU, nothing to measure)")
     ap.add_argument("--out", required=True, help="JSON lines to write")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
