@@ -51,8 +51,9 @@ def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask:
     travels between pipeline stages) did it once per layer, and a host that waits for the GPU 24 times a
     forward cannot queue work ahead of it. The answer is kept on the mask tensor, which every layer of a
     stage shares: once per micro-batch and stage (again for a recomputed layer, whose inputs are detached).
-    SDPA with a 2D mask only; anything else goes to HF."""
-    if (attention_mask is None or attention_mask.dim() != 2
+    SDPA with a 2D mask only; anything else goes to HF, and so does a layer under torch.compile (HF then
+    builds the mask without asking, so the graph does not break)."""
+    if (attention_mask is None or attention_mask.dim() != 2 or torch.compiler.is_compiling()
             or getattr(config, "_attn_implementation", None) != "sdpa"):
         return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                          encoder_hidden_states=encoder_hidden_states)

@@ -65,3 +65,15 @@ def test_other_attention_implementations_get_hfs_own_mask():
     mask[1, 2:] = 0
     ref = create_bidirectional_mask(config=bert, inputs_embeds=hidden, attention_mask=mask)
     assert torch.equal(layer_padding_mask(bert, hidden, mask), ref) and ref.dtype != torch.bool
+
+
+def test_a_compiled_layer_gets_hfs_mask_without_a_graph_break():
+    """Under torch.compile (train.py --compile compiles each layer entry) the builder hands over to HF,
+    which then builds the mask without the read-back: fullgraph=True would raise on a graph break."""
+    bert, _ = _configs()
+    hidden = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    compiled = torch.compile(lambda h, m: layer_padding_mask(bert, h, m), backend="eager", fullgraph=True)
+    out = compiled(hidden, mask)
+    assert torch.equal(out, layer_padding_mask(bert, hidden, mask))
