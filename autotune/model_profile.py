@@ -57,7 +57,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autotune.plan import write_json_atomic
@@ -210,8 +210,9 @@ def fit_split(bs: list[float], ts: list[float], gpu: list[float | None], cpu: li
     keep += [p for p in reversed(pts) if p not in keep][:max(0, min(SPLIT_MIN_POINTS, len(pts)) - len(keep))]
     keep.sort()
     c, m = _line([p[0] for p in keep], [p[2] for p in keep], [1.0 / (p[1] * p[1]) for p in keep])
-    errs = _errors(TimeFit(c, m, floor, step_b=step_b, step_floor=step_floor), bs, ts)
-    return TimeFit(c, m, floor, statistics.median(errs), max(errs), step_b, step_floor)
+    fit = replace(shape, c=c, m=m)
+    errs = _errors(fit, bs, ts)
+    return replace(fit, median_rel_err=statistics.median(errs), max_rel_err=max(errs))
 
 
 def fit_entry(bs: list[float], time_ms: dict, gpu_ms: dict | None = None, cpu_ms: dict | None = None) -> dict:
@@ -314,6 +315,14 @@ class ModelProfile:
     calibration: dict[str, Any] = field(default_factory=dict)
     # What DeepSpeed's engine adds per ZeRO stage (autotune/profile_engine.py); CostModel spreads it over layers.
     engine: dict[str, Any] = field(default_factory=dict)
+
+    def layer_entries(self) -> list[Entry]:
+        """Every (layer type, TP degree) entry."""
+        return [e for lt in self.layer_types.values() for e in lt.tp.values()]
+
+    def other_entries(self) -> list[Entry]:
+        """Every embeddings ("first") and head ("last") entry, per vtp."""
+        return [e for per in self.other.values() for e in per.values()]
 
     # ------------------------------------------------------------------ accessors for the cost model
     def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str) -> float | None:
@@ -544,8 +553,7 @@ def fit_errors(profile: "ModelProfile") -> dict[str, float | None]:
                         out.append(abs(fit(b) - t) / t)
         return out
 
-    layers = points([e for lt in profile.layer_types.values() for e in lt.tp.values()])
-    other = points([e for per in profile.other.values() for e in per.values()])
+    layers, other = points(profile.layer_entries()), points(profile.other_entries())
     return {name: (statistics.median(v) if v else (0.0 if name == "all" else None))
             for name, v in (("all", layers + other), ("layers", layers), ("other", other))}
 
@@ -558,9 +566,8 @@ def report(paths: list[str]) -> str:
             "allocator: allocated blocks | difference |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         p = ModelProfile.load(path)
-        entries = [e for lt in p.layer_types.values() for e in lt.tp.values()]
-        entries += [e for per in p.other.values() for e in per.values()]
-        worst = max((f.max_rel_err for e in entries for f in e.fits.values()), default=0.0)
+        worst = max((f.max_rel_err for e in p.layer_entries() + p.other_entries() for f in e.fits.values()),
+                    default=0.0)
         n = sum(len(lt.tp) for lt in p.layer_types.values())
         gpu, cpu = (format(x, ".2%") if x is not None else "-" for x in split_fit_errors(p))
         errs = fit_errors(p)

@@ -225,6 +225,12 @@ SETTLE_TRIES = 6     # attempts to find a spin length / region size for which th
 _CYCLES_PER_MS: dict = {}   # device index -> GPU clock cycles per ms of torch.cuda._sleep, calibrated once
 
 
+def spin_ms(expected_cpu_ms: float, factor: float = 1.0) -> float:
+    """How long the spin before a timed region lasts: enough for the host to launch the whole region
+    (expected CPU launch ms) before the GPU gets to it, times `factor` after a spin turned out too short."""
+    return factor * (SLEEP_MARGIN * expected_cpu_ms + SLEEP_PAD_MS)
+
+
 class Clock:
     """Marks points in the device's stream order: CUDA events on GPU, perf_counter on CPU. On CUDA it can also
     keep the stream busy (`sleep`, a spin kernel) and tell whether the GPU has passed a mark (`reached`): what
@@ -404,7 +410,7 @@ class SplitPoint:
     samples: dict = field(default_factory=lambda: {k: [] for k in SPLIT_KEYS})
 
     def sleep_ms(self, kind: str) -> float:
-        return self.factor * (SLEEP_MARGIN * len(self.leaves) * self.est_cpu[kind] + SLEEP_PAD_MS)
+        return spin_ms(len(self.leaves) * self.est_cpu[kind], self.factor)
 
     def add(self, r: dict) -> None:
         """Keep a repetition's numbers; the expected CPU times become the medians measured so far."""
@@ -1014,7 +1020,7 @@ MAX_SPIN_FACTOR = 8.0   # a task-model region whose spin runs out even this many
 
 def spin_plan(est_cpu: dict[str, float], factor: dict[str, float]) -> dict[str, float]:
     """Spin ms per spun region (those in factor) from the expected CPU launch times."""
-    return {r: f * (SLEEP_MARGIN * est_cpu[r] + SLEEP_PAD_MS) for r, f in factor.items()}
+    return {r: spin_ms(est_cpu[r], f) for r, f in factor.items()}
 
 
 def unspinnable_regions(ctx: OtherContext, b: int, opts: Options, hooks: LayerHooks, est_cpu: dict) -> set[str]:
@@ -1283,9 +1289,7 @@ def pooled_fit_error(profile: ModelProfile) -> float:
 
 def refit(profile: ModelProfile) -> ModelProfile:
     """Re-fit every entry from its raw times (after a change of the fit, without measuring again)."""
-    entries = [e for lt in profile.layer_types.values() for e in lt.tp.values()]
-    entries += [e for per in profile.other.values() for e in per.values()]
-    for e in entries:
+    for e in profile.layer_entries() + profile.other_entries():
         bs = e.raw.get("batch_sizes", [])
         e.fits = fit_entry(bs, e.raw.get("time_ms", {}), e.raw.get("gpu_ms"), e.raw.get("cpu_ms"))
     profile.fit_error = pooled_fit_error(profile)
