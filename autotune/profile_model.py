@@ -777,7 +777,11 @@ def task_model_class(task: str):
 
 def task_batch(config: Any, task: str, seq_lens: tuple[int, ...], b: int, device: torch.device,
                dtype: torch.dtype, vocab: int) -> dict:
-    """A random batch for the HF task model (MLM labels on 15 % of the tokens, as the runtime masks)."""
+    """A random batch for the HF task model (MLM labels on 15 % of the tokens, as the runtime masks). Text
+    batches have no padding and come without an attention mask: HF's mask preparation would read back from
+    the GPU whether an all-ones mask masks anything (a host synchronisation inside the embeddings' and the
+    encoder-to-decoder regions, which the runtime does not have: model_zoo.common.answer_on_host), and then
+    builds no mask, as it does for None."""
     g = torch.Generator().manual_seed(1234 + b)
     if task == "image-classification":
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
@@ -786,7 +790,7 @@ def task_batch(config: Any, task: str, seq_lens: tuple[int, ...], b: int, device
                 "labels": torch.randint(0, max(1, config.num_labels), (b,), generator=g).to(device)}
     S = seq_lens[0]
     ids = torch.randint(0, vocab, (b, S), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids}
     if task == "mlm":
         keep = torch.rand(b, S, generator=g).argsort(1)[:, : max(1, round(MLM_SHARE * S))]
         picked = torch.zeros(b, S, dtype=torch.bool).scatter_(1, keep, True)

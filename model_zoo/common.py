@@ -42,6 +42,27 @@ def encoder_layer_flops(seq: int, hidden: int, ffn: int, kv_seq: int | None = No
     return float(proj + attn + mlp)
 
 
+MASK_ANSWER = "_masks_nothing"   # attribute of a 2D attention mask: True when it masks nothing
+
+
+def answer_on_host(mask: torch.Tensor) -> torch.Tensor:
+    """Record on a host-side 2D attention mask whether it masks anything (free on the CPU). The answer
+    travels with the mask to the device and into recomputed layers (`carry_mask_answer`), so that
+    `layer_padding_mask` never reads it back from the GPU. Returns the mask."""
+    if torch.is_tensor(mask) and mask.device.type == "cpu" and mask.dim() == 2:
+        setattr(mask, MASK_ANSWER, bool(mask.all()))
+    return mask
+
+
+def carry_mask_answer(src: Any, dst: Any) -> Any:
+    """Copy the answer `answer_on_host` (or a layer's read-back) left on `src` to `dst`, a copy of the same
+    values: the mask moved to the device, or the detached input a recomputed layer runs on. Returns dst."""
+    answer = getattr(src, MASK_ANSWER, None)
+    if answer is not None and dst is not src and torch.is_tensor(dst):
+        setattr(dst, MASK_ANSWER, answer)
+    return dst
+
+
 def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                        encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor | None:
     """The padding mask a runtime layer hands HF attention: what create_bidirectional_mask returns (None
@@ -50,17 +71,18 @@ def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask:
     HF's own models do that once per forward, our layers (each builds its mask, so that only the 2D mask
     travels between pipeline stages) did it once per layer, and a host that waits for the GPU 24 times a
     forward cannot queue work ahead of it. The answer is kept on the mask tensor, which every layer of a
-    stage shares: once per micro-batch and stage (again for a recomputed layer, whose inputs are detached).
-    SDPA with a 2D mask only; anything else goes to HF, and so does a layer under torch.compile (HF then
+    stage shares. train.py's batches bring it from the host (`answer_on_host` in the adapters' split_batch,
+    `carry_mask_answer` on the way to the device and into a recomputed layer), so a stage asks only for a
+    mask received from the previous pipeline stage: once per micro-batch there. SDPA with a 2D mask only; anything else goes to HF, and so does a layer under torch.compile (HF then
     builds the mask without asking, so the graph does not break)."""
     if (attention_mask is None or attention_mask.dim() != 2 or torch.compiler.is_compiling()
             or getattr(config, "_attn_implementation", None) != "sdpa"):
         return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                          encoder_hidden_states=encoder_hidden_states)
-    masks_nothing = getattr(attention_mask, "_masks_nothing", None)
+    masks_nothing = getattr(attention_mask, MASK_ANSWER, None)
     if masks_nothing is None:
-        masks_nothing = bool(attention_mask.all())     # the one synchronisation
-        attention_mask._masks_nothing = masks_nothing
+        masks_nothing = bool(attention_mask.all())     # the one synchronisation (none on the host)
+        setattr(attention_mask, MASK_ANSWER, masks_nothing)
     if masks_nothing:
         return None
     batch, keys = attention_mask.shape

@@ -1,33 +1,15 @@
 """The engine's optional modes on CPU: DeepSpeed torch_autocast (fp32 weights, bf16 autocast)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from autotune.plan import Plan
 from backends.data import SyntheticData
 from backends.deepspeed.engine import build_engine
-from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
+from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
 from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
-
-
-@pytest.fixture
-def world_of_one():
-    """A one-process world on a free port, torn down afterwards with the environment as it was (train.py
-    subprocesses of later tests inherit os.environ and would try the same port)."""
-    saved = dict(os.environ)
-    for key in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)
-    init_distributed()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float], torch.dtype, dict]:

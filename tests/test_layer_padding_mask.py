@@ -77,3 +77,54 @@ def test_a_compiled_layer_gets_hfs_mask_without_a_graph_break():
     compiled = torch.compile(lambda h, m: layer_padding_mask(bert, h, m), backend="eager", fullgraph=True)
     out = compiled(hidden, mask)
     assert torch.equal(out, layer_padding_mask(bert, hidden, mask))
+
+
+def _mask_read_backs(monkeypatch) -> list:
+    """Calls of Tensor.all made by layer_padding_mask (the read-back it does when no answer came along)."""
+    import sys
+    calls, real_all = [], torch.Tensor.all
+
+    def counting_all(self, *a, **k):
+        if sys._getframe(1).f_code.co_name == "layer_padding_mask":
+            calls.append(self.shape)
+        return real_all(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    return calls
+
+
+@pytest.mark.parametrize("family,model,task", [("bert", "bert-test", "mlm"), ("t5", "t5-test", "seq2seq")])
+def test_train_steps_take_the_answer_from_the_host(world_of_one, monkeypatch, family, model, task):
+    """Through train.py's path (host batch -> split_batch -> the engine's device move -> layers, every layer
+    checkpointed, two micro-batches) no layer reads the mask back, not even a recomputed one, whose inputs
+    are detached copies. A mask that comes without the answer (a device tensor) is asked once per
+    micro-batch: the count the test would see if the answer were lost on the way."""
+    from autotune.plan import Plan
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import build_engine
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from model_zoo.common import MASK_ANSWER
+    from model_zoo.registry import load_hf_config
+    from model_zoo.runtime import get_adapter
+
+    adapter, config = get_adapter(family), load_hf_config(model)
+    n = adapter.num_layers(config)
+    plan = Plan.uniform(num_layers=n, world_size=1, global_bsz=4, chunks=2, checkpoint=[1] * n)
+    groups = build_parallel_groups(plan)
+    trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, task), task))
+    data = SyntheticData(adapter, config, task, plan, 0, 1)
+    try:
+        calls = _mask_read_backs(monkeypatch)
+        trainer.train_step(data.micro_batches(0))
+        assert calls == []
+        stripped = []
+        for inputs, labels in data.micro_batches(1):
+            inputs = tuple(t.clone() for t in inputs)            # same values, no answer on them
+            assert not any(hasattr(t, MASK_ANSWER) for t in inputs)
+            stripped.append((inputs, labels))
+        trainer.train_step(stripped)
+        # each micro-batch: the first layer asks in forward; later layers and the recomputed ones reuse it
+        assert len(calls) == 2
+    finally:
+        trainer.destroy()
+        destroy_parallel_groups()

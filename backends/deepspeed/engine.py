@@ -26,7 +26,7 @@ from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm
 from backends.megatron.groups import ParallelGroups
 from backends.megatron.mpu import LayerwiseMPU, MegatronMPU
 from model_zoo.adapter import LayerSequence
-from model_zoo.common import TORCH_DTYPES
+from model_zoo.common import TORCH_DTYPES, carry_mask_answer
 
 fast_clip.install()                         # DeepSpeed's bf16 clipping without per-tensor kernels / host sync
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
@@ -190,11 +190,12 @@ def _record_fp32_grad_norm(engine: Any) -> None:
 
 
 def _to(x: Any, dev: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Move to the device; floating inputs (pixels) take the model's dtype, integer ones (ids) stay."""
+    """Move to the device; floating inputs (pixels) take the model's dtype, integer ones (ids) stay. An
+    attention mask keeps the host's answer to "does it mask anything" (model_zoo.common.answer_on_host)."""
     if torch.is_tensor(x):
         if float_dtype is not None and x.is_floating_point():
             return x.to(dev, dtype=float_dtype, non_blocking=True)
-        return x.to(dev, non_blocking=True)
+        return carry_mask_answer(x, x.to(dev, non_blocking=True))
     return tuple(_to(t, dev, float_dtype) for t in x)
 
 

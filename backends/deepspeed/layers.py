@@ -18,6 +18,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 from torch import nn
 
 from model_zoo.adapter import LayerSequence, PipeEntry
+from model_zoo.common import carry_mask_answer
 
 
 class EntryModule(nn.Module):
@@ -56,6 +57,8 @@ class Recompute(nn.Module):
         returned_tuple: list[bool] = []
 
         def run(*xs):
+            for x, arg in zip(xs, args):     # recompute runs on detached copies: keep the mask's answer
+                carry_mask_answer(arg, x)
             out = self.inner(xs[0] if single else tuple(xs))
             returned_tuple.append(isinstance(out, tuple))
             return out

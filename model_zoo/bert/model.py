@@ -15,8 +15,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import (batch_generator, classification_loss, encoder_layer_flops, layer_padding_mask,
-                               record_label)
+from model_zoo.common import (answer_on_host, batch_generator, classification_loss, encoder_layer_flops,
+                               layer_padding_mask, record_label)
 from model_zoo.tp import (VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition, row_parallel,
                           vocab_parallel_bias, vocab_parallel_cross_entropy, vocab_parallel_embedding,
                           vocab_parallel_logits)
@@ -238,7 +238,7 @@ class BertAdapter(FamilyAdapter):
         return out
 
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
-        return (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]), batch["labels"]
+        return (batch["input_ids"], batch["token_type_ids"], answer_on_host(batch["attention_mask"])), batch["labels"]
 
     def flops_per_sample(self, config: BertConfig, task: str, seq_len: int | None = None) -> float:
         S, H = seq_len or config.max_position_embeddings, config.hidden_size

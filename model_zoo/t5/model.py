@@ -31,7 +31,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 
 from model_zoo.adapter import Batch, FamilyAdapter, LayerSequence, PipeEntry, TPGroups
-from model_zoo.common import batch_generator, layer_padding_mask
+from model_zoo.common import answer_on_host, batch_generator, layer_padding_mask
 from model_zoo.t5.spec import seq_lens as _seq_lens     # (encoder, decoder) tokens, as the planner reads them
 from model_zoo.tp import (IGNORE_INDEX, VocabEmbedding, column_parallel, fork_rng_in_forward, heads_per_partition,
                           row_parallel, vocab_parallel_cross_entropy, vocab_parallel_embedding,
@@ -291,7 +291,7 @@ class T5Adapter(FamilyAdapter):
         return out
 
     def split_batch(self, batch: Batch, task: str) -> tuple[tuple, torch.Tensor]:
-        return (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]), batch["labels"]
+        return (batch["input_ids"], answer_on_host(batch["attention_mask"]), batch["decoder_input_ids"]), batch["labels"]
 
     def flops_per_sample(self, config: T5Config, task: str, seq_len: int | tuple[int, int] | None = None) -> float:
         S, T = _seq_lens(seq_len)
