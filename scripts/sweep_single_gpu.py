@@ -73,10 +73,12 @@ def load_configs(path: str) -> dict[str, list[dict]]:
     return data
 
 
-def model_configs(model: str, num_layers: int, custom: dict[str, list[dict]]) -> list[dict]:
+def model_configs(model: str, num_layers: int, custom: dict[str, list[dict]],
+                  precisions: set[str] | None = None) -> list[dict]:
     """The configurations to measure for `model`: from --configs (load_configs) when it names the model,
-    else built in."""
-    return custom[model] if model in custom else configs(model, num_layers)
+    else built in; only those of `precisions` when given (a GPU with profiles of one precision only)."""
+    every = custom[model] if model in custom else configs(model, num_layers)
+    return [c for c in every if precisions is None or c["precision"] in precisions]
 
 
 def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list[str] = ()) -> dict:
@@ -139,12 +141,14 @@ def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int
     from model_zoo import get_model_spec
 
     for model in args.models.split(","):
-        every = model_configs(model, get_model_spec(model).num_layers, custom)
+        every = model_configs(model, get_model_spec(model).num_layers, custom, args.precisions)
         chosen = list(range(len(every)))[args.skip: args.limit]
         groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
         for group in (g for g in groups if g):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
+            if args.precisions:
+                cmd += ["--precisions", ",".join(sorted(args.precisions))]
             if args.configs:
                 cmd += ["--configs", args.configs]
             if subprocess.run(cmd).returncode:
@@ -163,8 +167,14 @@ def main() -> int:
     ap.add_argument("--configs", default=None,
                     help="JSON file {model: [{bsz, chunks, ckpt, zero, precision}, ...]} measured instead of the "
                          "built-in list for the models it names")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated: measure only the configurations of these precisions (e.g. bf16)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    args.precisions = set(args.precisions.split(",")) if args.precisions else None
+    if args.precisions and args.precisions - {"bf16", "fp16", "fp32"}:
+        print(f"error: --precisions {','.join(sorted(args.precisions))}: use bf16, fp16 or fp32", file=sys.stderr)
+        return 2
     try:
         custom = load_configs(args.configs) if args.configs else {}
     except ValueError as e:
@@ -178,7 +188,7 @@ def main() -> int:
         return spawn_groups(args, custom)
     for model in args.models.split(","):
         n = get_model_spec(model).num_layers
-        every = model_configs(model, n, custom)
+        every = model_configs(model, n, custom, args.precisions)
         for i in (int(x) for x in args.only.split(",")):
             cfg = every[i]
             # ZeRO-3 steps take seconds on one GPU (its hooks run per module): fewer of them

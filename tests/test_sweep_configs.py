@@ -36,3 +36,14 @@ def test_malformed_configs_are_refused(tmp_path, data, needle):
     r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--configs", str(path), "--out", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_precision_filter_keeps_the_order_of_the_rest(tmp_path):
+    every = configs("bert-large", 24)
+    bf16 = model_configs("bert-large", 24, {}, {"bf16"})
+    assert bf16 == [c for c in every if c["precision"] == "bf16"] and 0 < len(bf16) < len(every)
+    assert model_configs("vit-large", 24, GOOD, {"bf16"}) == []
+    out = tmp_path / "sweep.jsonl"
+    r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--precisions", "bf8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--precisions bf8" in r.stderr and not out.exists()
