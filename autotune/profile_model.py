@@ -146,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="per-rank micro-batch sizes (default GPU 1..32, CPU 1,2,4,8)")
     p.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes are profiled (default 1,2,4,8)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median; default GPU 10, CPU 3)")
+    p.add_argument("--other-reps", type=int, default=None,
+                   help="task-model steps per batch size for the embeddings and head (median; default reps / 2): "
+                        "their regions are short and launch-bound, so their medians scatter more than the layers'")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first (default GPU 3, CPU 1)")
     p.add_argument("--layer-types", default=None, help="only these layer type names, comma-separated")
     p.add_argument("--skip-other", action="store_true", help="do not profile embeddings and head")
@@ -179,10 +182,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--time-budget {args.time_budget} must be > 0 seconds")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch sees no GPU; run on a GPU machine or pass --device cpu")
-    for flag in ("reps", "warmup"):
+    for flag, least in (("reps", 1), ("other_reps", 1), ("warmup", 0)):
         v = getattr(args, flag)
-        if v is not None and v < (1 if flag == "reps" else 0):
-            raise UsageError(f"--{flag} {v} must be >= {1 if flag == 'reps' else 0}")
+        if v is not None and v < least:
+            raise UsageError(f"--{flag.replace('_', '-')} {v} must be >= {least}")
     if args.batch_sizes:
         _int_list(args.batch_sizes, "--batch-sizes")
     _int_list(args.tp, "--tp")
@@ -205,9 +208,10 @@ def make_options(args: argparse.Namespace) -> Options:
     precision = args.precision or ("bf16" if cuda else "fp32")
     bs = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else ([1, 2, 4, 8, 16, 32] if cuda
                                                                                  else [1, 2, 4, 8])
+    reps = args.reps or (10 if cuda else 3)
     return Options(device=device, precision=precision, batch_sizes=bs, tps=_int_list(args.tp, "--tp"),
                    warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
-                   reps=args.reps or (10 if cuda else 3), other_reps=max(1, (args.reps or (10 if cuda else 3)) // 2),
+                   reps=reps, other_reps=args.other_reps or max(1, reps // 2),
                    act_batches=(4, 8), check_batch=8, seq_len=_seq_len(args.seq_len), do_other=not args.skip_other,
                    layer_types=args.layer_types.split(",") if args.layer_types else None)
 

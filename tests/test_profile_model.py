@@ -113,10 +113,12 @@ def test_bad_cli_input_exits_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "p.json"
     for argv in (["--model", "no-such-model"], ["--model", "bert-test", "--batch-sizes", "0,2"],
                  ["--model", "bert-test", "--seq-len", "100000", "--device", "cpu"],
-                 ["--model", "bert-test", "--task", "seq2seq", "--device", "cpu"]):
+                 ["--model", "bert-test", "--task", "seq2seq", "--device", "cpu"],
+                 ["--model", "bert-test", "--device", "cpu", "--other-reps", "0"]):
         assert profile_model.main([*argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("profile_model: error:") and "\n" not in err
+    assert "--other-reps 0 must be >= 1" in err
     assert not out.exists()
 
 
@@ -433,3 +435,10 @@ def test_task_model_spin_that_runs_out_once_is_retried_longer(monkeypatch):
     assert len(held) == 2 and len(seen) == 3 and all("first_bwd" not in x for x in seen)
     assert seen[1]["last_fwd"] == pytest.approx(2 * seen[0]["last_fwd"])
     assert seen[1]["first_fwd"] == pytest.approx(seen[0]["first_fwd"])
+
+
+def test_other_reps_default_and_flag(tmp_path):
+    base = ["--model", "bert-test", "--device", "cpu", "--reps", "6", "--out", str(tmp_path / "p.json")]
+    assert profile_model.make_options(profile_model.parse_args(base)).other_reps == 3
+    opts = profile_model.make_options(profile_model.parse_args([*base, "--other-reps", "20"]))
+    assert (opts.reps, opts.other_reps) == (6, 20)
