@@ -4,14 +4,15 @@
         --hardware 1xH100 --run plan1.json:metrics1.jsonl --run plan2.json:metrics2.jsonl [--check p3:m3 ...]
 
 Each `--run` is a plan and the metrics file train.py wrote for it. The fit (least squares of relative
-errors) gives: compute_scale and step_overhead_s from step times (comm_scale too when the runs
-communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
+errors) gives: compute_scale (the profile's times; with --split-host its GPU lines only, and host_scale
+its launch floors and the engine's host work) and step_overhead_s from step times (comm_scale too when the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
 factors go into the profile's "calibration" block, which CostModel applies on every later search.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -31,27 +32,58 @@ def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float,
     return ev.step_time_s, ev.stage_memory
 
 
-def fit_time(runs, predict) -> tuple[float, float, float]:
-    """(compute_scale, comm_scale, step_overhead_s) minimising squared relative step-time error.
+SCALE_LO, SCALE_HI = 0.4, 3.4     # range of the time factors searched
+PRIOR = 1e-4                      # weight of (log factor)^2: a factor the runs do not pin stays near 1
 
+
+def _grid(lo: float, hi: float, step: float) -> list[float]:
+    return [round(lo + step * i, 4) for i in range(int(round((hi - lo) / step)) + 1)]
+
+
+def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | None, float, float]:
+    """(compute_scale, host_scale, comm_scale, step_overhead_s) minimising squared relative step-time error.
+
+    compute_scale scales the profile's GPU lines, host_scale its launch floors and the engine's host work:
+    a training process may launch kernels slower or faster than the profiling one did (one-GPU sweep on an
+    H200: the same plan's launch-bound steps differ by ~20 % from the profile's floors while its GPU-bound
+    ones agree). Coarse grid over both (step 0.05), then a fine one (0.01) around the best; a weak prior
+    keeps a factor the runs cannot see (all runs GPU-bound, or no profile) at 1. comm_scale is searched on
+    its own when the runs communicate, then the pair refined again.
+
+    host_scale is fitted only when asked (`split_host`; else None: the host follows compute_scale). On
+    the one-GPU sweeps, calibration runs alike in kind (chunks 1, batch b, b/2, b/4) did not pin two
+    factors: split, T5-large on the H100 scored 16.2 % instead of 8.4 % from three runs, and from four
+    (the step offset fitted too) T5-large on the H200 68 % (docs/single_gpu_sweep_h200.md). Split only
+    with runs that span launch-bound and GPU-bound steps.
     step_overhead_s is fitted only from 4 runs on: with 3 or fewer (the usual few short runs, often
     alike) scale and offset trade off against each other and extrapolate badly (seen on the one-GPU
     sweep: ViT-L and Swin-B calibrated on three chunks=1 runs predicted chunks=2..4 at +60-200 %)."""
     measured = [r["measured"]["step_time_s"] for r in runs]
-    comm_grid = [1.0]
+    w = [1 / m ** 2 for m in measured]
+
+    def score(a: float, h: float, b: float) -> tuple[float, float]:
+        preds = [predict(r, Calibration(compute_scale=a, host_scale=h, comm_scale=b))[0] for r in runs]
+        d = sum(wi * (m - p) for wi, m, p in zip(w, measured, preds)) / sum(w) if len(runs) >= 4 else 0.0
+        err = sum(((p + d - m) / m) ** 2 for p, m in zip(preds, measured))
+        return err + PRIOR * (math.log(a) ** 2 + math.log(h) ** 2), d
+
+    def best_pair(b: float, a_grid, h_grid) -> tuple[float, float, float, float]:
+        return min(((*score(a, h, b), a, h) for a in a_grid for h in h_grid), key=lambda x: x[0])
+
+    def refine(b: float) -> tuple[float, float, float, float]:
+        if not split:                 # one factor for both: the old fit, on the grid of 0.01
+            return min(((*score(a, a, b), a, a) for a in _grid(SCALE_LO, SCALE_HI, 0.01)), key=lambda x: x[0])
+        _, _, a, h = best_pair(b, _grid(SCALE_LO, SCALE_HI, 0.05), _grid(SCALE_LO, SCALE_HI, 0.05))
+        near = lambda x: [v for v in _grid(x - 0.05, x + 0.05, 0.01) if SCALE_LO <= v <= SCALE_HI]  # noqa: E731
+        return best_pair(b, near(a), near(h))
+
+    split = split_host
+    b = 1.0
+    err, d, a, h = refine(b)
     if any(r["has_comm"] for r in runs):
-        comm_grid = [0.5 + 0.05 * i for i in range(51)]
-    best = None
-    for b in comm_grid:
-        for i in range(301):
-            a = 0.4 + 0.01 * i
-            preds = [predict(r, Calibration(compute_scale=a, comm_scale=b))[0] for r in runs]
-            w = [1 / m ** 2 for m in measured]
-            d = sum(wi * (m - p) for wi, m, p in zip(w, measured, preds)) / sum(w) if len(runs) >= 4 else 0.0
-            err = sum(((p + d - m) / m) ** 2 for p, m in zip(preds, measured))
-            if best is None or err < best[0]:
-                best = (err, a, b, d)
-    return best[1], best[2], best[3]
+        b = min(_grid(0.5, 3.0, 0.05), key=lambda x: score(a, h, x)[0])
+        err, d, a, h = refine(b)
+    return a, (h if split else None), b, d
 
 
 def fit_memory(runs, predict) -> tuple[float, float]:
@@ -101,15 +133,18 @@ def load_run(pair: str) -> dict:
             "has_comm": plan.world_size > 1}
 
 
-def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], memory_only: bool = False) -> dict:
+def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], memory_only: bool = False,
+              split_host: bool = False) -> dict:
     """`memory_only`: fit the memory factors and keep the time ones at identity (runs picked to pin
-    memory, e.g. the no-OOM check's, are too few or too alike to fit a time model)."""
+    memory, e.g. the no-OOM check's, are too few or too alike to fit a time model). `split_host`: fit
+    host_scale apart from compute_scale (fit_time)."""
     def predict(r, cal):
         return predict_run(r["plan"], spec, hw, profile, cal)
 
-    a, b, d = (1.0, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict)
+    a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host)
     s, o = fit_memory(fit_runs, predict)
-    cal = Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d, activation_scale=s, memory_offset_mb=o)
+    cal = Calibration(compute_scale=a, host_scale=h, comm_scale=b, step_overhead_s=d, activation_scale=s,
+                      memory_offset_mb=o)
     out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
     for label, runs in (("fit", fit_runs), ("check", check_runs)):
         if runs:
@@ -127,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, help="PLAN.json:METRICS.jsonl (fitted)")
     ap.add_argument("--check", action="append", default=[], help="PLAN.json:METRICS.jsonl (scored only)")
     ap.add_argument("--memory-only", action="store_true", help="fit only activation_scale and memory_offset_mb")
+    ap.add_argument("--split-host", action="store_true",
+                    help="fit the host's launch speed (host_scale) apart from the GPU's (compute_scale); needs "
+                         "runs with both launch-bound (small) and GPU-bound (large) micro-batches")
     args = ap.parse_args(argv)
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile
@@ -138,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = ModelProfile.load(args.model_profile)
         hw = load_hardware(args.hardware).with_layout(fit_runs[0]["plan"].world_size)
         spec = get_model_spec(args.model, precision=fit_runs[0]["plan"].precision, task=args.task)
-        result = calibrate(spec, hw, profile, fit_runs, check_runs, memory_only=args.memory_only)
+        result = calibrate(spec, hw, profile, fit_runs, check_runs, memory_only=args.memory_only,
+                           split_host=args.split_host)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -111,15 +111,21 @@ class Calibration:
     """Correction factors fitted from short real runs (autotune/calibrate.py); identity by default."""
 
     compute_scale: float = 1.0       # measured / predicted compute time (kernel efficiency)
+    host_scale: float | None = None  # measured / predicted host launch time (profiled floors, engine work);
+                                     # None: compute_scale (one factor for both, as calibrations before it)
     comm_scale: float = 1.0          # measured / predicted communication time
     step_overhead_s: float = 0.0     # per-step cost the model lacks (launches, Python, logging)
     activation_scale: float = 1.0    # measured / predicted activation memory
     memory_offset_mb: float = 0.0    # per-rank memory the model lacks (allocator rounding, workspaces)
 
+    @property
+    def host(self) -> float:
+        return self.compute_scale if self.host_scale is None else self.host_scale
+
     @classmethod
     def from_dict(cls, d: dict | None) -> "Calibration":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known})
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known and v is not None})
 
 
 class CostModel:
@@ -170,12 +176,12 @@ class CostModel:
         """(fwd, bwd, recompute) seconds of one layer for `b` samples on one TP shard."""
         prof = self.profile
         if prof is not None:
-            f = prof.layer_time_ms(lt.name, tp, b, "fwd")
-            bw = prof.layer_time_ms(lt.name, tp, b, "bwd")
-            rc = prof.layer_time_ms(lt.name, tp, b, "recompute")
+            scales = {"host": self.cal.host, "gpu": self.cal.compute_scale}
+            f = prof.layer_time_ms(lt.name, tp, b, "fwd", **scales)
+            bw = prof.layer_time_ms(lt.name, tp, b, "bwd", **scales)
+            rc = prof.layer_time_ms(lt.name, tp, b, "recompute", **scales)
             if f is not None and bw is not None:
-                k = self.cal.compute_scale / 1e3
-                return f * k, bw * k, (rc if rc is not None else f) * k
+                return f / 1e3, bw / 1e3, (rc if rc is not None else f) / 1e3
         # Analytic: TP splits the layer's FLOPs evenly; backward = 2x forward; recompute = 1 forward.
         fwd = self._analytic_s(lt.fwd_flops * b / tp) * self.cal.compute_scale
         return fwd, 2 * fwd, fwd
@@ -214,7 +220,7 @@ class CostModel:
             return 0.0, 0.0, 0.0
         mb = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3
         step = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - self.optimizer_s(self.spec.params_total(1)))
-        k = self.cal.compute_scale         # measured on the profiling host, as the layer times
+        k = self.cal.host                  # host work, measured on the profiling host
         return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
 
     def optimizer_s(self, local_params: float) -> float:
@@ -376,17 +382,19 @@ class CostModel:
         prof = self.profile
         fwd = bwd = None
         workspace = None
+        scaled = False
         if prof is not None:
-            fwd = prof.other_time_ms(part, vtp, b, "fwd")
-            bwd = prof.other_time_ms(part, vtp, b, "bwd")
+            fwd = prof.other_time_ms(part, vtp, b, "fwd", self.cal.host, self.cal.compute_scale)
+            bwd = prof.other_time_ms(part, vtp, b, "bwd", self.cal.host, self.cal.compute_scale)
+            scaled = fwd is not None and bwd is not None
             a = prof.other_act_bytes(part, vtp)
             if a is not None:
                 act_per_sample = a
             workspace = prof.other_workspace_bytes(part, vtp)
-        if fwd is None or bwd is None:
-            fwd = self._analytic_s(flops * b / vtp) * 1e3
+        if not scaled:
+            fwd = self._analytic_s(flops * b / vtp) * 1e3 * self.cal.compute_scale
             bwd = 2 * fwd
-        fwd, bwd = fwd * self.cal.compute_scale / 1e3, bwd * self.cal.compute_scale / 1e3
+        fwd, bwd = fwd / 1e3, bwd / 1e3
         act_per_sample *= self.cal.activation_scale
         # while it runs backward: measured (profile_workspace.py), else its full activations
         workspace = act_per_sample if workspace is None else workspace * self.cal.activation_scale

@@ -100,8 +100,10 @@ class TimeFit:
     def floor_at(self, b: float) -> float:
         return self.step_floor if b >= self.step_b else self.floor
 
-    def __call__(self, b: float) -> float:
-        return max(self.floor_at(b), self.c + self.m * b)
+    def __call__(self, b: float, host: float = 1.0, gpu: float = 1.0) -> float:
+        """ms at b; `host` and `gpu` scale the launch floor and the GPU line apart (a calibration's
+        host_scale and compute_scale: the training host may launch slower or faster than the profiling one)."""
+        return max(self.floor_at(b) * host, (self.c + self.m * b) * gpu)
 
     def to_dict(self) -> dict:
         d = {"c": self.c, "m": self.m, "floor": self.floor, "median_rel_err": self.median_rel_err,
@@ -237,13 +239,13 @@ class Entry:
     params: int | None = None
     raw: dict = field(default_factory=dict)                    # everything else in the file, kept as is
 
-    def time_ms(self, b: float, kind: str) -> float | None:
+    def time_ms(self, b: float, kind: str, host: float = 1.0, gpu: float = 1.0) -> float | None:
         if kind == "recompute":
             if "bwd_ckpt" not in self.fits or "bwd" not in self.fits:
                 return None
-            return max(0.0, self.fits["bwd_ckpt"](b) - self.fits["bwd"](b))
+            return max(0.0, self.fits["bwd_ckpt"](b, host, gpu) - self.fits["bwd"](b, host, gpu))
         fit = self.fits.get(kind)
-        return None if fit is None else fit(b)
+        return None if fit is None else fit(b, host, gpu)
 
     def to_dict(self) -> dict:
         d = dict(self.raw)
@@ -325,11 +327,13 @@ class ModelProfile:
         return [e for per in self.other.values() for e in per.values()]
 
     # ------------------------------------------------------------------ accessors for the cost model
-    def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str) -> float | None:
+    def layer_time_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str,
+                      host: float = 1.0, gpu: float = 1.0) -> float | None:
         """ms of ONE layer of that type on one device for `micro_batch` samples, TP-shard shape, no
-        communication; kind 'fwd', 'bwd' or 'recompute' (the extra backward time when checkpointed)."""
+        communication; kind 'fwd', 'bwd' or 'recompute' (the extra backward time when checkpointed).
+        `host`/`gpu`: scales of the launch floor and the GPU line (TimeFit)."""
         e = self._layer_entry(layer_type_name, tp)
-        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind)
+        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind, host, gpu)
 
     def act_bytes(self, layer_type_name: str, tp: int, checkpoint: bool) -> int | None:
         """Bytes kept for backward per sample by one layer (its input only when checkpointed)."""
@@ -348,10 +352,11 @@ class ModelProfile:
         """Bytes per sample the embeddings or head + loss add while they run backward; None when not measured."""
         return _raw_int(self._other_entry(part, vtp), "bwd_workspace_bytes")
 
-    def other_time_ms(self, part: str, vtp: int, micro_batch: float, kind: str) -> float | None:
+    def other_time_ms(self, part: str, vtp: int, micro_batch: float, kind: str,
+                      host: float = 1.0, gpu: float = 1.0) -> float | None:
         """ms of the embeddings (`part`='first') or head + loss ('last') for `micro_batch` samples."""
         e = self._other_entry(part, vtp)
-        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind)
+        return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind, host, gpu)
 
     def other_act_bytes(self, part: str, vtp: int) -> int | None:
         e = self._other_entry(part, vtp)

@@ -147,8 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shard shapes are profiled (default 1,2,4,8)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median; default GPU 10, CPU 3)")
     p.add_argument("--other-reps", type=int, default=None,
-                   help="task-model steps per batch size for the embeddings and head (median; default reps / 2): "
-                        "their regions are short and launch-bound, so their medians scatter more than the layers'")
+                   help="task-model steps per batch size for the embeddings and head (median; default GPU 16 or "
+                        "reps / 2 if more, CPU reps / 2): their regions are short and launch-bound, so their "
+                        "medians scatter more than the layers'")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first (default GPU 3, CPU 1)")
     p.add_argument("--layer-types", default=None, help="only these layer type names, comma-separated")
     p.add_argument("--skip-other", action="store_true", help="do not profile embeddings and head")
@@ -211,12 +212,15 @@ def make_options(args: argparse.Namespace) -> Options:
     reps = args.reps or (10 if cuda else 3)
     return Options(device=device, precision=precision, batch_sizes=bs, tps=_int_list(args.tp, "--tp"),
                    warmup=args.warmup if args.warmup is not None else (3 if cuda else 1),
-                   reps=reps, other_reps=args.other_reps or max(1, reps // 2),
+                   reps=reps, other_reps=args.other_reps or max(OTHER_REPS_CUDA if cuda else 1, reps // 2),
                    act_batches=(4, 8), check_batch=8, seq_len=_seq_len(args.seq_len), do_other=not args.skip_other,
                    layer_types=args.layer_types.split(",") if args.layer_types else None)
 
 
 # ============================================================================================ timing
+OTHER_REPS_CUDA = 16  # task-model steps per batch size on a GPU: the embeddings' and head's regions are short and
+                      # launch-bound, and medians of 5 scattered (H200, t5-base: their fit error 6.2 % with 5,
+                      # 2.5 % with 16 steps; profiles/h200/runs/s10), and they cost little next to the layers
 REGION_MS = 25.0     # CUDA: back-to-back calls per timed region sized to ~this many ms of max(CPU, GPU) time:
                      # the first call after a synchronisation costs a fixed extra (H200 host: +45-63 % of a
                      # further call's launch time), so a region of N calls charges 1/N of it per call; ~8

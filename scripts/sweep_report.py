@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
     ap.add_argument("--hardware", default="1xH100")
     ap.add_argument("--calibrate", type=int, default=3)
+    ap.add_argument("--split-host", action="store_true",
+                    help="calibrate the host's launch speed apart from the GPU's (autotune/calibrate.py --split-host)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from autotune.hardware import load_hardware
@@ -80,7 +82,7 @@ def main() -> int:
             runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False}
                     for r in fit]
             prec0 = fit[0]["plan_obj"].precision
-            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [])
+            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [], split_host=args.split_host)
             cal = Calibration.from_dict(result)
             memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
             cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
@@ -115,7 +117,8 @@ def main() -> int:
             }
     lines = [f"# One-GPU sweep: predicted against measured ({hw.name})", "",
              f"Command: `python scripts/sweep_report.py --sweep {args.sweep} --profiles {args.profiles} "
-             f"--hardware {args.hardware} --calibrate {args.calibrate} --out {args.out}`", "",
+             f"--hardware {args.hardware} --calibrate {args.calibrate}{' --split-host' if args.split_host else ''} "
+             f"--out {args.out}`", "",
              "| model | scored | step time median abs err | max abs err | peak memory median abs err | worst under-prediction |",
              "|---|---|---|---|---|---|"]
     for m, s in summary.items():
