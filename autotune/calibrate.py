@@ -5,7 +5,8 @@
 
 Each `--run` is a plan and the metrics file train.py wrote for it. The fit (least squares of relative
 errors) gives: compute_scale (the profile's times; with --split-host its GPU lines only, and host_scale
-its launch floors and the engine's host work) and step_overhead_s from step times (comm_scale too when the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
+its launch floors and the engine's host work) and step_overhead_s from step times (comm_scale too when
+the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
 factors go into the profile's "calibration" block, which CostModel applies on every later search.
 """
@@ -55,6 +56,7 @@ def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | No
     factors: split, T5-large on the H100 scored 16.2 % instead of 8.4 % from three runs, and from four
     (the step offset fitted too) T5-large on the H200 68 % (docs/single_gpu_sweep_h200.md). Split only
     with runs that span launch-bound and GPU-bound steps.
+
     step_overhead_s is fitted only from 4 runs on: with 3 or fewer (the usual few short runs, often
     alike) scale and offset trade off against each other and extrapolate badly (seen on the one-GPU
     sweep: ViT-L and Swin-B calibrated on three chunks=1 runs predicted chunks=2..4 at +60-200 %)."""
@@ -71,19 +73,18 @@ def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | No
         return min(((*score(a, h, b), a, h) for a in a_grid for h in h_grid), key=lambda x: x[0])
 
     def refine(b: float) -> tuple[float, float, float, float]:
-        if not split:                 # one factor for both: the old fit, on the grid of 0.01
+        if not split_host:            # one factor for both: the old fit, on the grid of 0.01
             return min(((*score(a, a, b), a, a) for a in _grid(SCALE_LO, SCALE_HI, 0.01)), key=lambda x: x[0])
         _, _, a, h = best_pair(b, _grid(SCALE_LO, SCALE_HI, 0.05), _grid(SCALE_LO, SCALE_HI, 0.05))
         near = lambda x: [v for v in _grid(x - 0.05, x + 0.05, 0.01) if SCALE_LO <= v <= SCALE_HI]  # noqa: E731
         return best_pair(b, near(a), near(h))
 
-    split = split_host
     b = 1.0
     err, d, a, h = refine(b)
     if any(r["has_comm"] for r in runs):
         b = min(_grid(0.5, 3.0, 0.05), key=lambda x: score(a, h, x)[0])
         err, d, a, h = refine(b)
-    return a, (h if split else None), b, d
+    return a, (h if split_host else None), b, d
 
 
 def fit_memory(runs, predict) -> tuple[float, float]:
