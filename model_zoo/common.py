@@ -47,8 +47,8 @@ MASK_ANSWER = "_masks_nothing"   # attribute of a 2D attention mask: True when i
 
 def answer_on_host(mask: torch.Tensor) -> torch.Tensor:
     """Record on a host-side 2D attention mask whether it masks anything (free on the CPU). The answer
-    travels with the mask to the device and into recomputed layers (`carry_mask_answer`), so that
-    `layer_padding_mask` never reads it back from the GPU. Returns the mask."""
+    travels with the mask to the device (`carry_mask_answer`) and into recomputed layers (`mask_answers`),
+    so that `layer_padding_mask` never reads it back from the GPU. Returns the mask."""
     if torch.is_tensor(mask) and mask.device.type == "cpu" and mask.dim() == 2:
         setattr(mask, MASK_ANSWER, bool(mask.all()))
     return mask
@@ -56,11 +56,24 @@ def answer_on_host(mask: torch.Tensor) -> torch.Tensor:
 
 def carry_mask_answer(src: Any, dst: Any) -> Any:
     """Copy the answer `answer_on_host` (or a layer's read-back) left on `src` to `dst`, a copy of the same
-    values: the mask moved to the device, or the detached input a recomputed layer runs on. Returns dst."""
+    values (the mask moved to the device). Returns dst."""
     answer = getattr(src, MASK_ANSWER, None)
     if answer is not None and dst is not src and torch.is_tensor(dst):
         setattr(dst, MASK_ANSWER, answer)
     return dst
+
+
+def mask_answers(xs: tuple) -> list:
+    """The answers (or None) that the tensors of `xs` carry, by position: plain values, so that keeping them
+    (a recomputed layer does, until its backward) keeps no tensor alive."""
+    return [getattr(x, MASK_ANSWER, None) if torch.is_tensor(x) else None for x in xs]
+
+
+def put_mask_answers(xs: tuple, answers: list) -> None:
+    """Set `answers` (mask_answers of the same inputs) on copies of them, e.g. a recompute's detached inputs."""
+    for x, answer in zip(xs, answers):
+        if answer is not None and torch.is_tensor(x):
+            setattr(x, MASK_ANSWER, answer)
 
 
 def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -72,8 +85,9 @@ def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask:
     travels between pipeline stages) did it once per layer, and a host that waits for the GPU 24 times a
     forward cannot queue work ahead of it. The answer is kept on the mask tensor, which every layer of a
     stage shares. train.py's batches bring it from the host (`answer_on_host` in the adapters' split_batch,
-    `carry_mask_answer` on the way to the device and into a recomputed layer), so a stage asks only for a
-    mask received from the previous pipeline stage: once per micro-batch there. SDPA with a 2D mask only; anything else goes to HF, and so does a layer under torch.compile (HF then
+    `carry_mask_answer` on the way to the device, `mask_answers` into a recomputed layer), so a stage asks
+    only for a mask received from the previous pipeline stage: once per micro-batch there. SDPA with a 2D
+    mask only; anything else goes to HF, and so does a layer under torch.compile (HF then
     builds the mask without asking, so the graph does not break)."""
     if (attention_mask is None or attention_mask.dim() != 2 or torch.compiler.is_compiling()
             or getattr(config, "_attn_implementation", None) != "sdpa"):

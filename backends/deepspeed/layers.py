@@ -18,7 +18,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 from torch import nn
 
 from model_zoo.adapter import LayerSequence, PipeEntry
-from model_zoo.common import carry_mask_answer
+from model_zoo.common import mask_answers, put_mask_answers
 
 
 class EntryModule(nn.Module):
@@ -55,11 +55,18 @@ class Recompute(nn.Module):
         args = (inputs,) if single else tuple(inputs)
 
         returned_tuple: list[bool] = []
+        answers: list = []
 
         def run(*xs):
-            for x, arg in zip(xs, args):     # recompute runs on detached copies: keep the mask's answer
-                carry_mask_answer(arg, x)
+            # The recompute runs on detached copies of the inputs: give them the attention mask's answer
+            # (model_zoo.common.layer_padding_mask) as the forward saw it. Only the answers are kept: a
+            # closure over the inputs themselves would hold every layer's input until the whole backward
+            # ends (the checkpoint keeps run_function; seen on T5-large, +31 MB a sample fully checkpointed).
+            if answers:
+                put_mask_answers(xs, answers)
             out = self.inner(xs[0] if single else tuple(xs))
+            if not answers:
+                answers.extend(mask_answers(xs))
             returned_tuple.append(isinstance(out, tuple))
             return out
 
