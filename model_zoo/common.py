@@ -57,9 +57,7 @@ def answer_on_host(mask: torch.Tensor) -> torch.Tensor:
 def carry_mask_answer(src: Any, dst: Any) -> Any:
     """Copy the answer `answer_on_host` (or a layer's read-back) left on `src` to `dst`, a copy of the same
     values (the mask moved to the device). Returns dst."""
-    answer = getattr(src, MASK_ANSWER, None)
-    if answer is not None and dst is not src and torch.is_tensor(dst):
-        setattr(dst, MASK_ANSWER, answer)
+    put_mask_answers((dst,), mask_answers((src,)))
     return dst
 
 

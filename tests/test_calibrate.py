@@ -102,15 +102,9 @@ def test_recovers_host_and_gpu_scales_apart_from_a_measured_profile():
     assert out["compute_scale"] == pytest.approx(1.15, abs=0.011)
     assert out["host_scale"] == pytest.approx(0.8, abs=0.011)
     assert out["fit_error_after"]["step_time_max_abs"] < 0.01
-    assert calibrate(spec, hw, prof, runs, [])["host_scale"] is None      # not asked: one factor
-    # the same runs with the host tied to the GPU factor (calibrations before host_scale)
-    tied = min((sum(((predict_run(p, spec, hw, prof, Calibration(compute_scale=a))[0] - r["measured"]["step_time_s"])
-                     / r["measured"]["step_time_s"]) ** 2 for p, r in zip(plans, runs)), a)
-               for a in [0.7 + 0.01 * i for i in range(60)])
-    a = tied[1]
-    worst = max(abs(predict_run(p, spec, hw, prof, Calibration(compute_scale=a))[0] - r["measured"]["step_time_s"])
-                / r["measured"]["step_time_s"] for p, r in zip(plans, runs))
-    assert worst > 0.03
+    # not asked: one factor for both (calibrations before host_scale), which cannot match the four runs
+    tied = calibrate(spec, hw, prof, runs, [])
+    assert tied["host_scale"] is None and tied["fit_error_after"]["step_time_max_abs"] > 0.03
 
 
 def test_a_calibration_without_host_scale_scales_floors_with_compute_scale():

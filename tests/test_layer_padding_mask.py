@@ -35,19 +35,26 @@ def test_same_mask_as_hf_self_and_cross_attention(padded):
             assert torch.equal(ours, ref)
 
 
+def _mask_read_backs(monkeypatch) -> list:
+    """Calls of Tensor.all made by layer_padding_mask (the read-back it does when no answer came along)."""
+    import sys
+    calls, real_all = [], torch.Tensor.all
+
+    def counting_all(self, *a, **k):
+        if sys._getframe(1).f_code.co_name == "layer_padding_mask":
+            calls.append(self.shape)
+        return real_all(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    return calls
+
+
 def test_the_read_back_happens_once_per_mask_tensor(monkeypatch):
     bert, _ = _configs()
     hidden = torch.randn(2, 5, 32)
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[0, 3:] = 0
-    calls = []
-    real_all = torch.Tensor.all
-
-    def counting_all(self, *a, **k):
-        calls.append(self.shape)
-        return real_all(self, *a, **k)
-
-    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    calls = _mask_read_backs(monkeypatch)
     first = layer_padding_mask(bert, hidden, mask)
     for _ in range(23):                                   # the other layers of the stage
         assert torch.equal(layer_padding_mask(bert, hidden, mask), first)
@@ -77,20 +84,6 @@ def test_a_compiled_layer_gets_hfs_mask_without_a_graph_break():
     compiled = torch.compile(lambda h, m: layer_padding_mask(bert, h, m), backend="eager", fullgraph=True)
     out = compiled(hidden, mask)
     assert torch.equal(out, layer_padding_mask(bert, hidden, mask))
-
-
-def _mask_read_backs(monkeypatch) -> list:
-    """Calls of Tensor.all made by layer_padding_mask (the read-back it does when no answer came along)."""
-    import sys
-    calls, real_all = [], torch.Tensor.all
-
-    def counting_all(self, *a, **k):
-        if sys._getframe(1).f_code.co_name == "layer_padding_mask":
-            calls.append(self.shape)
-        return real_all(self, *a, **k)
-
-    monkeypatch.setattr(torch.Tensor, "all", counting_all)
-    return calls
 
 
 @pytest.mark.parametrize("family,model,task", [("bert", "bert-test", "mlm"), ("t5", "t5-test", "seq2seq")])
