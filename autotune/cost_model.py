@@ -70,7 +70,10 @@ class LayerStrategy:
 class Cost:
     """Time (s) and memory (bytes) of a piece of the model on one rank."""
 
-    compute_s: float = 0.0        # per step, all micro-batches: fwd + bwd + recompute (not overlappable)
+    compute_s: float = 0.0        # per step, all micro-batches: fwd + bwd + recompute, each phase of each layer
+                                  # at the larger of its host and GPU time (what the per-layer search ranks)
+    host_s: float = 0.0           # the same work's host side (kernel launches, engine hooks) and its GPU side;
+    gpu_s: float = 0.0            # summed apart, a step that never waits for the GPU takes the larger sum
     tp_comm_s: float = 0.0        # per step: TP all-reduces (synchronous, on the critical path)
     dp_exposed_s: float = 0.0     # per step: DP/ZeRO communication not hidden behind compute
     dp_tail_s: float = 0.0        # per step: gradient sync after the last micro-batch (ZeRO 0/1)
@@ -96,9 +99,24 @@ class Cost:
         return c.time_s
 
     @property
+    def overlapped_compute_s(self) -> float:
+        """compute_s with the host running ahead of the GPU: max(host sum, GPU sum) <= compute_s. Nothing in
+        train.py's forward and backward waits for the GPU (the masks' answers come from the host), so the
+        host launches later layers while the GPU runs earlier ones, and a launch-bound phase of one layer
+        (a small kernel burst) hides behind a GPU-bound phase of another. Without the split: compute_s."""
+        return max(self.host_s, self.gpu_s) if self.host_s or self.gpu_s else self.compute_s
+
+    def time_breakdown(self, digits: int | None = None) -> dict:
+        """Seconds per step by part, as the step time adds them (compute overlapped; its host and GPU sums)."""
+        d = {"compute": self.overlapped_compute_s, "compute_host": self.host_s, "compute_gpu": self.gpu_s,
+             "tp_comm": self.tp_comm_s, "dp_exposed": self.dp_exposed_s, "dp_tail": self.dp_tail_s,
+             "optimizer": self.optimizer_s}
+        return {k: round(v, digits) for k, v in d.items()} if digits is not None else d
+
+    @property
     def microbatch_s(self) -> float:
         """Per-micro-batch share of the pipelined work (what 1F1B repeats)."""
-        return self.compute_s + self.tp_comm_s + self.dp_exposed_s
+        return self.overlapped_compute_s + self.tp_comm_s + self.dp_exposed_s
 
 
 def overlap(comm: float, compute: float, coe: float) -> float:
@@ -137,6 +155,11 @@ class CostModel:
         if calibration is None:
             calibration = Calibration.from_dict(getattr(profile, "calibration", None))
         self.cal = calibration
+        # The profile's launch floors, summed over a whole forward + backward, against that step measured in
+        # train.py's own layers (the engine block's bare step at a launch-bound batch): how much slower the
+        # host launches in place than the layers did alone (wrappers, one autograd graph, another host).
+        ratio = profile.engine_host_ratio() if profile is not None and profile.asynchronous else None
+        self.launch_scale = self.cal.host * (ratio or 1.0)
 
     # ------------------------------------------------------------------ collectives
     def allreduce_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
@@ -176,7 +199,7 @@ class CostModel:
         """(fwd, bwd, recompute) seconds of one layer for `b` samples on one TP shard."""
         prof = self.profile
         if prof is not None:
-            scales = {"host": self.cal.host, "gpu": self.cal.compute_scale}
+            scales = {"host": self.launch_scale, "gpu": self.cal.compute_scale}
             f = prof.layer_time_ms(lt.name, tp, b, "fwd", **scales)
             bw = prof.layer_time_ms(lt.name, tp, b, "bwd", **scales)
             rc = prof.layer_time_ms(lt.name, tp, b, "recompute", **scales)
@@ -203,6 +226,24 @@ class CostModel:
         workspace = full if v is None else float(v) * self.cal.activation_scale
         return workspace + (full if checkpoint else 0.0)
 
+    def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine_mb: float, m: int,
+                        serial: float) -> tuple[float, float]:
+        """(host s, GPU s) per step of one piece's `kinds` ('fwd', 'bwd', 'recompute') over m micro-batches,
+        with the engine's hooks (`engine_mb` s a micro-batch: host work, run while the GPU is still busy with
+        the backward they follow) on the host side. `lookup(kind, host, gpu)` gives the profile's (host ms,
+        GPU ms) or None. Without them, or on a device the host does not run ahead of (a CPU profile):
+        (0, serial), everything in series."""
+        prof = self.profile
+        if prof is None or not prof.asynchronous:
+            return 0.0, serial
+        host = gpu = 0.0
+        for kind in kinds:
+            parts = lookup(kind, self.launch_scale, self.cal.compute_scale)
+            if parts is None:
+                return 0.0, serial
+            host, gpu = host + parts[0] / 1e3, gpu + parts[1] / 1e3
+        return m * (host + engine_mb), m * gpu
+
     # ------------------------------------------------------------------ DeepSpeed's engine
     def engine_costs(self, part: str, zero: int) -> tuple[float, float, float]:
         """(s per micro-batch, s per step, optimizer-step transient bytes per local parameter) that
@@ -220,7 +261,7 @@ class CostModel:
             return 0.0, 0.0, 0.0
         mb = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3
         step = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - self.optimizer_s(self.spec.params_total(1)))
-        k = self.cal.host                  # host work, measured on the profiling host
+        k = self.cal.host                  # host work, measured in place (no launch_scale)
         return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
 
     def optimizer_s(self, local_params: float) -> float:
@@ -304,6 +345,9 @@ class CostModel:
             # the measured per-micro-batch hook work (backward's hooks gather again and reduce).
             engine_mb *= 1 + ZERO3_FORWARD_HOOK_SHARE
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
+        host, gpu = self.compute_parts_s(
+            lambda kind, h, g: self.profile.layer_time_parts_ms(lt.name, s.tp, b, kind, h, g),
+            ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"), engine_mb, m, compute)
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -347,7 +391,7 @@ class CostModel:
         transient = self.layer_workspace_bytes(lt, s.tp, s.checkpoint) * b   # while it runs backward
         local = shard / zero_dp if setting.zero >= 1 else shard
         optimizer = self.optimizer_s(local) + engine_step
-        return Cost(compute_s=compute, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+        return Cost(compute_s=compute, host_s=host, gpu_s=gpu, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=optimizer, states_bytes=held, act_bytes=act, transient_bytes=transient,
                     accum_bytes=accum, regrad_bytes=regrad,
                     step_bytes=local * step_bpp,
@@ -384,8 +428,8 @@ class CostModel:
         workspace = None
         scaled = False
         if prof is not None:
-            fwd = prof.other_time_ms(part, vtp, b, "fwd", self.cal.host, self.cal.compute_scale)
-            bwd = prof.other_time_ms(part, vtp, b, "bwd", self.cal.host, self.cal.compute_scale)
+            fwd = prof.other_time_ms(part, vtp, b, "fwd", self.launch_scale, self.cal.compute_scale)
+            bwd = prof.other_time_ms(part, vtp, b, "bwd", self.launch_scale, self.cal.compute_scale)
             scaled = fwd is not None and bwd is not None
             a = prof.other_act_bytes(part, vtp)
             if a is not None:
@@ -425,7 +469,11 @@ class CostModel:
         local = shard / zero_dp if setting.zero >= 1 else shard
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
-        return Cost(compute_s=m * (fwd + bwd + engine_mb), tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+        compute = m * (fwd + bwd + engine_mb)
+        host, gpu = (self.compute_parts_s(lambda kind, h, g: prof.other_time_parts_ms(part, vtp, b, kind, h, g),
+                                          ("fwd", "bwd"), engine_mb, m, compute) if scaled else (0.0, compute))
+        return Cost(compute_s=compute, host_s=host, gpu_s=gpu,
+                    tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,
                     transient_bytes=workspace * b, accum_bytes=accum, regrad_bytes=regrad,

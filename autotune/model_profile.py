@@ -103,7 +103,13 @@ class TimeFit:
     def __call__(self, b: float, host: float = 1.0, gpu: float = 1.0) -> float:
         """ms at b; `host` and `gpu` scale the launch floor and the GPU line apart (a calibration's
         host_scale and compute_scale: the training host may launch slower or faster than the profiling one)."""
-        return max(self.floor_at(b) * host, (self.c + self.m * b) * gpu)
+        return max(*self.parts(b, host, gpu))
+
+    def parts(self, b: float, host: float = 1.0, gpu: float = 1.0) -> tuple[float, float]:
+        """(host ms, GPU ms) at b: the launch floor and the GPU line apart. A step that never waits for the
+        GPU overlaps the host's launches of later layers with the GPU's work on earlier ones, so the cost
+        model sums each side over a micro-batch before it takes the larger (CostModel.layer_cost)."""
+        return self.floor_at(b) * host, (self.c + self.m * b) * gpu
 
     def to_dict(self) -> dict:
         d = {"c": self.c, "m": self.m, "floor": self.floor, "median_rel_err": self.median_rel_err,
@@ -247,6 +253,17 @@ class Entry:
         fit = self.fits.get(kind)
         return None if fit is None else fit(b, host, gpu)
 
+    def time_parts_ms(self, b: float, kind: str, host: float = 1.0, gpu: float = 1.0) -> tuple[float, float] | None:
+        """(host ms, GPU ms) of `kind` at b (TimeFit.parts); 'recompute' is the checkpointed backward's
+        excess over the plain one, side by side."""
+        if kind == "recompute":
+            if "bwd_ckpt" not in self.fits or "bwd" not in self.fits:
+                return None
+            (h1, g1), (h0, g0) = self.fits["bwd_ckpt"].parts(b, host, gpu), self.fits["bwd"].parts(b, host, gpu)
+            return max(0.0, h1 - h0), max(0.0, g1 - g0)
+        fit = self.fits.get(kind)
+        return None if fit is None else fit.parts(b, host, gpu)
+
     def to_dict(self) -> dict:
         d = dict(self.raw)
         d["fits"] = {k: f.to_dict() for k, f in self.fits.items()}
@@ -335,6 +352,12 @@ class ModelProfile:
         e = self._layer_entry(layer_type_name, tp)
         return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind, host, gpu)
 
+    def layer_time_parts_ms(self, layer_type_name: str, tp: int, micro_batch: float, kind: str,
+                            host: float = 1.0, gpu: float = 1.0) -> tuple[float, float] | None:
+        """(host ms, GPU ms) of layer_time_ms's time (Entry.time_parts_ms)."""
+        e = self._layer_entry(layer_type_name, tp)
+        return None if e is None or kind not in TIME_KINDS else e.time_parts_ms(micro_batch, kind, host, gpu)
+
     def act_bytes(self, layer_type_name: str, tp: int, checkpoint: bool) -> int | None:
         """Bytes kept for backward per sample by one layer (its input only when checkpointed)."""
         e = self._layer_entry(layer_type_name, tp)
@@ -357,6 +380,18 @@ class ModelProfile:
         """ms of the embeddings (`part`='first') or head + loss ('last') for `micro_batch` samples."""
         e = self._other_entry(part, vtp)
         return None if e is None or kind not in TIME_KINDS else e.time_ms(micro_batch, kind, host, gpu)
+
+    def other_time_parts_ms(self, part: str, vtp: int, micro_batch: float, kind: str,
+                            host: float = 1.0, gpu: float = 1.0) -> tuple[float, float] | None:
+        """(host ms, GPU ms) of other_time_ms's time (Entry.time_parts_ms)."""
+        e = self._other_entry(part, vtp)
+        return None if e is None or kind not in TIME_KINDS else e.time_parts_ms(micro_batch, kind, host, gpu)
+
+    @property
+    def asynchronous(self) -> bool:
+        """Profiled on a device that runs behind the host (CUDA): the host's launches overlap the device's
+        work. On a CPU the same thread does both, so their times add."""
+        return self.device_type == "cuda"
 
     def other_act_bytes(self, part: str, vtp: int) -> int | None:
         e = self._other_entry(part, vtp)
@@ -384,6 +419,23 @@ class ModelProfile:
         n = t.get(part) if part in ("first", "last") else (t.get("layers") or {}).get(part)
         total = self.engine.get("tensors_total")
         return None if n is None or not total else n / total
+
+    def engine_host_ratio(self) -> float | None:
+        """The engine block's bare forward + backward (train.py's layers, no engine, at its launch-bound
+        micro-batch) over the sum of this profile's launch floors for the same step (every layer and the
+        embeddings/head, TP 1): > 1 when the layers launch slower in place than alone. None without an
+        engine block, a launch-split fit at TP 1, or where that step is not launch-bound (GPU sum above)."""
+        e = self.engine or {}
+        bare, b = e.get("bare_microbatch_ms"), e.get("micro_batch")
+        entries = [(lt.count, lt.tp.get(1)) for lt in self.layer_types.values()]
+        entries += [(1, self._other_entry(part, 1)) for part in ("first", "last")]
+        if not bare or not b or any(en is None or not {"fwd", "bwd"} <= set(en.fits) for _, en in entries):
+            return None
+        parts = [en.fits[k].parts(b) for _, en in entries for k in ("fwd", "bwd")]
+        counts = [n for n, _ in entries for _ in (0, 1)]
+        host = sum(n * h for n, (h, _) in zip(counts, parts))
+        gpu = sum(n * g for n, (_, g) in zip(counts, parts))
+        return bare / host if host > gpu else None
 
     def _layer_entry(self, name: str, tp: int) -> Entry | None:
         lt = self.layer_types.get(name)

@@ -255,7 +255,7 @@ class Searcher:
             stages.append((layers, costs, self.stage_fixed(setting, k, by_type, counts), p2p, by_type, counts))
         if forced is None and bound < math.inf:
             # Lower bound: every layer at its fastest choice, memory and redistribution ignored.
-            fastest = [sum_costs([x for t, c in counts.items() for x in [min(by_type[t], key=Cost.time_of)] * c]
+            fastest = [sum_costs([x for t, c in counts.items() for x in [fastest_cost(by_type[t])] * c]
                                  + fixed["others"]) for _, _, fixed, _, by_type, counts in stages]
             if self.cm.pipeline_time(setting, fastest, [st[3] for st in stages]) / cand.global_bsz >= bound:
                 return None
@@ -274,8 +274,10 @@ class Searcher:
             chosen += [strategies[s] for s in res]
             stage_mem.append(stage_memory(picks, fixed))
             total = sum_costs(picks + fixed["others"])
-            total.compute_s += sum(self.cm.redistribution_s(self.spec.layer(layers[j]), strategies[res[j - 1]],
-                                                            strategies[res[j]], setting) for j in range(1, len(res)))
+            relayout = sum(self.cm.redistribution_s(self.spec.layer(layers[j]), strategies[res[j - 1]],
+                                                    strategies[res[j]], setting) for j in range(1, len(res)))
+            total.compute_s += relayout
+            total.gpu_s += relayout      # collectives: GPU time, whatever the host does meanwhile
             stage_costs.append(total)
         step = self.cm.pipeline_time(setting, stage_costs, [st[3] for st in stages])
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
@@ -473,10 +475,19 @@ UNUSABLE = Cost(compute_s=math.inf, states_bytes=math.inf, act_bytes=math.inf, t
                 detail={"shard_params": 0.0})
 
 
+def fastest_cost(choices: list[Cost]) -> Cost:
+    """Each time field at its smallest over one layer's choices: a lower bound on the layer's share of
+    any step (the host and GPU sums are taken apart, so the smallest of each counts)."""
+    return Cost(**{f: min(getattr(c, f) for c in choices)
+                   for f in ("compute_s", "host_s", "gpu_s", "tp_comm_s", "dp_exposed_s", "dp_tail_s", "optimizer_s")})
+
+
 def sum_costs(costs: list[Cost]) -> Cost:
     out = Cost()
     for c in costs:
         out.compute_s += c.compute_s
+        out.host_s += c.host_s
+        out.gpu_s += c.gpu_s
         out.tp_comm_s += c.tp_comm_s
         out.dp_exposed_s += c.dp_exposed_s
         out.dp_tail_s += c.dp_tail_s
@@ -606,10 +617,7 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
         "stage_peak_memory_mb": [round(m["total_mb"], 1) for m in ev.stage_memory],
         "stage_memory_breakdown_mb": [{k: round(v, 1) for k, v in m.items()} for m in ev.stage_memory],
         "framework_overhead_mb": FRAMEWORK_OVERHEAD_BYTES / MB,
-        "stage_time_breakdown_s": [
-            {"compute": round(sc.compute_s, 6), "tp_comm": round(sc.tp_comm_s, 6),
-             "dp_exposed": round(sc.dp_exposed_s, 6), "dp_tail": round(sc.dp_tail_s, 6),
-             "optimizer": round(sc.optimizer_s, 6)} for sc in ev.stage_costs],
+        "stage_time_breakdown_s": [sc.time_breakdown(6) for sc in ev.stage_costs],
     }
     plan.validate()
     return plan

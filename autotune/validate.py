@@ -57,8 +57,7 @@ def compare(plan: Plan, ev, measured: dict) -> dict:
         rows.append({"quantity": f"stage{k}_peak_memory_mb", "predicted": mem["total_mb"], "measured": meas,
                      "rel_err": rel_err(mem["total_mb"], meas)})
     return {"plan": plan.describe(), "rows": rows,
-            "breakdown": {"time_s": [dict(compute=c.compute_s, tp_comm=c.tp_comm_s, dp_exposed=c.dp_exposed_s,
-                                          dp_tail=c.dp_tail_s, optimizer=c.optimizer_s) for c in ev.stage_costs],
+            "breakdown": {"time_s": [c.time_breakdown() for c in ev.stage_costs],
                           "memory_mb": ev.stage_memory}}
 
 

@@ -24,13 +24,19 @@ from autotune.cost_model import Calibration  # noqa: E402
 from autotune.plan import Plan, write_json_atomic  # noqa: E402
 
 
-def load(path: str) -> dict[str, list[dict]]:
+def load(paths: list[str]) -> dict[str, list[dict]]:
+    """{model: records} from the sweep files, in the order given (a model's first records calibrate).
+    FILE:MODEL[,MODEL...] takes only those models' records from FILE."""
     by_model: dict[str, list[dict]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                by_model.setdefault(r["model"], []).append(r)
+    for spec in paths:
+        path, _, only = spec.partition(":")
+        models = set(only.split(",")) if only else None
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    if models is None or r["model"] in models:
+                        by_model.setdefault(r["model"], []).append(r)
     return by_model
 
 
@@ -51,7 +57,7 @@ def profile_for(folder: str | None, model: str, precision: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", required=True)
+    ap.add_argument("--sweep", required=True, nargs="+", help="sweep JSON-lines file(s) of sweep_single_gpu.py; FILE:MODEL,... keeps those models only")
     ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
     ap.add_argument("--hardware", default="1xH100")
     ap.add_argument("--calibrate", type=int, default=3)
@@ -99,7 +105,7 @@ def main() -> int:
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
             rows.append({"model": model, **cfg, "status": "calibration" if id(r) in fitted else "scored",
                          "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
-                         "time_err": (step - meas_t) / meas_t,
+                         "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,
                          "measured_mb": meas_m, "predicted_mb": mem[0]["total_mb"],
                          "mem_err": (mem[0]["total_mb"] - meas_m) / meas_m,
                          "samples_per_s": r["measured"]["samples_per_s"],
@@ -110,29 +116,35 @@ def main() -> int:
                 "scored": len(scored),
                 "time_median_abs_err": statistics.median(abs(x["time_err"]) for x in scored),
                 "time_max_abs_err": max(abs(x["time_err"]) for x in scored),
+                # the same rows predicted before any run is seen (the profile alone)
+                "uncalibrated_time_median_abs_err": statistics.median(abs(x["uncalibrated_err"]) for x in scored),
+                "uncalibrated_time_max_abs_err": max(abs(x["uncalibrated_err"]) for x in scored),
                 "mem_median_abs_err": statistics.median(abs(x["mem_err"]) for x in scored),
                 "mem_worst_under": min(x["mem_err"] for x in scored),
                 "calibration": result,
                 "profiles": {p: "measured" if v else "analytic" for p, v in profiles.items()},
             }
     lines = [f"# One-GPU sweep: predicted against measured ({hw.name})", "",
-             f"Command: `python scripts/sweep_report.py --sweep {args.sweep} --profiles {args.profiles} "
+             f"Command: `python scripts/sweep_report.py --sweep {' '.join(args.sweep)} --profiles {args.profiles} "
              f"--hardware {args.hardware} --calibrate {args.calibrate}{' --split-host' if args.split_host else ''} "
              f"--out {args.out}`", "",
-             "| model | scored | step time median abs err | max abs err | peak memory median abs err | worst under-prediction |",
-             "|---|---|---|---|---|---|"]
+             "| model | scored | step time median abs err | max abs err | uncalibrated median / max | "
+             "peak memory median abs err | worst under-prediction |",
+             "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         lines.append(f"| {m} | {s['scored']} | {s['time_median_abs_err']:.1%} | {s['time_max_abs_err']:.1%} | "
+                     f"{s['uncalibrated_time_median_abs_err']:.1%} / {s['uncalibrated_time_max_abs_err']:.1%} | "
                      f"{s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} |")
-    lines += ["", "| model | bsz | chunks | ckpt | ZeRO | prec | role | measured s | predicted s | err | "
-              "measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 15]
+    lines += ["", "| model | bsz | chunks | ckpt | ZeRO | prec | role | measured s | predicted s | err | uncal. err | "
+              "measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 16]
     for x in rows:
         if "measured_s" not in x:
             lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | "
-                         f"{x['precision']} | {x['status']} |" + " |" * 8)
+                         f"{x['precision']} | {x['status']} |" + " |" * 9)
             continue
         lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | {x['precision']} | "
                      f"{x['status']} | {x['measured_s']:.4f} | {x['predicted_s']:.4f} | {x['time_err']:+.1%} | "
+                     f"{x['uncalibrated_err']:+.1%} | "
                      f"{x['measured_mb']:.0f} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
                      f"{x['samples_per_s']:.1f} | {x['tflops'] or 0:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

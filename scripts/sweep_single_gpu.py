@@ -26,24 +26,23 @@ ZERO3_STEPS = 4
 
 
 def configs(model: str, num_layers: int) -> list[dict]:
-    """About 20 plans per model: batch x chunks x checkpointed prefix x ZeRO stage x precision."""
+    """About 25 plans per model: batch x chunks x checkpointed prefix x ZeRO stage x precision.
+
+    The first three are the ones scripts/sweep_report.py calibrates on (--calibrate 3), chosen to span
+    what the time model separates: the anchor batch with ZeRO-1 (the search's one-GPU pick, mostly
+    GPU-bound), a quarter of it (launch-bound: the host's speed) and the anchor batch in four
+    micro-batches (what a micro-batch costs against what the optimizer step costs)."""
     b = ANCHORS.get(model, 16)
     half = num_layers // 2
-    # The anchor batch with ZeRO-1, which is what the search emits for one bf16 GPU (fastest engine).
-    out = [dict(bsz=b, chunks=1, ckpt=0, zero=1, precision="bf16")]
-    out += [dict(bsz=b, chunks=1, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=b // 2, chunks=1, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=b // 4, chunks=1, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=2 * b, chunks=2, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=b, chunks=2, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=b, chunks=4, ckpt=0, zero=0, precision="bf16"),
-            dict(bsz=2 * b, chunks=2, ckpt=0, zero=1, precision="bf16")]
-    out += [dict(bsz=b, chunks=1, ckpt=k, zero=0, precision="bf16") for k in (half // 2, half, num_layers)]
-    out += [dict(bsz=2 * b, chunks=1, ckpt=num_layers, zero=0, precision="bf16"),
-            dict(bsz=2 * b, chunks=1, ckpt=half, zero=0, precision="bf16")]
-    out += [dict(bsz=b, chunks=1, ckpt=0, zero=z, precision="bf16") for z in (2, 3)]
-    out += [dict(bsz=b, chunks=2, ckpt=0, zero=2, precision="bf16"),
-            dict(bsz=b, chunks=1, ckpt=half, zero=3, precision="bf16")]
+    bf16 = lambda bsz, chunks=1, ckpt=0, zero=0: dict(bsz=bsz, chunks=chunks, ckpt=ckpt, zero=zero,  # noqa: E731
+                                                       precision="bf16")
+    out = [bf16(b, zero=1), bf16(b // 4), bf16(b, chunks=4)]
+    out += [bf16(b), bf16(b // 2), bf16(2 * b, chunks=2), bf16(b, chunks=2), bf16(2 * b, chunks=2, zero=1),
+            bf16(b // 2, zero=1), bf16(b // 4, zero=1), bf16(b, chunks=2, zero=1), bf16(2 * b, chunks=4, zero=1)]
+    out += [bf16(b, ckpt=k) for k in (half // 2, half, num_layers)]
+    out += [bf16(2 * b, ckpt=num_layers), bf16(2 * b, ckpt=half), bf16(b, ckpt=half, zero=1)]
+    out += [bf16(b, zero=z) for z in (2, 3)]
+    out += [bf16(b, chunks=2, zero=2), bf16(b // 2, zero=2), bf16(b, ckpt=half, zero=3)]
     out += [dict(bsz=b // 2, chunks=1, ckpt=0, zero=0, precision="fp32"),
             dict(bsz=b // 2, chunks=1, ckpt=half, zero=0, precision="fp32"),
             dict(bsz=b // 2, chunks=1, ckpt=0, zero=1, precision="fp32"),
