@@ -26,8 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE_REPS = 7
 
 
-def launch_us(launches: int = 2000) -> float:
-    """Median over PROBE_REPS of the host's time per launch of a one-element add behind a GPU spin."""
+def launch_us(launches: int = 256) -> float:
+    """Median over PROBE_REPS of the host's time per launch of a one-element add behind a GPU spin.
+
+    Far fewer launches than CUDA's queue of pending work holds (about a thousand): with 2000 (before
+    session 11) the queue filled and the host waited out the spin, so every process read the spin's
+    length / 2000 (55.4-55.9 us in profiles/h100/runs/s7/host_speed.jsonl), not its launch speed. A
+    repetition whose spin ended before the launches did is refused."""
     import torch
 
     x = torch.zeros(1, device="cuda")
@@ -35,10 +40,15 @@ def launch_us(launches: int = 2000) -> float:
     out = []
     for _ in range(PROBE_REPS):
         torch.cuda._sleep(200_000_000)          # ~0.1 s of spin: the launches below never wait
+        spun = torch.cuda.Event()
+        spun.record()
         t0 = time.perf_counter()
         for _ in range(launches):
             x.add_(1.0)
-        out.append((time.perf_counter() - t0) / launches * 1e6)
+        elapsed = time.perf_counter() - t0
+        if spun.query():
+            raise RuntimeError("the GPU finished its spin before the launches did: the probe waited on it")
+        out.append(elapsed / launches * 1e6)
         torch.cuda.synchronize()
     return statistics.median(out)
 

@@ -1,0 +1,51 @@
+"""scripts/sweep_report.py on runs generated with a known compute factor: the calibrated errors vanish, the
+uncalibrated ones are those of the identity prediction, and FILE:MODEL keeps only that model."""
+import json
+import subprocess
+import sys
+import pathlib
+
+import pytest
+
+from autotune.calibrate import predict_run
+from autotune.cost_model import Calibration
+from autotune.hardware import load_hardware
+from autotune.plan import Plan
+from model_zoo import get_model_spec
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRUTH = Calibration(compute_scale=1.3)
+
+
+def _records(model: str, configs: list[tuple[int, int, int]]) -> list[dict]:
+    spec, hw = get_model_spec(model, precision="bf16"), load_hardware("1xH100")
+    out = []
+    for bsz, chunks, ckpt in configs:
+        plan = Plan.uniform(num_layers=spec.num_layers, world_size=1, global_bsz=bsz, chunks=chunks, precision="bf16",
+                            checkpoint=[1] * ckpt + [0] * (spec.num_layers - ckpt), model={"name": model})
+        step, mem = predict_run(plan, spec, hw, None, TRUTH)
+        out.append({"model": model, "config": {"bsz": bsz, "chunks": chunks, "ckpt": ckpt, "zero": 0, "precision": "bf16"},
+                    "plan": plan.to_json_dict(), "identity_s": predict_run(plan, spec, hw, None, Calibration())[0],
+                    "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem],
+                                 "samples_per_s": bsz / step, "tflops_per_gpu": 1.0}})
+    return out
+
+
+def test_report_calibrated_and_uncalibrated(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    runs = _records("bert-test", [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)])
+    a.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    b.write_text("".join(json.dumps(r) + "\n" for r in _records("vit-test", [(8, 1, 0), (16, 1, 0)])))
+    out = tmp_path / "r.md"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", str(a), f"{b}:bert-test",
+                        "--hardware", "1xH100", "--calibrate", "2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert set(summary) == {"bert-test"}                      # b.jsonl's vit-test records are filtered out
+    s = summary["bert-test"]
+    assert s["scored"] == 2
+    assert s["time_median_abs_err"] < 0.006                  # the fitted factor is on a grid of 0.01
+    want = sorted(abs(r["identity_s"] / r["measured"]["step_time_s"] - 1) for r in runs[2:])
+    assert s["uncalibrated_time_median_abs_err"] == pytest.approx((want[0] + want[1]) / 2, rel=1e-9)
+    assert s["uncalibrated_time_median_abs_err"] > 0.1
+    assert "uncal. err" in out.read_text()
