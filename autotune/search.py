@@ -254,8 +254,10 @@ class Searcher:
                                       setting.micro_batch(cand.tp or min(s.tp for s in strategies)))
             stages.append((layers, costs, self.stage_fixed(setting, k, by_type, counts), p2p, by_type, counts))
         if forced is None and bound < math.inf:
-            # Lower bound: every layer at its fastest choice, memory and redistribution ignored.
-            fastest = [sum_costs([x for t, c in counts.items() for x in [fastest_cost(by_type[t])] * c]
+            # Lower bound: every layer at its fastest choice, memory and redistribution ignored. Exact where the
+            # fastest choice is also the fastest on the host and on the GPU (checkpointing adds to both); with
+            # per-layer TP a slower choice could overlap better, which a test of pruning watches.
+            fastest = [sum_costs([x for t, c in counts.items() for x in [min(by_type[t], key=Cost.time_of)] * c]
                                  + fixed["others"]) for _, _, fixed, _, by_type, counts in stages]
             if self.cm.pipeline_time(setting, fastest, [st[3] for st in stages]) / cand.global_bsz >= bound:
                 return None
@@ -473,13 +475,6 @@ class Incumbents:
 # A strategy a layer cannot take (TP not dividing its heads, fractional micro-batch).
 UNUSABLE = Cost(compute_s=math.inf, states_bytes=math.inf, act_bytes=math.inf, transient_bytes=0.0,
                 detail={"shard_params": 0.0})
-
-
-def fastest_cost(choices: list[Cost]) -> Cost:
-    """Each time field at its smallest over one layer's choices: a lower bound on the layer's share of
-    any step (the host and GPU sums are taken apart, so the smallest of each counts)."""
-    return Cost(**{f: min(getattr(c, f) for c in choices)
-                   for f in ("compute_s", "host_s", "gpu_s", "tp_comm_s", "dp_exposed_s", "dp_tail_s", "optimizer_s")})
 
 
 def sum_costs(costs: list[Cost]) -> Cost:

@@ -14,7 +14,6 @@ from autotune.cost_model import OPTIMIZER_BYTES_PER_PARAM, Calibration, Cost
 from autotune.hardware import load_hardware
 from autotune.model_profile import ModelProfile
 from autotune.plan import Plan
-from autotune.search import fastest_cost
 from model_zoo import get_model_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,10 +113,3 @@ def test_cost_without_parts_keeps_its_compute():
     assert Cost(compute_s=0.3).overlapped_compute_s == 0.3
     assert Cost(compute_s=0.5, host_s=0.2, gpu_s=0.4).overlapped_compute_s == 0.4
     assert Cost(compute_s=0.5, host_s=0.2, gpu_s=0.4, tp_comm_s=0.1).microbatch_s == pytest.approx(0.5)
-
-
-def test_fastest_cost_takes_each_side_at_its_smallest():
-    a = Cost(compute_s=1.0, host_s=0.9, gpu_s=0.2, tp_comm_s=0.1)
-    b = Cost(compute_s=1.2, host_s=0.3, gpu_s=1.1, optimizer_s=0.05)
-    f = fastest_cost([a, b])
-    assert (f.compute_s, f.host_s, f.gpu_s, f.tp_comm_s, f.optimizer_s) == (1.0, 0.3, 0.2, 0.0, 0.0)
