@@ -36,8 +36,34 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
                 if line.strip():
                     r = json.loads(line)
                     if models is None or r["model"] in models:
-                        by_model.setdefault(r["model"], []).append(r)
+                        by_model.setdefault(r["model"], []).append({**r, "source": path})
     return by_model
+
+
+def merge_repeats(recs: list[dict]) -> list[dict]:
+    """One record per configuration and sweep file, at its first place: repeats of a measured configuration in
+    one sweep (fresh processes, sweep_single_gpu.py --calibration-repeats) merge into the median step time and
+    peak memory of them, with every step time kept under "repeats". The same configuration in another file
+    (another session, other code) stays a row of its own."""
+    groups: dict[str, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(json.dumps([r.get("source"), r["config"]], sort_keys=True), []).append(r)
+    out = []
+    for same in groups.values():
+        ok = [r for r in same if "measured" in r]
+        if len(ok) < 2:
+            out.append(ok[0] if ok else same[0])
+            continue
+        step = statistics.median(r["measured"]["step_time_s"] for r in ok)
+        peaks = [statistics.median(m) for m in zip(*(r["measured"]["stage_peak_memory_mb"] for r in ok))]
+        merged = dict(ok[0], measured={**ok[0]["measured"], "step_time_s": step, "stage_peak_memory_mb": peaks,
+                                       "samples_per_s": ok[0]["config"]["bsz"] / step},
+                      repeats=[r["measured"]["step_time_s"] for r in ok])
+        tflops = ok[0]["measured"].get("tflops_per_gpu")
+        if tflops:
+            merged["measured"]["tflops_per_gpu"] = tflops * ok[0]["measured"]["step_time_s"] / step
+        out.append(merged)
+    return out
 
 
 def profile_for(folder: str | None, model: str, precision: str):
@@ -71,11 +97,13 @@ def main() -> int:
     hw = load_hardware(args.hardware)
     rows, summary = [], {}
     for model, recs in load(args.sweep).items():
+        recs = merge_repeats(recs)
         ok = [r for r in recs if "measured" in r]
         for r in ok:
             r["plan_obj"] = Plan.from_dict(r["plan"])
             r["name"] = r["plan_obj"].describe()
-        profiles = {prec: profile_for(args.profiles, model, prec) for prec in {r["plan_obj"].precision for r in ok}}
+        precisions = sorted({r["plan_obj"].precision for r in ok})
+        profiles = {prec: profile_for(args.profiles, model, prec) for prec in precisions}
         specs = {prec: get_model_spec(model, precision=prec) for prec in profiles}
         # One calibration per model, from its first `--calibrate` configurations whatever their precision
         # (the issue's budget: at most 3 calibration runs per model). Memory factors (activation
@@ -103,14 +131,16 @@ def main() -> int:
             step, mem = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], cals[prec])
             meas_t = r["measured"]["step_time_s"]
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
-            rows.append({"model": model, **cfg, "status": "calibration" if id(r) in fitted else "scored",
+            role = ("calibration" if id(r) in fitted else "scored") + (
+                f" (median of {len(r['repeats'])})" if "repeats" in r else "")
+            rows.append({"model": model, **cfg, "status": role,
                          "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
                          "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,
                          "measured_mb": meas_m, "predicted_mb": mem[0]["total_mb"],
                          "mem_err": (mem[0]["total_mb"] - meas_m) / meas_m,
                          "samples_per_s": r["measured"]["samples_per_s"],
                          "tflops": r["measured"].get("tflops_per_gpu")})
-        scored = [x for x in rows if x["model"] == model and x.get("status") == "scored"]
+        scored = [x for x in rows if x["model"] == model and x.get("status", "").startswith("scored")]
         if scored:
             summary[model] = {
                 "scored": len(scored),

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Anchor batch sizes (shared/reference/anchors.md) and a sequence of configurations around them.
 ANCHORS = {"bert-large": 32, "vit-large": 64, "swin-base": 64, "t5-large": 16}
 ZERO3_STEPS = 4
+CALIBRATION_RUNS = 3      # the first configurations of each list: what scripts/sweep_report.py calibrates on
 
 
 def configs(model: str, num_layers: int) -> list[dict]:
@@ -131,10 +132,21 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
+def process_groups(every: list[dict], chosen: list[int], calibration_repeats: int = 1) -> list[list[int]]:
+    """Indices into `every` that each fresh process runs, in order: one process for all ZeRO 0-2
+    configurations, one per ZeRO-3 configuration (DeepSpeed's ZeRO-3 engine leaves ~12 GB allocated after
+    it is destroyed: seen on an H100, every later configuration's peak memory included it), then each
+    chosen calibration configuration (the first CALIBRATION_RUNS) again in `calibration_repeats` - 1 more
+    processes of its own: launch-bound steps differ between processes far more than within one (one H200:
+    103-167 ms for one Swin-B configuration), and scripts/sweep_report.py takes the median of the repeats."""
+    groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
+    calibration = [i for i in chosen if i < CALIBRATION_RUNS]
+    groups += [[i] for _ in range(calibration_repeats - 1) for i in calibration]
+    return [g for g in groups if g]
+
+
 def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int:
-    """Run each model's configurations in fresh processes: one for all ZeRO 0-2 configurations, one per
-    ZeRO-3 configuration. DeepSpeed's ZeRO-3 engine leaves ~12 GB allocated after it is destroyed (seen on
-    an H100: every later configuration's peak memory included it), and no model should inherit another's."""
+    """Run each model's configurations in fresh processes (process_groups); no model inherits another's."""
     import subprocess
 
     from model_zoo import get_model_spec
@@ -142,8 +154,7 @@ def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int
     for model in args.models.split(","):
         every = model_configs(model, get_model_spec(model).num_layers, custom, args.precisions)
         chosen = list(range(len(every)))[args.skip: args.limit]
-        groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
-        for group in (g for g in groups if g):
+        for group in process_groups(every, chosen, args.calibration_repeats):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
             if args.precisions:
@@ -168,8 +179,14 @@ def main() -> int:
                          "built-in list for the models it names")
     ap.add_argument("--precisions", default=None,
                     help="comma-separated: measure only the configurations of these precisions (e.g. bf16)")
+    ap.add_argument("--calibration-repeats", type=int, default=1,
+                    help=f"measure each model's first {CALIBRATION_RUNS} configurations (the calibration runs) this "
+                         f"many times, each in a fresh process (default 1)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.calibration_repeats < 1:
+        print(f"error: --calibration-repeats {args.calibration_repeats}: give 1 or more", file=sys.stderr)
+        return 2
     args.precisions = set(args.precisions.split(",")) if args.precisions else None
     if args.precisions and args.precisions - {"bf16", "fp16", "fp32"}:
         print(f"error: --precisions {','.join(sorted(args.precisions))}: use bf16, fp16 or fp32", file=sys.stderr)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scripts.sweep_single_gpu import configs, load_configs, model_configs
+from scripts.sweep_single_gpu import CALIBRATION_RUNS, configs, load_configs, model_configs, process_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"vit-large": [{"bsz": 32, "chunks": 2, "ckpt": 0, "zero": 2, "precision": "fp32"}]}
@@ -47,3 +47,17 @@ def test_precision_filter_keeps_the_order_of_the_rest(tmp_path):
     r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--precisions", "bf8", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--precisions bf8" in r.stderr and not out.exists()
+
+
+def test_processes_zero3_apart_and_calibration_repeats(tmp_path):
+    every = configs("bert-large", 24)
+    z3 = [i for i, c in enumerate(every) if c["zero"] == 3]
+    groups = process_groups(every, list(range(len(every))), calibration_repeats=3)
+    assert groups[0] == [i for i in range(len(every)) if i not in z3]
+    assert groups[1:1 + len(z3)] == [[i] for i in z3]
+    assert groups[1 + len(z3):] == [[i] for i in range(CALIBRATION_RUNS)] * 2      # two more fresh processes each
+    assert process_groups(every, [5, 6], calibration_repeats=3) == [[5, 6]]         # --skip past them: none
+    out = tmp_path / "sweep.jsonl"
+    r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--calibration-repeats", "0", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--calibration-repeats 0" in r.stderr and not out.exists()

@@ -49,3 +49,25 @@ def test_report_calibrated_and_uncalibrated(tmp_path):
     assert s["uncalibrated_time_median_abs_err"] == pytest.approx((want[0] + want[1]) / 2, rel=1e-9)
     assert s["uncalibrated_time_median_abs_err"] > 0.1
     assert "uncal. err" in out.read_text()
+
+
+def test_repeats_merge_into_their_median(tmp_path):
+    """Three fresh-process runs of the first configuration (sweep_single_gpu --calibration-repeats 3) count as
+    one configuration at the median of their step times: the calibration sees 1.3 x the identity, not the outlier."""
+    runs = _records("bert-test", [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)])
+    first = runs[0]
+    slow = json.loads(json.dumps(first))
+    slow["measured"]["step_time_s"] *= 1.5
+    fast = json.loads(json.dumps(first))
+    fast["measured"]["step_time_s"] *= 0.98
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [first, *runs[1:], slow, fast]))
+    out = tmp_path / "r.md"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", str(path),
+                        "--hardware", "1xH100", "--calibrate", "2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    rows = [x for x in rep["rows"] if x["bsz"] == 8 and x["ckpt"] == 0]
+    assert len(rows) == 1 and rows[0]["status"] == "calibration (median of 3)"
+    assert rows[0]["measured_s"] == pytest.approx(first["measured"]["step_time_s"], rel=1e-12)
+    assert rep["summary"]["bert-test"]["scored"] == 2 and rep["summary"]["bert-test"]["time_median_abs_err"] < 0.006
