@@ -470,8 +470,8 @@ class CostModel:
         engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
         compute = m * (fwd + bwd + engine_mb)
-        host, gpu = (self.compute_parts_s(lambda kind, h, g: prof.other_time_parts_ms(part, vtp, b, kind, h, g),
-                                          ("fwd", "bwd"), engine_mb, m, compute) if scaled else (0.0, compute))
+        host, gpu = self.compute_parts_s(lambda kind, h, g: prof.other_time_parts_ms(part, vtp, b, kind, h, g),
+                                         ("fwd", "bwd"), engine_mb, m, compute)
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu,
                     tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + engine_step,
