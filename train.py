@@ -360,7 +360,9 @@ def summarize(plan, groups, records: list[dict], peaks: list[float], flops: floa
     measured = {"step_time_s": step_time, "samples_per_s": plan.global_bsz / step_time,
                 "tflops_per_gpu": flops * plan.global_bsz / step_time / groups.world_size / 1e12,
                 "stage_peak_memory_mb": stage_peak, "rank_peak_memory_mb": peaks,
-                "final_loss": records[-1]["loss"] if records else None}
+                "final_loss": records[-1]["loss"] if records else None,
+                "host_s": statistics.median(r["host_s"] for r in timed),
+                "host_cpu_s": statistics.median(r["host_cpu_s"] for r in timed)}
     summary = {"summary": True, "plan": plan.describe(), "measured": measured}
     if plan.predicted:
         keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb")
@@ -379,6 +381,8 @@ def print_summary(summary: dict, log) -> None:
             line += f"   predicted {_fmt(p[key])}"
         log(line)
     log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
+    log(f"  {'host queued the step in (s)':28s} measured {_fmt(m['host_s'])}   (process CPU {_fmt(m['host_cpu_s'])}; "
+        f"near the step time: launch-bound, the host's speed sets it)")
 
 
 def _fmt(x: Any) -> str:
@@ -561,7 +565,7 @@ def train(args: argparse.Namespace) -> int:
             micro = trainer.to_device(data.micro_batches(step))
             if on_gpu:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             result = trainer.train_step(micro)
             if on_gpu:
                 torch.cuda.synchronize()
@@ -570,7 +574,11 @@ def train(args: argparse.Namespace) -> int:
             rec = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "step_time_s": dt,
                    "samples_per_s": plan.global_bsz / dt,
                    "tflops_per_gpu": flops * plan.global_bsz / dt / groups.world_size / 1e12,
-                   "peak_memory_mb": max(peaks)}
+                   "peak_memory_mb": max(peaks),
+                   # until the host had queued the step, and the process's CPU time meanwhile (all threads:
+                   # the backward runs on autograd's device thread): host_s is close to step_time_s on a
+                   # launch-bound step; the CPU time falls below host_s when the threads wait or are descheduled
+                   "host_s": result.queued_at - t0, "host_cpu_s": result.queued_cpu - cpu0, "time": time.time()}
             records.append(rec)
             metrics.write(rec)
             bar.set_postfix(loss=f"{result.loss:.4f}", s_per_step=f"{dt:.3f}")

@@ -97,7 +97,8 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    rec = {"model": model, "config": cfg, "plan": plan.to_json_dict(), "train_args": list(train_args)}
+    rec = {"model": model, "config": cfg, "plan": plan.to_json_dict(), "train_args": list(train_args),
+           "started_at": t0}
     try:
         rc = train.main(["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps),
                          "--metrics-file", metrics, *train_args])

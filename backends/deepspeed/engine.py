@@ -9,6 +9,7 @@ Both return the mean loss over the whole global batch (all micro-batches, all DP
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,14 @@ MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
 class StepResult:
     loss: float                      # mean over the whole global batch
     grad_norm: float | None          # global gradient 2-norm before clipping
+    # time.perf_counter() / time.process_time() when the host had queued the whole step, before it read the
+    # loss back: a caller's step timer split into host launch time and the GPU's tail (launch-bound or not)
+    queued_at: float | None = None
+    queued_cpu: float | None = None
+
+
+def _queued() -> dict[str, float]:
+    return {"queued_at": time.perf_counter(), "queued_cpu": time.process_time()}
 
 
 def device() -> torch.device:
@@ -71,7 +80,8 @@ class TrainEngine:
             loss = self.engine.train_batch(data_iter=iter(moved))
             if self.groups.layerwise is not None:
                 loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
-            return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()))
+            queued = _queued()
+            return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()), **queued)
         total = torch.zeros((), device=device(), dtype=torch.float32)
         for inputs, labels in moved:
             loss = self.engine(inputs, labels)
@@ -84,7 +94,8 @@ class TrainEngine:
         elif self.groups.dp > 1:
             dist.all_reduce(total, group=self.groups.dp_group)
             total /= self.groups.dp
-        return StepResult(float(total), _norm(self.engine.get_global_grad_norm()))
+        queued = _queued()
+        return StepResult(float(total), _norm(self.engine.get_global_grad_norm()), **queued)
 
     def _layerwise_mean(self, loss: torch.Tensor | None) -> torch.Tensor:
         """Per-layer TP: each last-stage rank holds the mean loss of its head TP group's samples (groups of
