@@ -4,8 +4,9 @@
         --hardware 1xH100 --run plan1.json:metrics1.jsonl --run plan2.json:metrics2.jsonl [--check p3:m3 ...]
 
 Each `--run` is a plan and the metrics file train.py wrote for it. The fit (least squares of relative
-errors) gives: compute_scale (the profile's times; with --split-host its GPU lines only, and host_scale
-its launch floors and the engine's host work) and step_overhead_s from step times (comm_scale too when
+errors) gives: compute_scale (the profile's GPU lines) and host_scale (its launch floors and the engine's
+host work), each fitted only when some run is bound by it (--split-host bound, the default; `both` fits
+both always, `none` one factor for both) and step_overhead_s from step times (comm_scale too when
 the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
 factors go into the profile's "calibration" block, which CostModel applies on every later search.
@@ -33,6 +34,18 @@ def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float,
     return ev.step_time_s, ev.stage_memory
 
 
+def run_bound(plan: Plan, spec, hw, profile) -> str:
+    """'host' when the uncalibrated model's launch sum of the first stage's micro-batch exceeds its GPU sum
+    (kernel launches set the pace), 'GPU' when not, '?' without both sums (no profile of that kind)."""
+    from autotune.search import Searcher
+
+    cost = Searcher(spec, hw, hw.gpu_memory_gb, profile=profile).predict(plan).stage_costs[0]
+    if not cost.host_s or not cost.gpu_s:
+        return "?"
+    return "host" if cost.host_s > cost.gpu_s else "GPU"
+
+
+SPLIT_MODES = {"none": False, "both": True, "bound": "bound"}    # --split-host's values -> fit_time's split_host
 SCALE_LO, SCALE_HI = 0.4, 3.4     # range of the time factors searched
 PRIOR = 1e-4                      # weight of (log factor)^2: a factor the runs do not pin stays near 1
 
@@ -41,7 +54,7 @@ def _grid(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + step * i, 4) for i in range(int(round((hi - lo) / step)) + 1)]
 
 
-def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | None, float, float]:
+def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, float | None, float, float]:
     """(compute_scale, host_scale, comm_scale, step_overhead_s) minimising squared relative step-time error.
 
     compute_scale scales the profile's GPU lines, host_scale its launch floors and the engine's host work:
@@ -56,6 +69,13 @@ def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | No
     factors: split, T5-large on the H100 scored 16.2 % instead of 8.4 % from three runs, and from four
     (the step offset fitted too) T5-large on the H200 68 % (docs/single_gpu_sweep_h200.md). Split only
     with runs that span launch-bound and GPU-bound steps.
+
+    split_host="bound" fits only the factors the runs can see, by the model's own split of each run
+    (run["bound"], run_bound): both when the runs hold launch-bound and GPU-bound steps, else the one
+    side's factor with the other kept at 1. One H200's GPU-bound steps repeat within 2 % while its
+    launch-bound ones move 20-60 % between processes (a KVM guest's vCPUs run at the speed its
+    neighbours leave), so one factor fitted to launch-bound runs moved the GPU lines of every GPU-bound
+    step with them (BERT-large: 4.7 % median uncalibrated, 18.7 % after; docs/single_gpu_sweep_h200.md).
 
     step_overhead_s is fitted only from 4 runs on: with 3 or fewer (the usual few short runs, often
     alike) scale and offset trade off against each other and extrapolate badly (seen on the one-GPU
@@ -72,9 +92,16 @@ def fit_time(runs, predict, split_host: bool = False) -> tuple[float, float | No
     def best_pair(b: float, a_grid, h_grid) -> tuple[float, float, float, float]:
         return min(((*score(a, h, b), a, h) for a in a_grid for h in h_grid), key=lambda x: x[0])
 
+    bounds = {r.get("bound") for r in runs} if split_host == "bound" else set()
+    fine = _grid(SCALE_LO, SCALE_HI, 0.01)
+
     def refine(b: float) -> tuple[float, float, float, float]:
         if not split_host:            # one factor for both: the old fit, on the grid of 0.01
-            return min(((*score(a, a, b), a, a) for a in _grid(SCALE_LO, SCALE_HI, 0.01)), key=lambda x: x[0])
+            return min(((*score(a, a, b), a, a) for a in fine), key=lambda x: x[0])
+        if bounds and bounds <= {"host"}:     # launch-bound runs only: they see the host, not the GPU
+            return best_pair(b, [1.0], fine)
+        if bounds and bounds <= {"GPU"}:
+            return best_pair(b, fine, [1.0])
         _, _, a, h = best_pair(b, _grid(SCALE_LO, SCALE_HI, 0.05), _grid(SCALE_LO, SCALE_HI, 0.05))
         near = lambda x: [v for v in _grid(x - 0.05, x + 0.05, 0.01) if SCALE_LO <= v <= SCALE_HI]  # noqa: E731
         return best_pair(b, near(a), near(h))
@@ -135,18 +162,23 @@ def load_run(pair: str) -> dict:
 
 
 def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], memory_only: bool = False,
-              split_host: bool = False) -> dict:
+              split_host: bool | str = False) -> dict:
     """`memory_only`: fit the memory factors and keep the time ones at identity (runs picked to pin
     memory, e.g. the no-OOM check's, are too few or too alike to fit a time model). `split_host`: fit
-    host_scale apart from compute_scale (fit_time)."""
+    host_scale apart from compute_scale, or "bound": only the factors the runs' bounds show (fit_time)."""
     def predict(r, cal):
         return predict_run(r["plan"], spec, hw, profile, cal)
+
+    if split_host == "bound":
+        fit_runs = [{**r, "bound": run_bound(r["plan"], spec, hw, profile)} for r in fit_runs]
 
     a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host)
     s, o = fit_memory(fit_runs, predict)
     cal = Calibration(compute_scale=a, host_scale=h, comm_scale=b, step_overhead_s=d, activation_scale=s,
                       memory_offset_mb=o)
     out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
+    if split_host == "bound":
+        out["fitted_bounds"] = [r["bound"] for r in fit_runs]
     for label, runs in (("fit", fit_runs), ("check", check_runs)):
         if runs:
             out[f"{label}_error_before"] = errors(runs, predict, Calibration())
@@ -163,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, help="PLAN.json:METRICS.jsonl (fitted)")
     ap.add_argument("--check", action="append", default=[], help="PLAN.json:METRICS.jsonl (scored only)")
     ap.add_argument("--memory-only", action="store_true", help="fit only activation_scale and memory_offset_mb")
-    ap.add_argument("--split-host", action="store_true",
-                    help="fit the host's launch speed (host_scale) apart from the GPU's (compute_scale); needs "
-                         "runs with both launch-bound (small) and GPU-bound (large) micro-batches")
+    ap.add_argument("--split-host", choices=["none", "both", "bound"], default="bound",
+                    help="the host's launch speed (host_scale) apart from the GPU's (compute_scale): 'bound' "
+                         "(default) fits only the factors the runs show (launch-bound runs the host's, GPU-bound "
+                         "ones the GPU's), 'both' always both (needs runs of both kinds), 'none' one factor for both")
     args = ap.parse_args(argv)
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile
@@ -178,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         hw = load_hardware(args.hardware).with_layout(fit_runs[0]["plan"].world_size)
         spec = get_model_spec(args.model, precision=fit_runs[0]["plan"].precision, task=args.task)
         result = calibrate(spec, hw, profile, fit_runs, check_runs, memory_only=args.memory_only,
-                           split_host=args.split_host)
+                           split_host=SPLIT_MODES[args.split_host])
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autotune.calibrate import calibrate, predict_run  # noqa: E402
+from autotune.calibrate import SPLIT_MODES, calibrate, predict_run, run_bound  # noqa: E402
 from autotune.cost_model import Calibration  # noqa: E402
 from autotune.plan import Plan, write_json_atomic  # noqa: E402
 
@@ -36,8 +36,27 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
                 if line.strip():
                     r = json.loads(line)
                     if models is None or r["model"] in models:
-                        by_model.setdefault(r["model"], []).append({**r, "source": path})
+                        by_model.setdefault(r["model"], []).append(own_peak({**r, "source": path}))
     return by_model
+
+
+def own_peak(r: dict) -> dict:
+    """The run's peak memory less what earlier configurations of its process still held when it started
+    (sweep_single_gpu.py records it as allocated_before_mb since session 12): a ViT-L batch-16 ZeRO-0 run
+    after a ZeRO-1 one peaked at 7615 MB, 6612 MB in a fresh process (profiles/h200/runs/s12/c)."""
+    before = r.get("allocated_before_mb") or 0.0
+    if before and "measured" in r:
+        m = r["measured"]
+        r["measured"] = {**m, "stage_peak_memory_mb": [x - before for x in m["stage_peak_memory_mb"]],
+                         "raw_stage_peak_memory_mb": m["stage_peak_memory_mb"]}
+    return r
+
+
+def host_share(r: dict) -> float | None:
+    """Median over the timed steps of the time until the host had queued the step over the step time
+    (train.py's host_s, since session 12): near 1 when the host's launches set the pace."""
+    timed = [x for x in r.get("steps", [])[1:] if "host_s" in x]
+    return statistics.median(x["host_s"] / x["step_time_s"] for x in timed) if timed else None
 
 
 def merge_repeats(recs: list[dict]) -> list[dict]:
@@ -87,8 +106,9 @@ def main() -> int:
     ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
     ap.add_argument("--hardware", default="1xH100")
     ap.add_argument("--calibrate", type=int, default=3)
-    ap.add_argument("--split-host", action="store_true",
-                    help="calibrate the host's launch speed apart from the GPU's (autotune/calibrate.py --split-host)")
+    ap.add_argument("--split-host", choices=["none", "both", "bound"], default="bound",
+                    help="the host's launch speed apart from the GPU's: as the calibration runs' bounds show "
+                         "('bound', default), always ('both') or one factor for both ('none'); autotune/calibrate.py")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from autotune.hardware import load_hardware
@@ -116,7 +136,7 @@ def main() -> int:
             runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False}
                     for r in fit]
             prec0 = fit[0]["plan_obj"].precision
-            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [], split_host=args.split_host)
+            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [], split_host=SPLIT_MODES[args.split_host])
             cal = Calibration.from_dict(result)
             memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
             cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
@@ -138,9 +158,13 @@ def main() -> int:
                          "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,
                          "measured_mb": meas_m, "predicted_mb": mem[0]["total_mb"],
                          "mem_err": (mem[0]["total_mb"] - meas_m) / meas_m,
+                         "uncalibrated_mem_err": (mem0[0]["total_mb"] - meas_m) / meas_m,
                          "samples_per_s": r["measured"]["samples_per_s"],
-                         "tflops": r["measured"].get("tflops_per_gpu")})
+                         "tflops": r["measured"].get("tflops_per_gpu"),
+                         "bound": run_bound(r["plan_obj"], specs[prec], hw, profiles[prec]),
+                         "host_share": host_share(r)})
         scored = [x for x in rows if x["model"] == model and x.get("status", "").startswith("scored")]
+        gpu = [x for x in scored if x["bound"] == "GPU"]
         if scored:
             summary[model] = {
                 "scored": len(scored),
@@ -149,32 +173,48 @@ def main() -> int:
                 # the same rows predicted before any run is seen (the profile alone)
                 "uncalibrated_time_median_abs_err": statistics.median(abs(x["uncalibrated_err"]) for x in scored),
                 "uncalibrated_time_max_abs_err": max(abs(x["uncalibrated_err"]) for x in scored),
+                # the scored rows the model expects the GPU to bound: where host speed does not set the time
+                "gpu_bound": {"scored": len(gpu), **({
+                    "time_median_abs_err": statistics.median(abs(x["time_err"]) for x in gpu),
+                    "time_max_abs_err": max(abs(x["time_err"]) for x in gpu),
+                    "uncalibrated_time_median_abs_err": statistics.median(abs(x["uncalibrated_err"]) for x in gpu),
+                    "uncalibrated_time_max_abs_err": max(abs(x["uncalibrated_err"]) for x in gpu)} if gpu else {})},
                 "mem_median_abs_err": statistics.median(abs(x["mem_err"]) for x in scored),
                 "mem_worst_under": min(x["mem_err"] for x in scored),
+                "uncalibrated_mem_median_abs_err": statistics.median(abs(x["uncalibrated_mem_err"]) for x in scored),
+                "uncalibrated_mem_worst_under": min(x["uncalibrated_mem_err"] for x in scored),
                 "calibration": result,
                 "profiles": {p: "measured" if v else "analytic" for p, v in profiles.items()},
             }
     lines = [f"# One-GPU sweep: predicted against measured ({hw.name})", "",
              f"Command: `python scripts/sweep_report.py --sweep {' '.join(args.sweep)} --profiles {args.profiles} "
-             f"--hardware {args.hardware} --calibrate {args.calibrate}{' --split-host' if args.split_host else ''} "
+             f"--hardware {args.hardware} --calibrate {args.calibrate}{'' if args.split_host == 'bound' else ' --split-host ' + args.split_host} "
              f"--out {args.out}`", "",
              "| model | scored | step time median abs err | max abs err | uncalibrated median / max | "
-             "peak memory median abs err | worst under-prediction |",
-             "|---|---|---|---|---|---|---|"]
+             "GPU-bound: scored, median / max | peak memory median abs err | worst under-prediction | "
+             "uncalibrated memory median / worst under |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
+        g = s["gpu_bound"]
+        gpu_cell = f"{g['scored']}, {g['time_median_abs_err']:.1%} / {g['time_max_abs_err']:.1%}" if g["scored"] else "0"
         lines.append(f"| {m} | {s['scored']} | {s['time_median_abs_err']:.1%} | {s['time_max_abs_err']:.1%} | "
                      f"{s['uncalibrated_time_median_abs_err']:.1%} / {s['uncalibrated_time_max_abs_err']:.1%} | "
-                     f"{s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} |")
-    lines += ["", "| model | bsz | chunks | ckpt | ZeRO | prec | role | measured s | predicted s | err | uncal. err | "
-              "measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 16]
+                     f"{gpu_cell} | {s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} | "
+                     f"{s['uncalibrated_mem_median_abs_err']:.1%} / {s['uncalibrated_mem_worst_under']:+.1%} |")
+    lines += ["", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
+              "or the GPU); host/step: the measured time until the host had queued the step over the step time "
+              "(runs since session 12).", "",
+              "| model | bsz | chunks | ckpt | ZeRO | prec | role | bound | host/step | measured s | predicted s | err | "
+              "uncal. err | measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 18]
     for x in rows:
         if "measured_s" not in x:
             lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | "
-                         f"{x['precision']} | {x['status']} |" + " |" * 9)
+                         f"{x['precision']} | {x['status']} |" + " |" * 11)
             continue
+        share = f"{x['host_share']:.2f}" if x["host_share"] is not None else ""
         lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | {x['precision']} | "
-                     f"{x['status']} | {x['measured_s']:.4f} | {x['predicted_s']:.4f} | {x['time_err']:+.1%} | "
-                     f"{x['uncalibrated_err']:+.1%} | "
+                     f"{x['status']} | {x['bound']} | {share} | {x['measured_s']:.4f} | {x['predicted_s']:.4f} | "
+                     f"{x['time_err']:+.1%} | {x['uncalibrated_err']:+.1%} | "
                      f"{x['measured_mb']:.0f} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
                      f"{x['samples_per_s']:.1f} | {x['tflops'] or 0:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

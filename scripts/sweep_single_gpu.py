@@ -99,6 +99,10 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
     t0 = time.time()
     rec = {"model": model, "config": cfg, "plan": plan.to_json_dict(), "train_args": list(train_args),
            "started_at": t0}
+    if torch.cuda.is_available():
+        # what earlier configurations of this process still hold: part of this run's peak, which
+        # scripts/sweep_report.py takes off (a ZeRO-1 ViT-L run left ~1 GB on an H200)
+        rec["allocated_before_mb"] = torch.cuda.memory_allocated() / 2 ** 20
     try:
         rc = train.main(["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps),
                          "--metrics-file", metrics, *train_args])

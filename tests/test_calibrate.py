@@ -116,3 +116,35 @@ def test_a_calibration_without_host_scale_scales_floors_with_compute_scale():
     assert fit(20, old.host, old.compute_scale) == pytest.approx(1.5 * 2.2)
     new = Calibration.from_dict({"compute_scale": 1.5, "host_scale": 0.5, "comm_scale": None})
     assert new.host == 0.5 and fit(2, new.host, new.compute_scale) == pytest.approx(0.6)   # GPU line 0.4*1.5
+
+
+@pytest.mark.parametrize("batches, bound", [((1, 2), "host"), ((32, 64), "GPU")])
+def test_bound_aware_fit_moves_only_the_factor_the_runs_see(batches, bound):
+    """Runs of one bound only (by run_bound, the model's own split) fit that side's factor and keep the other at
+    1: launch-bound runs from a host 20 % faster leave the GPU lines as profiled, GPU-bound runs on a GPU 15 %
+    slower leave the launch floors. A free split ('both') or one tied factor moves what the runs cannot see."""
+    from autotune.calibrate import run_bound
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
+    spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
+    truth = Calibration(compute_scale=1.15, host_scale=0.8)
+    plans = [Plan.uniform(num_layers=24, world_size=1, global_bsz=b, zero_stage=1) for b in batches]
+    assert [run_bound(p, spec, hw, prof) for p in plans] == [bound] * len(plans)
+    runs = []
+    for p in plans:
+        step, mem = predict_run(p, spec, hw, prof, truth)
+        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
+                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    out = calibrate(spec, hw, prof, runs, [], split_host="bound")
+    assert out["fitted_bounds"] == [bound] * len(plans)
+    if bound == "host":
+        assert out["compute_scale"] == 1.0 and out["host_scale"] == pytest.approx(0.8, abs=0.011)
+    else:   # the steps' serial host work (optimizer, engine) ran 20 % faster too: the GPU factor takes it in
+        assert out["host_scale"] == 1.0 and out["compute_scale"] == pytest.approx(1.15, abs=0.03)
+    assert out["fit_error_after"]["step_time_max_abs"] < 0.02
+    tied = calibrate(spec, hw, prof, runs, [])
+    assert tied["compute_scale"] != pytest.approx(1.0 if bound == "host" else 1.15, abs=0.02)

@@ -71,3 +71,32 @@ def test_repeats_merge_into_their_median(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "calibration (median of 3)"
     assert rows[0]["measured_s"] == pytest.approx(first["measured"]["step_time_s"], rel=1e-12)
     assert rep["summary"]["bert-test"]["scored"] == 2 and rep["summary"]["bert-test"]["time_median_abs_err"] < 0.006
+
+
+def test_leftover_memory_and_host_share(tmp_path):
+    """A run that started with memory still held by an earlier configuration of its process is scored on its own
+    peak (allocated_before_mb taken off), and host/step is the median of train.py's host_s / step_time_s."""
+    runs = _records("bert-test", [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)])
+    own = runs[3]["measured"]["stage_peak_memory_mb"][0]
+    runs[3]["measured"]["stage_peak_memory_mb"] = [own + 900.0]
+    runs[3]["allocated_before_mb"] = 900.0
+    leaky = json.loads(json.dumps(runs[2]))               # the same leftover, not recorded: counted as its own
+    leaky["config"]["zero"] = 1
+    leaky["plan"]["zero_stage"] = 1
+    leaky["measured"]["stage_peak_memory_mb"] = [x + 900.0 for x in leaky["measured"]["stage_peak_memory_mb"]]
+    step = runs[3]["measured"]["step_time_s"]
+    runs[3]["steps"] = [{"step_time_s": 9.0, "host_s": 0.1}] + [
+        {"step_time_s": step, "host_s": f * step} for f in (0.5, 0.9, 0.7)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*runs, leaky]))
+    out = tmp_path / "r.md"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", str(path),
+                        "--hardware", "1xH100", "--calibrate", "2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    by = {(x["bsz"], x["ckpt"], x["zero"]): x for x in rows}
+    assert by[(32, 1, 0)]["measured_mb"] == pytest.approx(own, rel=1e-12)
+    assert abs(by[(32, 1, 0)]["mem_err"]) < 0.01
+    assert by[(8, 2, 1)]["measured_mb"] == pytest.approx(by[(8, 2, 0)]["measured_mb"] + 900.0, rel=1e-12)
+    assert by[(32, 1, 0)]["host_share"] == pytest.approx(0.7, rel=1e-12)   # the first, untimed step left out
+    assert by[(8, 2, 0)]["host_share"] is None
