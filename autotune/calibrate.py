@@ -39,10 +39,7 @@ def run_bound(plan: Plan, spec, hw, profile) -> str:
     (kernel launches set the pace), 'GPU' when not, '?' without both sums (no profile of that kind)."""
     from autotune.search import Searcher
 
-    cost = Searcher(spec, hw, hw.gpu_memory_gb, profile=profile).predict(plan).stage_costs[0]
-    if not cost.host_s or not cost.gpu_s:
-        return "?"
-    return "host" if cost.host_s > cost.gpu_s else "GPU"
+    return Searcher(spec, hw, hw.gpu_memory_gb, profile=profile).predict(plan).stage_costs[0].bound
 
 
 SPLIT_MODES = {"none": False, "both": True, "bound": "bound"}    # --split-host's values -> fit_time's split_host

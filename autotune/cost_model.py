@@ -106,6 +106,14 @@ class Cost:
         (a small kernel burst) hides behind a GPU-bound phase of another. Without the split: compute_s."""
         return max(self.host_s, self.gpu_s) if self.host_s or self.gpu_s else self.compute_s
 
+    @property
+    def bound(self) -> str:
+        """What sets this piece's compute time: 'host' (kernel launches, engine hooks: the step then follows
+        the CPU's speed) when its host sum exceeds its GPU sum, 'GPU' when not, '?' without both sums."""
+        if not self.host_s or not self.gpu_s:
+            return "?"
+        return "host" if self.host_s > self.gpu_s else "GPU"
+
     def time_breakdown(self, digits: int | None = None) -> dict:
         """Seconds per step by part, as the step time adds them (compute overlapped; its host and GPU sums)."""
         d = {"compute": self.overlapped_compute_s, "compute_host": self.host_s, "compute_gpu": self.gpu_s,

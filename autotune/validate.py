@@ -57,6 +57,11 @@ def compare(plan: Plan, ev, measured: dict) -> dict:
         rows.append({"quantity": f"stage{k}_peak_memory_mb", "predicted": mem["total_mb"], "measured": meas,
                      "rel_err": rel_err(mem["total_mb"], meas)})
     return {"plan": plan.describe(), "rows": rows,
+            # per stage, what the model expects to bound its compute; measured, the time until the host had
+            # queued the step over the step time (train.py's host_s): near 1, the CPU's speed sets the step
+            "bound": {"predicted": [c.bound for c in ev.stage_costs],
+                      "measured_host_share": measured["host_s"] / measured["step_time_s"]
+                      if measured.get("host_s") is not None else None},
             "breakdown": {"time_s": [c.time_breakdown() for c in ev.stage_costs],
                           "memory_mb": ev.stage_memory}}
 
@@ -90,12 +95,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
-def run_train(plan_path: str, nproc: int, train_args: list[str], metrics: str) -> None:
+def run_train(plan_path: str, nproc: int, train_args: list[str], metrics: str) -> int:
+    """train.py's exit code (2: it refused the plan or an argument, and said why)."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [os.path.join(ROOT, "train.py"), "--galvatron-plan", plan_path, "--metrics-file", metrics, *train_args]
-    subprocess.run(cmd, check=True)
+    return subprocess.run(cmd).returncode
 
 
 def read_summary_record(metrics_path: str) -> dict:
@@ -130,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan.load(args.galvatron_plan)
         if plan.world_size is None:
             raise PlanError("the plan has no world_size; validate plans written by autotune/search.py")
-        ev, _ = predict(plan, args.model, args.hardware, args.model_profile, args.gpu_memory_gb, args.task,
-                        args.seq_len)
+        ev, spec = predict(plan, args.model, args.hardware, args.model_profile, args.gpu_memory_gb, args.task,
+                           args.seq_len)
+        plan.validate(num_layers=spec.num_layers)
     except (PlanError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -140,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         metrics = os.path.join(args.out, "metrics.jsonl")
         extra = ["--model", args.model, "--steps", str(args.steps)] + (["--task", args.task] if args.task else [])
-        run_train(args.galvatron_plan, args.nproc or plan.world_size, extra + train_args, metrics)
+        rc = run_train(args.galvatron_plan, args.nproc or plan.world_size, extra + train_args, metrics)
+        if rc:
+            print(f"error: train.py exited with code {rc} (its message is above); nothing to compare",
+                  file=sys.stderr)
+            return rc
     report = compare(plan, ev, read_summary(metrics))
     report["inputs"] = {"plan": args.galvatron_plan, "hardware": args.hardware, "model_profile": args.model_profile}
     os.makedirs(args.out, exist_ok=True)
@@ -149,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'quantity':<24} {'predicted':>12} {'measured':>12} {'error':>8}")
     for r in report["rows"]:
         print(f"{r['quantity']:<24} {r['predicted']:>12.4g} {r['measured']:>12.4g} {r['rel_err']:>+8.1%}")
+    bound = report["bound"]
+    share = bound["measured_host_share"]
+    print(f"bound by (model, per stage): {', '.join(bound['predicted'])}; the host queued the step in "
+          f"{'?' if share is None else f'{share:.0%}'} of its time")
+    if "host" in bound["predicted"]:
+        print("  launch-bound: this step follows the CPU's speed, which moves 20-60 % between runs on shared or "
+              "virtual hosts (README, 'One-GPU sweep'); compare GPU-bound plans for the model's accuracy")
     print(f"Wrote {os.path.join(args.out, 'report.json')} and report.png")
     return 0
 
