@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from autotune.calibrate import predict_run
+from autotune.calibrate import predict_run, run_bound
 from autotune.cost_model import OPTIMIZER_BYTES_PER_PARAM, Calibration, Cost
 from autotune.hardware import load_hardware
 from autotune.model_profile import ModelProfile
@@ -38,8 +38,8 @@ def _launch_ratio(raw: dict) -> float:
     return raw["engine"]["bare_microbatch_ms"] / host
 
 
-def _by_hand(raw: dict, spec, hw, b: float, chunks: int, zero: int, ckpt: int, overlap: bool) -> float:
-    """Step seconds of a pp = 1, dp = 1 plan from the raw profile dict."""
+def _by_hand(raw: dict, spec, hw, b: float, chunks: int, zero: int, ckpt: int, overlap: bool) -> tuple[float, str]:
+    """Step seconds of a pp = 1, dp = 1 plan from the raw profile dict, and which side bounds a micro-batch."""
     launch = _launch_ratio(raw) if overlap else 1.0
     fit_ms = lambda f, b: _fit_ms(f, b, launch)  # noqa: E731
     host = gpu = serial = 0.0
@@ -74,7 +74,7 @@ def _by_hand(raw: dict, spec, hw, b: float, chunks: int, zero: int, ckpt: int, o
     optimizer = spec.params_total(1) * OPTIMIZER_BYTES_PER_PARAM / (hw.mem_bw_gbps * 1e9)
     step = max(0.0, stage["step_ms"] / 1e3 - optimizer) + optimizer
     compute = max(host + engine_mb, gpu) if overlap else serial + engine_mb
-    return chunks * compute / 1e3 + step
+    return chunks * compute / 1e3 + step, "host" if host + engine_mb > gpu else "GPU"
 
 
 CASES = [(8, 1, 0, 0), (32, 1, 0, 0), (64, 2, 1, 0), (32, 1, 0, 12), (16, 1, 2, 0), (32, 1, 3, 24)]   # bsz, chunks, zero, ckpt
@@ -93,8 +93,11 @@ def test_step_from_host_and_gpu_sums(bsz, chunks, zero, ckpt, device_type, bare_
     plan = Plan.uniform(num_layers=24, world_size=1, global_bsz=bsz, chunks=chunks, zero_stage=zero,
                         precision="bf16", checkpoint=[1] * ckpt + [0] * (24 - ckpt), model={"name": "bert-large"})
     step, _ = predict_run(plan, spec, hw, prof, Calibration())
-    want = _by_hand(raw, spec, hw, bsz / chunks, chunks, zero, ckpt, overlap=device_type == "cuda")
+    want, bound = _by_hand(raw, spec, hw, bsz / chunks, chunks, zero, ckpt, overlap=device_type == "cuda")
     assert step == pytest.approx(want, rel=1e-9)
+    # what the bound-aware calibration and validate.py read: the larger of the two sums; a CPU profile's one
+    # thread does both, so it has no bound
+    assert run_bound(plan, spec, hw, prof) == (bound if device_type == "cuda" else "?")
 
 
 def test_overlap_sits_between_the_larger_sum_and_the_serial_time():
@@ -102,10 +105,11 @@ def test_overlap_sits_between_the_larger_sum_and_the_serial_time():
     spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
     for bsz, chunks, zero, ckpt in CASES:
         args = (raw, spec, hw, bsz / chunks, chunks, zero, ckpt)
-        assert _by_hand(*args, overlap=True) <= _by_hand(*args, overlap=False)
+        assert _by_hand(*args, overlap=True)[0] <= _by_hand(*args, overlap=False)[0]
     # phases of both kinds in one step (BERT-large: launch-bound embeddings and head, GPU-bound layers at
     # 64; the reverse at 8): the phases bound by one side hide behind the other's
-    saved = {b: _by_hand(raw, spec, hw, b, 1, 0, 0, False) - _by_hand(raw, spec, hw, b, 1, 0, 0, True) for b in (8, 64)}
+    saved = {b: _by_hand(raw, spec, hw, b, 1, 0, 0, False)[0] - _by_hand(raw, spec, hw, b, 1, 0, 0, True)[0]
+             for b in (8, 64)}
     assert saved[8] > 0.002 and saved[64] > 0.002
 
 
