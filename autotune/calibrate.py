@@ -93,8 +93,8 @@ def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, floa
     fine = _grid(SCALE_LO, SCALE_HI, 0.01)
 
     def refine(b: float) -> tuple[float, float, float, float]:
-        if not split_host:            # one factor for both: the old fit, on the grid of 0.01
-            return min(((*score(a, a, b), a, a) for a in fine), key=lambda x: x[0])
+        if not split_host or (bounds and bounds <= {"?"}):   # one factor for both (and a profile without
+            return min(((*score(a, a, b), a, a) for a in fine), key=lambda x: x[0])   # host/GPU sums)
         if bounds and bounds <= {"host"}:     # launch-bound runs only: they see the host, not the GPU
             return best_pair(b, [1.0], fine)
         if bounds and bounds <= {"GPU"}:
