@@ -365,7 +365,7 @@ def summarize(plan, groups, records: list[dict], peaks: list[float], flops: floa
                 "host_cpu_s": statistics.median(r["host_cpu_s"] for r in timed)}
     summary = {"summary": True, "plan": plan.describe(), "measured": measured}
     if plan.predicted:
-        keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb")
+        keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb", "stage_bound")
         summary["predicted"] = {k: plan.predicted.get(k) for k in keys if k in plan.predicted}
     return summary
 
@@ -381,8 +381,9 @@ def print_summary(summary: dict, log) -> None:
             line += f"   predicted {_fmt(p[key])}"
         log(line)
     log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
+    bound = f"; the model expects {'/'.join(p['stage_bound'])}-bound stages" if p.get("stage_bound") else ""
     log(f"  {'host queued the step in (s)':28s} measured {_fmt(m['host_s'])}   (process CPU {_fmt(m['host_cpu_s'])}; "
-        f"near the step time: launch-bound, the host's speed sets it)")
+        f"near the step time: launch-bound, the host's speed sets it{bound})")
 
 
 def _fmt(x: Any) -> str:

@@ -613,6 +613,7 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
         "stage_memory_breakdown_mb": [{k: round(v, 1) for k, v in m.items()} for m in ev.stage_memory],
         "framework_overhead_mb": FRAMEWORK_OVERHEAD_BYTES / MB,
         "stage_time_breakdown_s": [sc.time_breakdown(6) for sc in ev.stage_costs],
+        "stage_bound": [sc.bound for sc in ev.stage_costs],
     }
     plan.validate()
     return plan
@@ -680,6 +681,10 @@ def format_report(plan, best: Evaluated, rows: list[dict], alts: list[Evaluated]
              f"  layers       {plan.describe()}",
              f"  predicted    {p['samples_per_s']:.1f} samples/s, step {p['step_time_s'] * 1e3:.1f} ms, "
              f"{p['tflops_per_gpu']:.1f} TFLOP/s per GPU"]
+    if "host" in p["stage_bound"]:
+        lines.append("  bound        kernel launches (the host) in stage(s) "
+                     f"{', '.join(str(k) for k, b in enumerate(p['stage_bound']) if b == 'host')}: that step time "
+                     "follows the CPU's speed, which moves 20-60 % on shared or virtual hosts")
     for k, m in enumerate(p["stage_memory_breakdown_mb"]):
         lines.append(f"  stage {k} mem  {m['total_mb'] / 1024:.2f} GB (states {m['model_states_mb'] / 1024:.2f}, "
                      f"activations {m['activations_mb'] / 1024:.2f}, buffers {m['zero_buffers_mb'] / 1024:.2f}, "

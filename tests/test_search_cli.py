@@ -99,3 +99,18 @@ def test_bad_files(tmp_path, capsys):
 def test_cli_exit_code_2_from_script(tmp_path):
     r = run_cli(["--model", "nope"], tmp_path)
     assert r.returncode == 2 and "unknown model" in r.stderr and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("model, bound", [("bert-large", "GPU"), ("swin-base", "host")])
+def test_plan_says_what_bounds_its_step(tmp_path, model, bound):
+    """With the H200 profiles, BERT-large's one-GPU plan (batch 64, ZeRO-1: 54 ms of launches against 182 ms of
+    GPU work) is GPU-bound and Swin-B's (batch 64, ZeRO-1: 88 against 50 ms) launch-bound; the plan records it per
+    stage, as the breakdown's two sums say, and the report warns about the launch-bound one."""
+    r = run_cli(["--model", model, "--hardware", "1xH200", "--model-profile",
+                 os.path.join(ROOT, "profiles", "h200", f"{model}.json"), "--out", str(tmp_path / "plan.json")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["predicted"]["stage_bound"] == [bound]
+    parts = plan["predicted"]["stage_time_breakdown_s"][0]
+    assert (parts["compute_host"] > parts["compute_gpu"]) == (bound == "host")
+    assert ("follows the CPU's speed" in r.stdout) == (bound == "host")
