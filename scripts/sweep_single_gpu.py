@@ -137,15 +137,23 @@ def _cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-def process_groups(every: list[dict], chosen: list[int], calibration_repeats: int = 1) -> list[list[int]]:
-    """Indices into `every` that each fresh process runs, in order: one process for all ZeRO 0-2
-    configurations, one per ZeRO-3 configuration (DeepSpeed's ZeRO-3 engine leaves ~12 GB allocated after
-    it is destroyed: seen on an H100, every later configuration's peak memory included it), then each
-    chosen calibration configuration (the first CALIBRATION_RUNS) again in `calibration_repeats` - 1 more
-    processes of its own: launch-bound steps differ between processes far more than within one (one H200:
-    103-167 ms for one Swin-B configuration), and scripts/sweep_report.py takes the median of the repeats."""
-    groups = [[i for i in chosen if every[i]["zero"] != 3]] + [[i] for i in chosen if every[i]["zero"] == 3]
+def process_groups(every: list[dict], chosen: list[int], calibration_repeats: int = 1,
+                   per_config: bool = False) -> list[list[int]]:
+    """Indices into `every` that each fresh process runs, in order.
+
+    Each chosen calibration configuration (the first CALIBRATION_RUNS) runs in a process of its own: a ZeRO-1
+    run leaves 1-4 GB allocated that the next configuration of its process counts as its own peak (one H200:
+    ViT-L batch 16 ZeRO-0 at 7615 MB after the ZeRO-1 anchor, 6612 MB alone; profiles/h200/runs/s12/c), and a
+    calibration run's error moves every prediction. Then one process for the other ZeRO 0-2 configurations
+    (`per_config`: one each) and one per ZeRO-3 configuration (its engine leaves ~12 GB allocated after it is
+    destroyed: seen on an H100). Last, each calibration configuration again in `calibration_repeats` - 1 more
+    processes: launch-bound steps differ between processes far more than within one (one H200: 103-167 ms
+    for one Swin-B configuration), and scripts/sweep_report.py takes the median of the repeats."""
     calibration = [i for i in chosen if i < CALIBRATION_RUNS]
+    rest = [i for i in chosen if i >= CALIBRATION_RUNS]
+    shared = [] if per_config else [[i for i in rest if every[i]["zero"] != 3]]
+    alone = [[i] for i in rest if per_config or every[i]["zero"] == 3]
+    groups = [[i] for i in calibration] + shared + alone
     groups += [[i] for _ in range(calibration_repeats - 1) for i in calibration]
     return [g for g in groups if g]
 
@@ -159,7 +167,7 @@ def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int
     for model in args.models.split(","):
         every = model_configs(model, get_model_spec(model).num_layers, custom, args.precisions)
         chosen = list(range(len(every)))[args.skip: args.limit]
-        for group in process_groups(every, chosen, args.calibration_repeats):
+        for group in process_groups(every, chosen, args.calibration_repeats, args.process_per_config):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
             if args.precisions:
@@ -184,6 +192,9 @@ def main() -> int:
                          "built-in list for the models it names")
     ap.add_argument("--precisions", default=None,
                     help="comma-separated: measure only the configurations of these precisions (e.g. bf16)")
+    ap.add_argument("--process-per-config", action="store_true",
+                    help="every configuration in a fresh process (about 10 s more each on a GPU; no run inherits "
+                         "an earlier one's leftover memory)")
     ap.add_argument("--calibration-repeats", type=int, default=1,
                     help=f"measure each model's first {CALIBRATION_RUNS} configurations (the calibration runs) this "
                          f"many times, each in a fresh process (default 1)")

@@ -52,11 +52,15 @@ def test_precision_filter_keeps_the_order_of_the_rest(tmp_path):
 def test_processes_zero3_apart_and_calibration_repeats(tmp_path):
     every = configs("bert-large", 24)
     z3 = [i for i, c in enumerate(every) if c["zero"] == 3]
+    cal = [[i] for i in range(CALIBRATION_RUNS)]
     groups = process_groups(every, list(range(len(every))), calibration_repeats=3)
-    assert groups[0] == [i for i in range(len(every)) if i not in z3]
-    assert groups[1:1 + len(z3)] == [[i] for i in z3]
-    assert groups[1 + len(z3):] == [[i] for i in range(CALIBRATION_RUNS)] * 2      # two more fresh processes each
+    assert groups[:CALIBRATION_RUNS] == cal                                           # each alone, first
+    assert groups[CALIBRATION_RUNS] == [i for i in range(CALIBRATION_RUNS, len(every)) if i not in z3]
+    assert groups[CALIBRATION_RUNS + 1:CALIBRATION_RUNS + 1 + len(z3)] == [[i] for i in z3]
+    assert groups[CALIBRATION_RUNS + 1 + len(z3):] == cal * 2                        # two more fresh processes each
     assert process_groups(every, [5, 6], calibration_repeats=3) == [[5, 6]]         # --skip past them: none
+    alone = process_groups(every, list(range(len(every))), per_config=True)
+    assert alone == [[i] for i in range(len(every))]                                 # --process-per-config
     out = tmp_path / "sweep.jsonl"
     r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--calibration-repeats", "0", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
