@@ -381,7 +381,8 @@ def print_summary(summary: dict, log) -> None:
             line += f"   predicted {_fmt(p[key])}"
         log(line)
     log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
-    bound = f"; the model expects {'/'.join(p['stage_bound'])}-bound stages" if p.get("stage_bound") else ""
+    known = [b for b in p.get("stage_bound") or [] if b != "?"]      # '?': a profile without host/GPU sums
+    bound = f"; the model expects {'/'.join(p['stage_bound'])}-bound stages" if known else ""
     log(f"  {'host queued the step in (s)':28s} measured {_fmt(m['host_s'])}   (process CPU {_fmt(m['host_cpu_s'])}; "
         f"near the step time: launch-bound, the host's speed sets it{bound})")
 

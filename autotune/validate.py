@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['quantity']:<24} {r['predicted']:>12.4g} {r['measured']:>12.4g} {r['rel_err']:>+8.1%}")
     bound = report["bound"]
     share = bound["measured_host_share"]
-    print(f"bound by (model, per stage): {', '.join(bound['predicted'])}; the host queued the step in "
+    by = (", ".join(bound["predicted"]) if set(bound["predicted"]) != {"?"}
+          else "unknown (the profile has no host / GPU split)")
+    print(f"bound by (model, per stage): {by}; the host queued the step in "
           f"{'?' if share is None else f'{share:.0%}'} of its time")
     if "host" in bound["predicted"]:
         print("  launch-bound: this step follows the CPU's speed, which moves 20-60 % between runs on shared or "

@@ -40,7 +40,7 @@ def test_report_matches_the_metrics_file(tmp_path):
     assert share == host / want and 0.9 < share <= 1.0     # on CPU the host does all of the step
     assert report["bound"]["predicted"] == ["?"]          # analytic profile: no host / GPU split
     assert (out / "report.png").stat().st_size > 1000
-    assert "bound by (model, per stage): ?" in r.stdout
+    assert "bound by (model, per stage): unknown" in r.stdout
 
 
 def test_plan_without_world_size_exits_2(tmp_path):
