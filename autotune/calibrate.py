@@ -27,19 +27,22 @@ from autotune.cost_model import Calibration  # noqa: E402
 from autotune.plan import Plan  # noqa: E402
 
 
-def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float, list[dict]]:
+def evaluate_run(plan: Plan, spec, hw, profile, cal: Calibration):
+    """The search's evaluation of `plan` (time, memory and costs per stage) under calibration `cal`."""
     from autotune.search import Searcher
 
-    ev = Searcher(spec, hw, hw.gpu_memory_gb, profile=profile, calibration=cal).predict(plan)
+    return Searcher(spec, hw, hw.gpu_memory_gb, profile=profile, calibration=cal).predict(plan)
+
+
+def predict_run(plan: Plan, spec, hw, profile, cal: Calibration) -> tuple[float, list[dict]]:
+    ev = evaluate_run(plan, spec, hw, profile, cal)
     return ev.step_time_s, ev.stage_memory
 
 
 def run_bound(plan: Plan, spec, hw, profile) -> str:
     """'host' when the uncalibrated model's launch sum of the first stage's micro-batch exceeds its GPU sum
     (kernel launches set the pace), 'GPU' when not, '?' without both sums (no profile of that kind)."""
-    from autotune.search import Searcher
-
-    return Searcher(spec, hw, hw.gpu_memory_gb, profile=profile).predict(plan).stage_costs[0].bound
+    return evaluate_run(plan, spec, hw, profile, Calibration()).stage_costs[0].bound
 
 
 SPLIT_MODES = {"none": False, "both": True, "bound": "bound"}    # --split-host's values -> fit_time's split_host

@@ -61,30 +61,37 @@ def launch_us(launches: int = 256) -> dict[str, float]:
     return {"launch_us": statistics.median(kept or outran), "launch_reps_uncovered": len(outran)}
 
 
+def python_loop_us(iters: int) -> float:
+    """One pass of a fixed pure-Python loop (interpreter speed, no GPU), us per 1000 iterations."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(iters):
+        acc += i & 7
+    return (time.perf_counter() - t0) / iters * 1e9
+
+
 def python_us(iters: int = 200_000) -> float:
-    """Median over PROBE_REPS of a fixed pure-Python loop, per 1000 iterations."""
-    out = []
-    for _ in range(PROBE_REPS):
-        t0 = time.perf_counter()
-        acc = 0
-        for i in range(iters):
-            acc += i & 7
-        out.append((time.perf_counter() - t0) / iters * 1e9)
-    return statistics.median(out)
+    """Median over PROBE_REPS of python_loop_us."""
+    return statistics.median(python_loop_us(iters) for _ in range(PROBE_REPS))
+
+
+def machine_cpu_s() -> dict[str, float]:
+    """Seconds of CPU time since boot, all CPUs together (/proc/stat): busy, idle and steal (the hypervisor's)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"busy": (user + nice + system + irq + softirq) / tick, "idle": (idle + iowait) / tick,
+            "steal": steal / tick}
 
 
 def cpu_times() -> dict[str, float]:
-    """Seconds of CPU time since boot, all CPUs together (/proc/stat), and this process's own (getrusage):
-    what the other processes on the machine and the hypervisor (steal) took while a run trained."""
+    """machine_cpu_s and this process's own CPU time (getrusage): what the other processes on the machine and
+    the hypervisor (steal) took while a run trained."""
     import resource
 
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"busy": (user + nice + system + irq + softirq) / tick, "idle": (idle + iowait) / tick,
-            "steal": steal / tick, "own": own.ru_utime + own.ru_stime, "wall": time.time(),
+    return {**machine_cpu_s(), "own": own.ru_utime + own.ru_stime, "wall": time.time(),
             "involuntary_switches": own.ru_nivcsw}
 
 
@@ -102,30 +109,19 @@ def sample_machine(path: str, period_s: float = 0.25) -> int:
     process on another CPU than the training (a KVM guest sees neither its neighbours' load nor the turbo
     clock it gets: this is the speed it gets) and the wall time, to line up with train.py's step records
     ("time") afterwards."""
-    def stat() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(v) for v in f.readline().split()[1:9]]
-
     def mhz() -> list[float]:
         with open("/proc/cpuinfo") as f:
             return [float(x.split(":")[1]) for x in f if x.startswith("cpu MHz")]
 
-    tick = os.sysconf("SC_CLK_TCK")
-    prev, t_prev = stat(), time.time()
+    prev, t_prev = machine_cpu_s(), time.time()
     with open(path, "a") as out:
         while True:
             time.sleep(period_s)
-            cur, t = stat(), time.time()
-            d = [c - p for c, p in zip(cur, prev)]
+            cur, t = machine_cpu_s(), time.time()
             clocks = mhz()
-            p0 = time.perf_counter()
-            acc = 0
-            for i in range(PROBE_ITERS):
-                acc += i & 7
-            speed = (time.perf_counter() - p0) / PROBE_ITERS * 1e9
-            out.write(json.dumps({"t": t, "python_us_per_1000": speed,
-                                  "busy_cpus": (d[0] + d[1] + d[2] + d[5] + d[6]) / tick / (t - t_prev),
-                                  "steal_cpus": d[7] / tick / (t - t_prev),
+            out.write(json.dumps({"t": t, "python_us_per_1000": python_loop_us(PROBE_ITERS),
+                                  "busy_cpus": (cur["busy"] - prev["busy"]) / (t - t_prev),
+                                  "steal_cpus": (cur["steal"] - prev["steal"]) / (t - t_prev),
                                   "mhz_min": min(clocks, default=None), "mhz_max": max(clocks, default=None)}) + "\n")
             out.flush()
             prev, t_prev = cur, t
@@ -172,9 +168,7 @@ def summary(path: str, model: str) -> None:
     print(f"[host-speed] {len(recs)} processes: step {min(step) * 1e3:.1f}-{max(step) * 1e3:.1f} ms "
           f"(median {statistics.median(step) * 1e3:.1f})")
     for r, t in zip(recs, step):
-        timed = r["steps"][1:]
-        host = statistics.median(x["host_s"] for x in timed) if timed and "host_s" in timed[0] else float("nan")
-        cpu = statistics.median(x["host_cpu_s"] for x in timed) if timed and "host_cpu_s" in timed[0] else float("nan")
+        host, cpu = (r["measured"].get(k, float("nan")) for k in ("host_s", "host_cpu_s"))   # train.py's medians
         load = r.get("machine_load", {})
         print(f"[host-speed]   step {t * 1e3:7.1f} ms | host queued it in {host * 1e3:7.1f} ms, process CPU "
               f"{cpu * 1e3:7.1f} ms | launch {r['host_probe']['launch_us']:.2f} us | python "

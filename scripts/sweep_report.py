@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autotune.calibrate import SPLIT_MODES, calibrate, predict_run, run_bound  # noqa: E402
+from autotune.calibrate import SPLIT_MODES, calibrate, evaluate_run, predict_run  # noqa: E402
 from autotune.cost_model import Calibration  # noqa: E402
 from autotune.plan import Plan, write_json_atomic  # noqa: E402
 
@@ -57,6 +57,16 @@ def host_share(r: dict) -> float | None:
     (train.py's host_s, since session 12): near 1 when the host's launches set the pace."""
     timed = [x for x in r.get("steps", [])[1:] if "host_s" in x]
     return statistics.median(x["host_s"] / x["step_time_s"] for x in timed) if timed else None
+
+
+def time_errors(rows: list[dict]) -> dict:
+    """Median and max absolute step-time error of report rows, calibrated and uncalibrated (the same rows
+    predicted before any run is seen: the profile alone)."""
+    out = {}
+    for prefix, key in (("", "time_err"), ("uncalibrated_", "uncalibrated_err")):
+        errs = [abs(x[key]) for x in rows]
+        out[f"{prefix}time_median_abs_err"], out[f"{prefix}time_max_abs_err"] = statistics.median(errs), max(errs)
+    return out
 
 
 def merge_repeats(recs: list[dict]) -> list[dict]:
@@ -147,7 +157,8 @@ def main() -> int:
                 rows.append({"model": model, **cfg, "status": r.get("error", "failed")})
                 continue
             prec = r["plan_obj"].precision
-            step0, mem0 = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], Calibration())
+            ev0 = evaluate_run(r["plan_obj"], specs[prec], hw, profiles[prec], Calibration())
+            step0, mem0 = ev0.step_time_s, ev0.stage_memory
             step, mem = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], cals[prec])
             meas_t = r["measured"]["step_time_s"]
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
@@ -161,24 +172,15 @@ def main() -> int:
                          "uncalibrated_mem_err": (mem0[0]["total_mb"] - meas_m) / meas_m,
                          "samples_per_s": r["measured"]["samples_per_s"],
                          "tflops": r["measured"].get("tflops_per_gpu"),
-                         "bound": run_bound(r["plan_obj"], specs[prec], hw, profiles[prec]),
+                         "bound": ev0.stage_costs[0].bound,
                          "host_share": host_share(r)})
         scored = [x for x in rows if x["model"] == model and x.get("status", "").startswith("scored")]
         gpu = [x for x in scored if x["bound"] == "GPU"]
         if scored:
             summary[model] = {
-                "scored": len(scored),
-                "time_median_abs_err": statistics.median(abs(x["time_err"]) for x in scored),
-                "time_max_abs_err": max(abs(x["time_err"]) for x in scored),
-                # the same rows predicted before any run is seen (the profile alone)
-                "uncalibrated_time_median_abs_err": statistics.median(abs(x["uncalibrated_err"]) for x in scored),
-                "uncalibrated_time_max_abs_err": max(abs(x["uncalibrated_err"]) for x in scored),
+                "scored": len(scored), **time_errors(scored),
                 # the scored rows the model expects the GPU to bound: where host speed does not set the time
-                "gpu_bound": {"scored": len(gpu), **({
-                    "time_median_abs_err": statistics.median(abs(x["time_err"]) for x in gpu),
-                    "time_max_abs_err": max(abs(x["time_err"]) for x in gpu),
-                    "uncalibrated_time_median_abs_err": statistics.median(abs(x["uncalibrated_err"]) for x in gpu),
-                    "uncalibrated_time_max_abs_err": max(abs(x["uncalibrated_err"]) for x in gpu)} if gpu else {})},
+                "gpu_bound": {"scored": len(gpu), **(time_errors(gpu) if gpu else {})},
                 "mem_median_abs_err": statistics.median(abs(x["mem_err"]) for x in scored),
                 "mem_worst_under": min(x["mem_err"] for x in scored),
                 "uncalibrated_mem_median_abs_err": statistics.median(abs(x["uncalibrated_mem_err"]) for x in scored),
