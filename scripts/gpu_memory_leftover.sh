@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a finished run leaves allocated, then clean one-GPU sweeps (session 13). Under OUT_DIR:
 #   leftover_<model>_<config>/leftover.{json,txt}  scripts/memory_leftover_trace.py for each of LEFTOVER
-#                  (MODEL:BSZ,CHUNKS,CKPT,ZERO,PREC ...), each in a fresh process
+#                  (MODEL:BSZ,CHUNKS,CKPT,ZERO,PREC[:EARLIER;EARLIER] ...: each in a fresh process, after the
+#                  EARLIER configurations untraced)
 #   sweep.jsonl    SWEEP_MODELS' built-in bf16 sweeps, the calibration configurations in fresh processes
 #                  REPEATS times (scripts/sweep_single_gpu.py --calibration-repeats; SWEEP_ARGS added), until
 #                  SWEEP_SECONDS run out
@@ -18,9 +19,9 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu
   --format=csv,noheader -l 1 > "$out/gpu.csv" 2>&1 & smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 for spec in ${LEFTOVER-vit-large:64,1,0,1,bf16}; do
-  model=${spec%%:*}; cfg=${spec#*:}; dir="$out/leftover_${model}_${cfg//,/_}"
+  IFS=: read -r model cfg after <<< "$spec"; dir="$out/leftover_${model}_${cfg//,/_}${after:+_after}"
   t0=$(date +%s)
-  MASTER_PORT=29554 python scripts/memory_leftover_trace.py --model "$model" --config "$cfg" --out "$dir" \
+  MASTER_PORT=29554 python scripts/memory_leftover_trace.py --model "$model" --config "$cfg" --after "${after:-}" --out "$dir" \
       > "$dir.log" 2>&1 || echo "[leftover] $spec failed: $(tail -1 "$dir.log")"
   head -1 "$dir/leftover.txt" 2>/dev/null
   echo "[leftover] $spec: $(( $(date +%s) - t0 )) s"

@@ -83,6 +83,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--config", required=True, help="bsz,chunks,ckpt,zero,precision, e.g. 64,1,0,1,bf16")
+    ap.add_argument("--after", default="", help="configurations run first in this process, untraced, ';'-separated "
+                    "(the sweep's leftover showed only after earlier runs)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-entries", type=int, default=1_000_000, help="allocator events kept (the last ones)")
     ap.add_argument("--out", required=True)
@@ -94,6 +96,7 @@ def main() -> int:
         return 2
     try:
         cfg = parse_config(args.config)
+        earlier = [parse_config(c) for c in args.after.split(";") if c]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -103,15 +106,20 @@ def main() -> int:
     from scripts.sweep_single_gpu import run_one
 
     os.makedirs(args.out, exist_ok=True)
+    n = get_model_spec(args.model).num_layers
+    for c in earlier:
+        r = run_one(args.model, c, args.steps, n)
+        print(f"[leftover] earlier run {c}: allocated {torch.cuda.memory_allocated() / MB:.0f} MB after it "
+              f"({r.get('error') or 'ok'})", flush=True)
     before = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks="python")
-    rec = run_one(args.model, cfg, args.steps, get_model_spec(args.model).num_layers)
+    rec = run_one(args.model, cfg, args.steps, n)
     gc.collect()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     groups = by_site(live_blocks(snap, torch.cuda.current_device()))
-    result = {"model": args.model, "config": cfg, "run": {k: rec.get(k) for k in ("rc", "error", "measured")},
+    result = {"model": args.model, "config": cfg, "after": earlier, "run": {k: rec.get(k) for k in ("rc", "error", "measured")},
               "allocated_before_mb": before / MB, "allocated_after_mb": torch.cuda.memory_allocated() / MB,
               "leftover_by_site": groups, "gc_reachable_cuda_tensors": reachable_cuda_tensors()}
     tmp = os.path.join(args.out, "leftover.json.tmp")

@@ -44,3 +44,31 @@ def test_replay_finds_the_peak_and_what_was_live_then():
 ])
 def test_site_names_the_innermost_useful_frame(frames, expect):
     assert site(frames) == expect
+
+
+def test_leftover_groups_the_live_blocks_by_site_with_the_largest_stack():
+    """Two blocks from one DeepSpeed line (40 + 70 bytes) and one from a model line (20); an inactive cached
+    block is not a leftover. Groups come largest first, each with its largest block's stack."""
+    from scripts.memory_leftover_trace import by_site, live_blocks
+
+    ds = _frames("deepspeed/runtime/zero/stage_1_and_2.py", 7, "init")
+    ds_other = ds[:1] + [{"filename": "/x/deepspeed/runtime/zero/stage_1_and_2.py", "line": 7, "name": "init"}]
+    snap = {"segments": [{"device": 0, "blocks": [
+        {"address": 1, "size": 40, "state": "active_allocated", "frames": ds},
+        {"address": 2, "size": 70, "state": "active_allocated", "frames": ds_other},
+        {"address": 3, "size": 20, "state": "active_allocated", "frames": _frames("model_zoo/a.py", 3, "g")},
+        {"address": 4, "size": 999, "state": "inactive"}]},
+        {"device": 1, "blocks": [{"address": 5, "size": 5, "state": "active_allocated"}]}]}
+    groups = by_site(live_blocks(snap, 0))
+    mb = 2 ** 20
+    assert [(g["site"], g["mb"] * mb, g["blocks"]) for g in groups] == [
+        ("deepspeed/runtime/zero/stage_1_and_2.py:7 init", 110, 2), ("model_zoo/a.py:3 g", 20, 1)]
+    assert groups[0]["largest_stack"] == ["threading.py:1 run", "deepspeed/runtime/zero/stage_1_and_2.py:7 init"]
+
+
+@pytest.mark.parametrize("text,error", [("64,1,0,1", "bsz,chunks,ckpt,zero,precision"), ("a,1,0,1,bf16", "integers")])
+def test_leftover_config_errors_name_the_problem(text, error):
+    from scripts.memory_leftover_trace import parse_config
+
+    with pytest.raises(ValueError, match=error):
+        parse_config(text)
