@@ -579,7 +579,8 @@ def train(args: argparse.Namespace) -> int:
                    "peak_memory_mb": max(peaks),
                    # until the host had queued the step, and the process's CPU time meanwhile (all threads:
                    # the backward runs on autograd's device thread): host_s is close to step_time_s on a
-                   # launch-bound step; the CPU time falls below host_s when the threads wait or are descheduled
+                   # launch-bound step unless the step waits for the device on the way (ZeRO-0's overflow flag;
+                   # CUDA spins while it waits, so the CPU time counts the wait too)
                    "host_s": result.queued_at - t0, "host_cpu_s": result.queued_cpu - cpu0, "time": time.time()}
             records.append(rec)
             metrics.write(rec)

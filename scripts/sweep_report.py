@@ -4,7 +4,7 @@
         --hardware 1xH100 --calibrate 3 --out docs/single_gpu_sweep.md
 
 For each model: calibrate on the first `--calibrate` successful configurations (they are then not
-scored; one calibration per model: its memory factors apply to every precision, its time factors to
+scored, in no file: a later file's run of one is shown but not scored; one calibration per model: its memory factors apply to every precision, its time factors to
 the precision it was fitted on, since they correct that profile's host), predict every other configuration
 with the model profile of its precision (<profiles>/<model>.json, or <profiles>/<precision>/<model>.json)
 and the calibration, and tabulate the step-time and peak-memory errors. Writes a Markdown table (and a JSON file beside it).
@@ -36,20 +36,17 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
                 if line.strip():
                     r = json.loads(line)
                     if models is None or r["model"] in models:
-                        by_model.setdefault(r["model"], []).append(own_peak({**r, "source": path}))
+                        by_model.setdefault(r["model"], []).append({**r, "source": path})
     return by_model
 
 
-def own_peak(r: dict) -> dict:
-    """The run's peak memory less what earlier configurations of its process still held when it started
-    (sweep_single_gpu.py records it as allocated_before_mb since session 12): a ViT-L batch-16 ZeRO-0 run
-    after a ZeRO-1 one peaked at 7615 MB, 6612 MB in a fresh process (profiles/h200/runs/s12/c)."""
-    before = r.get("allocated_before_mb") or 0.0
-    if before and "measured" in r:
-        m = r["measured"]
-        r["measured"] = {**m, "stage_peak_memory_mb": [x - before for x in m["stage_peak_memory_mb"]],
-                         "raw_stage_peak_memory_mb": m["stage_peak_memory_mb"]}
-    return r
+def held_before(r: dict) -> float | None:
+    """MB that earlier configurations of the run's process still held when it started (sweep_single_gpu.py's
+    allocated_before_mb, since session 12), shown beside the peak and not taken off it: on one H200 two ZeRO-1
+    ViT-L runs left 1806 MB for the next runs of their process, and all 6 of those peaked at what session 11
+    measured for them (within 7 MB; profiles/h200/runs/s13/a), so it was freed before their peaks. A
+    ZeRO-0 run right after the ZeRO-1 anchor did count it in sessions 11-12 (7615 MB, 6612 alone)."""
+    return r.get("allocated_before_mb")
 
 
 def host_share(r: dict) -> float | None:
@@ -151,6 +148,9 @@ def main() -> int:
             memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
             cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
         fitted = {id(r) for r in fit}
+        # a calibration configuration is not scored in any run of it: another file's run of it (an earlier
+        # session's, say) is shown but kept out of the errors
+        fitted_cfgs = {json.dumps(r["config"], sort_keys=True) for r in fit}
         for r in recs:
             cfg = r["config"]
             if "measured" not in r:
@@ -162,12 +162,13 @@ def main() -> int:
             step, mem = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], cals[prec])
             meas_t = r["measured"]["step_time_s"]
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
-            role = ("calibration" if id(r) in fitted else "scored") + (
-                f" (median of {len(r['repeats'])})" if "repeats" in r else "")
+            role = ("calibration" if id(r) in fitted else
+                    "calibration configuration, another run" if json.dumps(cfg, sort_keys=True) in fitted_cfgs else
+                    "scored") + (f" (median of {len(r['repeats'])})" if "repeats" in r else "")
             rows.append({"model": model, **cfg, "status": role,
                          "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
                          "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,
-                         "measured_mb": meas_m, "predicted_mb": mem[0]["total_mb"],
+                         "measured_mb": meas_m, "held_before_mb": held_before(r), "predicted_mb": mem[0]["total_mb"],
                          "mem_err": (mem[0]["total_mb"] - meas_m) / meas_m,
                          "uncalibrated_mem_err": (mem0[0]["total_mb"] - meas_m) / meas_m,
                          "samples_per_s": r["measured"]["samples_per_s"],
@@ -205,19 +206,21 @@ def main() -> int:
                      f"{s['uncalibrated_mem_median_abs_err']:.1%} / {s['uncalibrated_mem_worst_under']:+.1%} |")
     lines += ["", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
               "or the GPU); host/step: the measured time until the host had queued the step over the step time "
-              "(runs since session 12).", "",
+              "(runs since session 12); held before: MB that earlier configurations of the run's process still held when "
+              "it started, when 100 MB or more (part of the measured peak only if not freed before it).", "",
               "| model | bsz | chunks | ckpt | ZeRO | prec | role | bound | host/step | measured s | predicted s | err | "
-              "uncal. err | measured MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 18]
+              "uncal. err | measured MB | held before MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 19]
     for x in rows:
         if "measured_s" not in x:
             lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | "
-                         f"{x['precision']} | {x['status']} |" + " |" * 11)
+                         f"{x['precision']} | {x['status']} |" + " |" * 12)
             continue
         share = f"{x['host_share']:.2f}" if x["host_share"] is not None else ""
+        held = f"{x['held_before_mb']:.0f}" if (x["held_before_mb"] or 0) >= 100 else ""
         lines.append(f"| {x['model']} | {x['bsz']} | {x['chunks']} | {x['ckpt']} | {x['zero']} | {x['precision']} | "
                      f"{x['status']} | {x['bound']} | {share} | {x['measured_s']:.4f} | {x['predicted_s']:.4f} | "
                      f"{x['time_err']:+.1%} | {x['uncalibrated_err']:+.1%} | "
-                     f"{x['measured_mb']:.0f} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
+                     f"{x['measured_mb']:.0f} | {held} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
                      f"{x['samples_per_s']:.1f} | {x['tflops'] or 0:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

@@ -112,3 +112,47 @@ def test_fp32_zero2_accumulation_holds_two_gradient_partitions_as_modelled(world
     cm = CostModel(get_model_spec("bert-test", precision="fp32"), None)
     held, accum, regrad = cm.phases(*cm.states_bytes(1e6, 1, 2), chunks, 2)
     assert measured == pytest.approx(1 + regrad / 4e6, abs=0.02)
+
+
+def _synchronizes_per_step(zero: int, chunks: int, steps: int = 4) -> dict[str, int]:
+    """Device synchronisations DeepSpeed asks its accelerator for during train steps of bert-test, by the
+    DeepSpeed file asking (the steps after the first two: DeepSpeed's throughput timer starts at step 2)."""
+    import inspect
+
+    from deepspeed.accelerator import get_accelerator
+
+    adapter, config = get_adapter("bert"), load_hf_config("bert-test")
+    plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=1, zero_stage=zero, chunks=chunks,
+                        global_bsz=2 * chunks, precision="bf16")
+    groups = build_parallel_groups(plan)
+    torch.manual_seed(0)
+    trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, "mlm"), "mlm"), lr=1e-3)
+    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
+    acc, calls = get_accelerator(), {}
+    real = acc.synchronize
+
+    def counting(*args, **kwargs):
+        caller = inspect.stack()[1].filename
+        key = caller[caller.rindex("deepspeed/"):] if "deepspeed/" in caller else caller
+        calls[key] = calls.get(key, 0) + 1
+        return real(*args, **kwargs)
+
+    try:
+        for s in range(steps):
+            if s == 2:
+                acc.synchronize = counting
+            trainer.train_step(data.micro_batches(s))
+    finally:
+        acc.synchronize = real
+        trainer.destroy()
+        destroy_parallel_groups()
+    return calls
+
+
+@pytest.mark.parametrize("zero,chunks", [(0, 1), (1, 3), (2, 2)])
+def test_no_device_synchronisation_inside_a_step(world_of_one, zero, chunks):
+    """DeepSpeed's throughput timer (on by default) synchronises the device at every forward and every
+    engine.step(), i.e. at each micro-batch boundary: the host cannot queue the next micro-batch while the GPU
+    still runs the last backward, so chunked steps lose the host/GPU overlap the cost model charges. The runtime
+    turns the timer off; train.py times steps itself."""
+    assert _synchronizes_per_step(zero, chunks) == {}

@@ -68,6 +68,10 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronises the device at every forward and every
+        # engine.step(), i.e. at each micro-batch boundary, so the host could not queue the next micro-batch
+        # while the GPU ran the last backward; train.py times its steps itself
+        "timers": {"throughput": {"enabled": False}},
     }
     if torch_adam:
         cfg["optimizer"]["params"]["torch_adam"] = True
