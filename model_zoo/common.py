@@ -45,12 +45,40 @@ def encoder_layer_flops(seq: int, hidden: int, ffn: int, kv_seq: int | None = No
 MASK_ANSWER = "_masks_nothing"   # attribute of a 2D attention mask: True when it masks nothing
 
 
+def _view(t: torch.Tensor) -> tuple:
+    return t.storage_offset(), tuple(t.shape), tuple(t.stride())
+
+
+def get_mask_answer(t: Any) -> bool | None:
+    """The answer a mask tensor carries, or that an alias of it left on their shared storage: DeepSpeed's
+    ZeRO-3 hooks hand every module a detached alias of its inputs, which has no attributes of its own (each
+    layer read the mask back before). The storage's answer holds for the same view at the same version."""
+    if not torch.is_tensor(t):
+        return None
+    answer = getattr(t, MASK_ANSWER, None)
+    if answer is None and t.device.type != "meta" and not t.is_inference():
+        version, kept = getattr(t.untyped_storage(), MASK_ANSWER, {}).get(_view(t), (None, None))
+        answer = kept if version == t._version else None
+    return answer
+
+
+def set_mask_answer(t: torch.Tensor, answer: bool) -> None:
+    """Keep `answer` on the tensor and, for its aliases, on its storage (by view and version: an in-place
+    write or another view of the storage does not take it)."""
+    setattr(t, MASK_ANSWER, answer)
+    if t.device.type != "meta" and not t.is_inference():       # inference tensors have no version counter
+        storage = t.untyped_storage()
+        if getattr(storage, MASK_ANSWER, None) is None:
+            setattr(storage, MASK_ANSWER, {})
+        getattr(storage, MASK_ANSWER)[_view(t)] = (t._version, answer)
+
+
 def answer_on_host(mask: torch.Tensor) -> torch.Tensor:
     """Record on a host-side 2D attention mask whether it masks anything (free on the CPU). The answer
     travels with the mask to the device (`carry_mask_answer`) and into recomputed layers (`mask_answers`),
     so that `layer_padding_mask` never reads it back from the GPU. Returns the mask."""
     if torch.is_tensor(mask) and mask.device.type == "cpu" and mask.dim() == 2:
-        setattr(mask, MASK_ANSWER, bool(mask.all()))
+        set_mask_answer(mask, bool(mask.all()))
     return mask
 
 
@@ -64,14 +92,14 @@ def carry_mask_answer(src: Any, dst: Any) -> Any:
 def mask_answers(xs: tuple) -> list:
     """The answers (or None) that the tensors of `xs` carry, by position: plain values, so that keeping them
     (a recomputed layer does, until its backward) keeps no tensor alive."""
-    return [getattr(x, MASK_ANSWER, None) if torch.is_tensor(x) else None for x in xs]
+    return [get_mask_answer(x) for x in xs]
 
 
 def put_mask_answers(xs: tuple, answers: list) -> None:
     """Set `answers` (mask_answers of the same inputs) on copies of them, e.g. a recompute's detached inputs."""
     for x, answer in zip(xs, answers):
         if answer is not None and torch.is_tensor(x):
-            setattr(x, MASK_ANSWER, answer)
+            set_mask_answer(x, answer)
 
 
 def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -91,10 +119,10 @@ def layer_padding_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask:
             or getattr(config, "_attn_implementation", None) != "sdpa"):
         return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                          encoder_hidden_states=encoder_hidden_states)
-    masks_nothing = getattr(attention_mask, MASK_ANSWER, None)
+    masks_nothing = get_mask_answer(attention_mask)
     if masks_nothing is None:
         masks_nothing = bool(attention_mask.all())     # the one synchronisation (none on the host)
-        setattr(attention_mask, MASK_ANSWER, masks_nothing)
+        set_mask_answer(attention_mask, masks_nothing)
     if masks_nothing:
         return None
     batch, keys = attention_mask.shape

@@ -156,3 +156,50 @@ def test_no_device_synchronisation_inside_a_step(world_of_one, zero, chunks):
     still runs the last backward, so chunked steps lose the host/GPU overlap the cost model charges. The runtime
     turns the timer off; train.py times steps itself."""
     assert _synchronizes_per_step(zero, chunks) == {}
+
+
+class _ReadBacks(torch.overrides.TorchFunctionMode):
+    """Records (function, file:line) of this repository's code for every tensor read on the host (item,
+    bool, float, int, tolist) made while active: on a GPU each one waits for the device."""
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.tolist}
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            import traceback
+
+            inner = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-1]
+            if any(f"/{d}/" in inner.filename for d in ("model_zoo", "backends")):     # ours, not DeepSpeed's
+                self.sites.append((inner.name, f"{inner.filename.rsplit('/', 2)[-2]}/{inner.lineno}"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("zero,chunks,ckpt", [(0, 1, 0), (1, 2, 2), (2, 2, 0), (3, 1, 2)])
+def test_our_code_reads_back_only_the_finished_steps_loss_and_norm(world_of_one, zero, chunks, ckpt):
+    """Inside a train step this repository reads nothing back from the device: the mask's answer comes from
+    the host (answer_on_host works on the CPU batch), and the loss and gradient norm are read once the whole
+    step is queued (train_step's StepResult). A read-back in a layer, a hook or the clip would show here."""
+    adapter, config = get_adapter("bert"), load_hf_config("bert-test")
+    n = adapter.num_layers(config)
+    plan = Plan.uniform(num_layers=n, world_size=1, zero_stage=zero, chunks=chunks, global_bsz=2 * chunks,
+                        precision="bf16", checkpoint=[1] * ckpt + [0] * (n - ckpt))
+    groups = build_parallel_groups(plan)
+    trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, "mlm"), "mlm"), lr=1e-3)
+    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
+    try:
+        trainer.train_step(data.micro_batches(0))
+        spy = _ReadBacks()
+        with spy:
+            trainer.train_step(data.micro_batches(1))
+    finally:
+        trainer.destroy()
+        destroy_parallel_groups()
+    # has_overflow_serial (backends/deepspeed/fast_clip.py) is DeepSpeed's ZeRO-0 contract, a host bool: one flag
+    allowed = {"answer_on_host", "train_step", "_norm"} | ({"has_overflow_serial"} if zero == 0 else set())
+    assert [s for s in spy.sites if s[0] not in allowed] == []
+    # the loss once; the norm once where DeepSpeed keeps it as a tensor (ZeRO-0's optimizer has a float already)
+    assert [s[0] for s in spy.sites if s[0] in ("train_step", "_norm")] == ["train_step"] + ["_norm"] * (zero > 0)

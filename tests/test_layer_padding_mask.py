@@ -86,23 +86,25 @@ def test_a_compiled_layer_gets_hfs_mask_without_a_graph_break():
     assert torch.equal(out, layer_padding_mask(bert, hidden, mask))
 
 
-@pytest.mark.parametrize("family,model,task", [("bert", "bert-test", "mlm"), ("t5", "t5-test", "seq2seq")])
-def test_train_steps_take_the_answer_from_the_host(world_of_one, monkeypatch, family, model, task):
+@pytest.mark.parametrize("family,model,task,zero", [("bert", "bert-test", "mlm", 0), ("t5", "t5-test", "seq2seq", 0),
+                                                    ("bert", "bert-test", "mlm", 3)])
+def test_train_steps_take_the_answer_from_the_host(world_of_one, monkeypatch, family, model, task, zero):
     """Through train.py's path (host batch -> split_batch -> the engine's device move -> layers, every layer
     checkpointed, two micro-batches) no layer reads the mask back, not even a recomputed one, whose inputs
-    are detached copies. A mask that comes without the answer (a device tensor) is asked once per
-    micro-batch: the count the test would see if the answer were lost on the way."""
+    are detached copies, nor under ZeRO-3, whose hooks hand each module detached aliases of its inputs. A mask
+    that comes without the answer (a device tensor) is asked once per micro-batch: the count the test would
+    see if the answer were lost on the way."""
     from autotune.plan import Plan
     from backends.data import SyntheticData
     from backends.deepspeed.engine import build_engine
     from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
-    from model_zoo.common import MASK_ANSWER
+    from model_zoo.common import get_mask_answer
     from model_zoo.registry import load_hf_config
     from model_zoo.runtime import get_adapter
 
     adapter, config = get_adapter(family), load_hf_config(model)
     n = adapter.num_layers(config)
-    plan = Plan.uniform(num_layers=n, world_size=1, global_bsz=4, chunks=2, checkpoint=[1] * n)
+    plan = Plan.uniform(num_layers=n, world_size=1, global_bsz=4, chunks=2, checkpoint=[1] * n, zero_stage=zero)
     groups = build_parallel_groups(plan)
     trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, task), task))
     data = SyntheticData(adapter, config, task, plan, 0, 1)
@@ -113,7 +115,7 @@ def test_train_steps_take_the_answer_from_the_host(world_of_one, monkeypatch, fa
         stripped = []
         for inputs, labels in data.micro_batches(1):
             inputs = tuple(t.clone() for t in inputs)            # same values, no answer on them
-            assert not any(hasattr(t, MASK_ANSWER) for t in inputs)
+            assert not any(get_mask_answer(t) is not None for t in inputs)
             stripped.append((inputs, labels))
         trainer.train_step(stripped)
         # each micro-batch: the first layer asks in forward; later layers and the recomputed ones reuse it
@@ -158,3 +160,18 @@ def test_a_recomputed_layer_keeps_no_input_alive_after_its_backward(world_of_one
     assert layer.seen == [True, True]                 # forward and recompute both had the answer
     assert ref() is None                              # freed while `loss` still holds the graph
     del loss
+
+
+def test_an_alias_of_the_mask_keeps_its_answer_but_not_another_view_or_a_written_one():
+    """DeepSpeed's ZeRO-3 hooks hand a module `input.detach()` through an autograd Function: a new tensor on
+    the same storage. It finds the answer there; a slice of the storage (another view) or the mask written in
+    place after the answer was taken does not."""
+    from model_zoo.common import answer_on_host, get_mask_answer
+
+    mask = answer_on_host(torch.ones(2, 4, dtype=torch.long))
+    assert get_mask_answer(mask.detach()) is True
+    assert get_mask_answer(mask[:, :2]) is None
+    written = mask.detach()
+    written[0, 3] = 0                                  # shares the version counter: every alias sees the write
+    assert get_mask_answer(mask.detach()) is None
+    assert get_mask_answer(torch.ones(2, 4, dtype=torch.long)) is None
