@@ -4,8 +4,9 @@
         --hardware 1xH100 --calibrate 3 --out docs/single_gpu_sweep.md
 
 For each model: calibrate on the first `--calibrate` successful configurations (they are then not
-scored, in no file: a later file's run of one is shown but not scored; one calibration per model: its memory factors apply to every precision, its time factors to
-the precision it was fitted on, since they correct that profile's host), predict every other configuration
+scored, in any file: a later file's run of one is shown, not scored; one calibration per model: its memory
+factors apply to every precision, its time factors to the precision it was fitted on, since they correct
+that profile's host), predict every other configuration
 with the model profile of its precision (<profiles>/<model>.json, or <profiles>/<precision>/<model>.json)
 and the calibration, and tabulate the step-time and peak-memory errors. Writes a Markdown table (and a JSON file beside it).
 """
