@@ -12,21 +12,34 @@ from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
 
 
-def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float], torch.dtype, dict]:
+def _bert_test_trainer(*, ckpt: int = 0, autocast: bool = False, from_state: bool = False, **plan_kw):
+    """bert-test (MLM) on one process under a uniform plan, seeded: its trainer and synthetic
+    data. `from_state` builds the model from a state dict (weights loaded in the plan's dtype)."""
     adapter, config = get_adapter("bert"), load_hf_config("bert-test")
-    plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=1, global_bsz=4, precision=precision)
+    n = adapter.num_layers(config)
+    plan = Plan.uniform(num_layers=n, world_size=1, checkpoint=[1] * ckpt + [0] * (n - ckpt), **plan_kw)
     groups = build_parallel_groups(plan)
     torch.manual_seed(0)
-    state = adapter.build_model(config, "mlm").state_dict()
-    model = adapter.build_model(config, "mlm", state)
+    model = adapter.build_model(config, "mlm")
+    if from_state:
+        model = adapter.build_model(config, "mlm", model.state_dict())
     trainer = build_engine(plan, groups, adapter.layer_sequence(model, "mlm"), lr=1e-3, autocast=autocast)
-    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
+    return trainer, SyntheticData(adapter, config, "mlm", plan, 0, 1)
+
+
+def _close(trainer) -> None:
+    trainer.destroy()
+    destroy_parallel_groups()
+
+
+def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float], torch.dtype, dict]:
+    trainer, data = _bert_test_trainer(autocast=autocast, from_state=True, global_bsz=4, precision=precision)
     losses = [trainer.train_step(data.micro_batches(s)).loss for s in range(steps)]
     dtype = next(trainer.engine.module.parameters()).dtype
     cfg = trainer.ds_config
-    trainer.destroy()
-    destroy_parallel_groups()
+    _close(trainer)
     return losses, dtype, cfg
+
 
 
 def test_autocast_mode_keeps_fp32_weights_and_tracks_fp32_training(world_of_one):
@@ -73,13 +86,7 @@ def test_cuda_graph_modes_refused_with_pipelines():
 def _grad_partition_copies(chunks: int) -> float:
     """Most gradient-partition copies alive at once during one fp32 ZeRO-2 step of bert-test: distinct
     storages of DeepSpeed's current partition buffer and of its running sum, over the partition's bytes."""
-    adapter, config = get_adapter("bert"), load_hf_config("bert-test")
-    plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=1, zero_stage=2, chunks=chunks,
-                        global_bsz=2 * chunks, precision="fp32")
-    groups = build_parallel_groups(plan)
-    torch.manual_seed(0)
-    model = adapter.build_model(config, "mlm")
-    trainer = build_engine(plan, groups, adapter.layer_sequence(model, "mlm"), lr=1e-3)
+    trainer, data = _bert_test_trainer(zero_stage=2, chunks=chunks, global_bsz=2 * chunks, precision="fp32")
     opt = trainer.engine.optimizer
     partition = 4 * sum(p.numel() for group in opt.params_in_partition for p in group)
     seen = []
@@ -92,11 +99,9 @@ def _grad_partition_copies(chunks: int) -> float:
         seen.append(sum(storages.values()) / partition)
 
     opt.copy_grads_in_partition = spy
-    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
     for s in range(2):
         trainer.train_step(data.micro_batches(s))
-    trainer.destroy()
-    destroy_parallel_groups()
+    _close(trainer)
     return max(seen)
 
 
@@ -121,13 +126,7 @@ def _synchronizes_per_step(zero: int, chunks: int, steps: int = 4) -> dict[str, 
 
     from deepspeed.accelerator import get_accelerator
 
-    adapter, config = get_adapter("bert"), load_hf_config("bert-test")
-    plan = Plan.uniform(num_layers=adapter.num_layers(config), world_size=1, zero_stage=zero, chunks=chunks,
-                        global_bsz=2 * chunks, precision="bf16")
-    groups = build_parallel_groups(plan)
-    torch.manual_seed(0)
-    trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, "mlm"), "mlm"), lr=1e-3)
-    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
+    trainer, data = _bert_test_trainer(zero_stage=zero, chunks=chunks, global_bsz=2 * chunks, precision="bf16")
     acc, calls = get_accelerator(), {}
     real = acc.synchronize
 
@@ -144,8 +143,7 @@ def _synchronizes_per_step(zero: int, chunks: int, steps: int = 4) -> dict[str, 
             trainer.train_step(data.micro_batches(s))
     finally:
         acc.synchronize = real
-        trainer.destroy()
-        destroy_parallel_groups()
+        _close(trainer)
     return calls
 
 
@@ -183,21 +181,15 @@ def test_our_code_reads_back_only_the_finished_steps_loss_and_norm(world_of_one,
     """Inside a train step this repository reads nothing back from the device: the mask's answer comes from
     the host (answer_on_host works on the CPU batch), and the loss and gradient norm are read once the whole
     step is queued (train_step's StepResult). A read-back in a layer, a hook or the clip would show here."""
-    adapter, config = get_adapter("bert"), load_hf_config("bert-test")
-    n = adapter.num_layers(config)
-    plan = Plan.uniform(num_layers=n, world_size=1, zero_stage=zero, chunks=chunks, global_bsz=2 * chunks,
-                        precision="bf16", checkpoint=[1] * ckpt + [0] * (n - ckpt))
-    groups = build_parallel_groups(plan)
-    trainer = build_engine(plan, groups, adapter.layer_sequence(adapter.build_model(config, "mlm"), "mlm"), lr=1e-3)
-    data = SyntheticData(adapter, config, "mlm", plan, 0, 1)
+    trainer, data = _bert_test_trainer(ckpt=ckpt, zero_stage=zero, chunks=chunks, global_bsz=2 * chunks,
+                                       precision="bf16")
     try:
         trainer.train_step(data.micro_batches(0))
         spy = _ReadBacks()
         with spy:
             trainer.train_step(data.micro_batches(1))
     finally:
-        trainer.destroy()
-        destroy_parallel_groups()
+        _close(trainer)
     # has_overflow_serial (backends/deepspeed/fast_clip.py) is DeepSpeed's ZeRO-0 contract, a host bool: one flag
     allowed = {"answer_on_host", "train_step", "_norm"} | ({"has_overflow_serial"} if zero == 0 else set())
     assert [s for s in spy.sites if s[0] not in allowed] == []
