@@ -41,7 +41,6 @@ def _losses(precision: str, autocast: bool, steps: int = 3) -> tuple[list[float]
     return losses, dtype, cfg
 
 
-
 def test_autocast_mode_keeps_fp32_weights_and_tracks_fp32_training(world_of_one):
     ref, ref_dtype, _ = _losses("fp32", autocast=False)
     amp, amp_dtype, cfg = _losses("bf16", autocast=True)
