@@ -363,6 +363,9 @@ def summarize(plan, groups, records: list[dict], peaks: list[float], flops: floa
                 "final_loss": records[-1]["loss"] if records else None,
                 "host_s": statistics.median(r["host_s"] for r in timed),
                 "host_cpu_s": statistics.median(r["host_cpu_s"] for r in timed)}
+    for key in ("host_backward_s", "device_backward_s"):
+        values = [r[key] for r in timed if r.get(key) is not None]
+        measured[key] = statistics.median(values) if values else None
     summary = {"summary": True, "plan": plan.describe(), "measured": measured}
     if plan.predicted:
         keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb", "stage_bound")
@@ -383,8 +386,24 @@ def print_summary(summary: dict, log) -> None:
     log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
     known = [b for b in p.get("stage_bound") or [] if b != "?"]      # '?': a profile without host/GPU sums
     bound = f"; the model expects {'/'.join(p['stage_bound'])}-bound stages" if known else ""
-    log(f"  {'host queued the step in (s)':28s} measured {_fmt(m['host_s'])}   (process CPU {_fmt(m['host_cpu_s'])}; "
-        f"near the step time: launch-bound, the host's speed sets it{bound})")
+    if m.get("device_backward_s"):
+        share = m["host_backward_s"] / m["device_backward_s"]
+        log(f"  {'forward+backward (s)':28s} measured: queued by the host in {_fmt(m['host_backward_s'])}, done on the "
+            f"device at {_fmt(m['device_backward_s'])} ({share:.0%}: {'launch' if share > LAUNCH_BOUND else 'GPU'}-bound"
+            f"{bound})")
+    else:
+        log(f"  {'host queued the step in (s)':28s} measured {_fmt(m['host_s'])}{bound}")
+
+
+# host_backward_s / device_backward_s above this: the device finished the backward right after the host queued it
+LAUNCH_BOUND = 0.9
+
+
+def backward_times(result, t0: float) -> dict[str, float | None]:
+    """The step record's host_backward_s and device_backward_s (engine.StepResult; None under a pipeline)."""
+    if result.backward_queued_at is None:
+        return {"host_backward_s": None, "device_backward_s": None}
+    return {"host_backward_s": result.backward_queued_at - t0, "device_backward_s": result.device_backward_s()}
 
 
 def _fmt(x: Any) -> str:
@@ -578,10 +597,13 @@ def train(args: argparse.Namespace) -> int:
                    "tflops_per_gpu": flops * plan.global_bsz / dt / groups.world_size / 1e12,
                    "peak_memory_mb": max(peaks),
                    # until the host had queued the step, and the process's CPU time meanwhile (all threads:
-                   # the backward runs on autograd's device thread): host_s is close to step_time_s on a
-                   # launch-bound step unless the step waits for the device on the way (ZeRO-0's overflow flag;
-                   # CUDA spins while it waits, so the CPU time counts the wait too)
-                   "host_s": result.queued_at - t0, "host_cpu_s": result.queued_cpu - cpu0, "time": time.time()}
+                   # the backward runs on autograd's device thread). Both count the wait at DeepSpeed's optimizer
+                   # step, which reads the gradient norm or the overflow flag back (CUDA spins while it waits), so
+                   # host_s is close to step_time_s on every step
+                   "host_s": result.queued_at - t0, "host_cpu_s": result.queued_cpu - cpu0,
+                   # the bound, measured: until the host had queued the last backward (nothing read back so far),
+                   # and until the device had finished it; equal on a launch-bound step
+                   **backward_times(result, t0), "time": time.time()}
             records.append(rec)
             metrics.write(rec)
             bar.set_postfix(loss=f"{result.loss:.4f}", s_per_step=f"{dt:.3f}")

@@ -58,12 +58,17 @@ def compare(plan: Plan, ev, measured: dict) -> dict:
                      "rel_err": rel_err(mem["total_mb"], meas)})
     return {"plan": plan.describe(), "rows": rows,
             # per stage, what the model expects to bound its compute; measured, the time until the host had
-            # queued the step over the step time (train.py's host_s): near 1, the CPU's speed sets the step
-            "bound": {"predicted": [c.bound for c in ev.stage_costs],
-                      "measured_host_share": measured["host_s"] / measured["step_time_s"]
-                      if measured.get("host_s") is not None else None},
+            # queued the last backward over the time until the device had finished it (train.py's
+            # host_backward_s / device_backward_s): near 1, the CPU's speed sets the step
+            "bound": {"predicted": [c.bound for c in ev.stage_costs], "measured_host_share": host_share(measured)},
             "breakdown": {"time_s": [c.time_breakdown() for c in ev.stage_costs],
                           "memory_mb": ev.stage_memory}}
+
+
+def host_share(measured: dict) -> float | None:
+    """train.py's host_backward_s / device_backward_s (None under a pipeline, or from a train.py before them)."""
+    host, dev = measured.get("host_backward_s"), measured.get("device_backward_s")
+    return host / dev if host is not None and dev else None
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -164,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     share = bound["measured_host_share"]
     by = (", ".join(bound["predicted"]) if set(bound["predicted"]) != {"?"}
           else "unknown (the profile has no host / GPU split)")
-    print(f"bound by (model, per stage): {by}; the host queued the step in "
-          f"{'?' if share is None else f'{share:.0%}'} of its time")
+    print(f"bound by (model, per stage): {by}; measured, the host queued the forward and backward in "
+          f"{'?' if share is None else f'{share:.0%}'} of the time the device took to finish them")
     if "host" in bound["predicted"]:
         print("  launch-bound: this step follows the CPU's speed, which moves 20-60 % between runs on shared or "
               "virtual hosts (README, 'One-GPU sweep'); compare GPU-bound plans for the model's accuracy")

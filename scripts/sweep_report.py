@@ -51,10 +51,16 @@ def held_before(r: dict) -> float | None:
 
 
 def host_share(r: dict) -> float | None:
-    """Median over the timed steps of the time until the host had queued the step over the step time
-    (train.py's host_s, since session 12): near 1 when the host's launches set the pace."""
-    timed = [x for x in r.get("steps", [])[1:] if "host_s" in x]
-    return statistics.median(x["host_s"] / x["step_time_s"] for x in timed) if timed else None
+    """Median over the timed steps of the time until the host had queued the last backward over the time until
+    the device had finished it (train.py's host_backward_s / device_backward_s, since session 14): near 1 when
+    the host's launches set the pace. Runs of sessions 12-13 have only host_s, which counts the wait at
+    DeepSpeed's optimizer step (it reads the norm back): host_s / step_time_s for them, near 1 on every step."""
+    timed = r.get("steps", [])[1:]
+    new = [x["host_backward_s"] / x["device_backward_s"] for x in timed if x.get("device_backward_s")]
+    if new:
+        return statistics.median(new)
+    old = [x["host_s"] / x["step_time_s"] for x in timed if "host_s" in x]
+    return statistics.median(old) if old else None
 
 
 def time_errors(rows: list[dict]) -> dict:
@@ -206,10 +212,12 @@ def main() -> int:
                      f"{gpu_cell} | {s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} | "
                      f"{s['uncalibrated_mem_median_abs_err']:.1%} / {s['uncalibrated_mem_worst_under']:+.1%} |")
     lines += ["", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
-              "or the GPU); host/step: the measured time until the host had queued the step over the step time "
-              "(runs since session 12); held before: MB that earlier configurations of the run's process still held when "
+              "or the GPU); host share: measured, the time until the host had queued the last backward over the time "
+              "until the device had finished it (runs since session 14; near 1: launch-bound), for runs of sessions "
+              "12-13 the time until the host had queued the step over the step time (near 1 on every step: it "
+              "counts the wait at DeepSpeed's optimizer step, which reads the norm back); held before: MB that earlier configurations of the run's process still held when "
               "it started, when 100 MB or more (part of the measured peak only if not freed before it).", "",
-              "| model | bsz | chunks | ckpt | ZeRO | prec | role | bound | host/step | measured s | predicted s | err | "
+              "| model | bsz | chunks | ckpt | ZeRO | prec | role | bound | host share | measured s | predicted s | err | "
               "uncal. err | measured MB | held before MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 19]
     for x in rows:
         if "measured_s" not in x:

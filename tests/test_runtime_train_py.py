@@ -22,6 +22,8 @@ def test_single_process_writes_metrics(tmp_path):
         # on CPU the step's work runs as it is queued: the host time is all of the step but the loss read-back
         assert 0.9 * s["step_time_s"] <= s["host_s"] <= s["step_time_s"]
         assert 0 < s["host_cpu_s"]
+        # the last backward is queued (and, on CPU, done) before the optimizer step
+        assert 0 < s["device_backward_s"] <= s["host_backward_s"] < s["host_s"]
     assert summary["summary"] and summary["measured"]["stage_peak_memory_mb"]
     assert summary["measured"]["host_s"] <= summary["measured"]["step_time_s"]
     assert (tmp_path / "ckpt" / "ds_config.json").is_file() and (tmp_path / "ckpt" / "step3").is_dir()

@@ -75,8 +75,8 @@ def test_repeats_merge_into_their_median(tmp_path):
 
 def test_held_memory_is_shown_not_taken_off_and_host_share(tmp_path):
     """A run that started while an earlier configuration of its process still held memory keeps its measured peak
-    (the leftover may be freed before the peak: it was on an H200) and shows what was held; host/step is the
-    median of train.py's host_s / step_time_s."""
+    (the leftover may be freed before the peak: it was on an H200) and shows what was held; the host share is the
+    median of train.py's host_backward_s / device_backward_s, or of host_s / step_time_s for runs before them."""
     runs = _records("bert-test", [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)])
     peak = runs[3]["measured"]["stage_peak_memory_mb"][0]
     runs[3]["allocated_before_mb"] = 900.0
@@ -84,6 +84,9 @@ def test_held_memory_is_shown_not_taken_off_and_host_share(tmp_path):
     step = runs[3]["measured"]["step_time_s"]
     runs[3]["steps"] = [{"step_time_s": 9.0, "host_s": 0.1}] + [
         {"step_time_s": step, "host_s": f * step} for f in (0.5, 0.9, 0.7)]
+    runs[2]["steps"] = [{"step_time_s": 9.0, "host_s": 9.0, "host_backward_s": 0.1, "device_backward_s": 1.0}] + [
+        {"step_time_s": 1.0, "host_s": 0.99, "host_backward_s": h, "device_backward_s": d}
+        for h, d in ((0.2, 0.8), (0.3, 0.5), (0.45, 0.5))]
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     out = tmp_path / "r.md"
@@ -97,7 +100,9 @@ def test_held_memory_is_shown_not_taken_off_and_host_share(tmp_path):
     table = out.read_text()
     assert "| 900 |" in table and "| 65 |" not in table      # under 100 MB (workspaces) the cell stays empty
     assert by[(32, 1)]["host_share"] == pytest.approx(0.7, rel=1e-12)   # the first, untimed step left out
-    assert by[(8, 2)]["host_share"] is None
+    assert by[(8, 2)]["host_share"] == pytest.approx(0.6, rel=1e-12)    # 0.25, 0.6, 0.9: not host_s
+    assert "| 0.60 |" in table
+    assert by[(16, 0)]["host_share"] is None
 
 
 def test_a_calibration_configuration_is_not_scored_in_another_file(tmp_path):

@@ -20,6 +20,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from autotune.plan import Plan
+from autotune.profile_model import Clock
 from backends.deepspeed import fast_clip
 from backends.deepspeed.config import make_ds_config
 from backends.deepspeed.layers import SequentialWithLoss
@@ -41,10 +42,25 @@ class StepResult:
     # loss back: a caller's step timer split into host launch time and the GPU's tail (launch-bound or not)
     queued_at: float | None = None
     queued_cpu: float | None = None
+    # perf_counter when the last backward was queued, before DeepSpeed's optimizer step (which reads the norm or
+    # the overflow flag back, so the host waits for the GPU there), and device marks (autotune.profile_model.Clock)
+    # at the step's start and at that point; None under a pipeline (DeepSpeed's train_batch runs all of it)
+    backward_queued_at: float | None = None
+    backward_marks: tuple[Any, Any] | None = None
+
+    def device_backward_s(self) -> float | None:
+        """When the device finished the last backward, from the step's start; read it after the step has been
+        synchronised (CUDA events). Beside backward_queued_at: near it, the host's launches set the pace."""
+        if self.backward_marks is None:
+            return None
+        return _CLOCK.ms(*self.backward_marks) / 1e3
 
 
 def _queued() -> dict[str, float]:
     return {"queued_at": time.perf_counter(), "queued_cpu": time.process_time()}
+
+
+_CLOCK = Clock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def device() -> torch.device:
@@ -82,10 +98,13 @@ class TrainEngine:
                 loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
             queued = _queued()
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()), **queued)
+        start = _CLOCK.mark()
         total = torch.zeros((), device=device(), dtype=torch.float32)
-        for inputs, labels in moved:
+        for i, (inputs, labels) in enumerate(moved):
             loss = self.engine(inputs, labels)
             self.engine.backward(loss)
+            if i == len(moved) - 1:
+                backward = {"backward_queued_at": time.perf_counter(), "backward_marks": (start, _CLOCK.mark())}
             self.engine.step()
             total += loss.detach().float()
         total /= len(moved)
@@ -95,7 +114,7 @@ class TrainEngine:
             dist.all_reduce(total, group=self.groups.dp_group)
             total /= self.groups.dp
         queued = _queued()
-        return StepResult(float(total), _norm(self.engine.get_global_grad_norm()), **queued)
+        return StepResult(float(total), _norm(self.engine.get_global_grad_norm()), **queued, **backward)
 
     def _layerwise_mean(self, loss: torch.Tensor | None) -> torch.Tensor:
         """Per-layer TP: each last-stage rank holds the mean loss of its head TP group's samples (groups of
