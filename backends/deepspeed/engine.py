@@ -104,7 +104,8 @@ class TrainEngine:
             loss = self.engine(inputs, labels)
             self.engine.backward(loss)
             if i == len(moved) - 1:
-                backward = {"backward_queued_at": time.perf_counter(), "backward_marks": (start, _CLOCK.mark())}
+                end = _CLOCK.mark()
+                backward = {"backward_queued_at": time.perf_counter(), "backward_marks": (start, end)}
             self.engine.step()
             total += loss.detach().float()
         total /= len(moved)
