@@ -29,7 +29,8 @@ def step_times(paths: list[str]) -> dict[tuple[str, str], list[float]]:
     for model, recs in load(paths).items():
         for r in recs:
             if "measured" in r:
-                out.setdefault((model, json.dumps(r["config"], sort_keys=True)), []).append(r["measured"]["step_time_s"])
+                key = (model, json.dumps(r["config"], sort_keys=True))
+                out.setdefault(key, []).append(r["measured"]["step_time_s"])
     return out
 
 

@@ -215,8 +215,8 @@ def main() -> int:
               "or the GPU); host share: measured, the time until the host had queued the last backward over the time "
               "until the device had finished it (runs since session 14; near 1: launch-bound), for runs of sessions "
               "12-13 the time until the host had queued the step over the step time (near 1 on every step: it "
-              "counts the wait at DeepSpeed's optimizer step, which reads the norm back); held before: MB that earlier configurations of the run's process still held when "
-              "it started, when 100 MB or more (part of the measured peak only if not freed before it).", "",
+              "counts the wait at DeepSpeed's optimizer step, which reads the norm back); held before: MB that "
+              "earlier configurations of the run's process still held when it started, when 100 MB or more (part of the measured peak only if not freed before it).", "",
               "| model | bsz | chunks | ckpt | ZeRO | prec | role | bound | host share | measured s | predicted s | err | "
               "uncal. err | measured MB | held before MB | predicted MB | err | samples/s | TFLOP/s |", "|" + "---|" * 19]
     for x in rows:
