@@ -136,6 +136,28 @@ def finish_launch(out: dict, path: str) -> None:
     dist.destroy_process_group()
 
 
+# One dist_runtime_plans.py launch trains every plan of a world size: test_runtime_plans' world-4 launch (33 plans)
+# took about 16 minutes on a 2-core machine under load (session 14), more than the 900 s it had
+PLANS_LAUNCH_TIMEOUT_S = 1800
+
+
+def launch_plans_once(cache: dict, world: int, cases: list[dict], out: Path,
+                      timeout: float = PLANS_LAUNCH_TIMEOUT_S) -> dict:
+    """tests/dist_runtime_plans.py's results for `cases` on `world` ranks, launched once per world and cached.
+    A failed launch is cached too: the other tests of that world fail at once with its error, instead of each
+    launching it again (one timeout per test)."""
+    if world not in cache:
+        try:
+            run_ranks(REPO / "tests" / "dist_runtime_plans.py", world,
+                      ["--cases", json.dumps(cases), "--out", str(out)], timeout=timeout)
+            cache[world] = json.loads(Path(out).read_text())
+        except Exception as e:  # noqa: BLE001 - re-raised below, here and for every later test of this world
+            cache[world] = e
+    if isinstance(cache[world], Exception):
+        raise cache[world]
+    return cache[world]
+
+
 def assert_case_matches_reference(res: dict, index: int, rtol: float) -> None:
     """One plan of a dist_runtime_plans.py launch against its single-process HF reference: the loss and
     the pre-clipping gradient norm of every step within `rtol`, all ranks agreeing on the loss, and a

@@ -12,11 +12,9 @@ gradient scale from the loss.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.dist_launcher import REPO, assert_case_matches_reference, run_ranks
+from tests.dist_launcher import assert_case_matches_reference, launch_plans_once
 
 RTOL = 1e-4
 FAMILIES = ("bert-test", "vit-test")
@@ -93,17 +91,13 @@ def _dropout_cases(world: int) -> list[dict]:
     return out
 
 
-_results: dict[int, dict] = {}
+_results: dict[int, dict | Exception] = {}
 
 
 def _launch(world: int, tmp_path_factory) -> dict:
-    if world not in _results:
-        out = tmp_path_factory.mktemp(f"plans-w{world}") / "results.json"
-        cases = [{"model": m, "task": t, "plan": kw} for m, t, _, kw in _all_cases(world)] + _dropout_cases(world)
-        run_ranks(REPO / "tests" / "dist_runtime_plans.py", world,
-                  ["--cases", json.dumps(cases), "--out", str(out)], timeout=900)
-        _results[world] = json.loads(out.read_text())
-    return _results[world]
+    cases = [{"model": m, "task": t, "plan": kw} for m, t, _, kw in _all_cases(world)] + _dropout_cases(world)
+    out = tmp_path_factory.mktemp(f"plans-w{world}") / "results.json" if world not in _results else None
+    return launch_plans_once(_results, world, cases, out)
 
 
 def _params():

@@ -27,7 +27,7 @@ from model_zoo.adapter import TPGroups, run_sequence
 from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
 from model_zoo.swin.model import stage_resolutions
-from tests.dist_launcher import REPO, assert_case_matches_reference, run_ranks
+from tests.dist_launcher import assert_case_matches_reference, launch_plans_once
 from tests.test_runtime_plans import LAYERWISE
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -174,17 +174,13 @@ CASES = {
     + [("var-lw1244-zero2", "var", {"tp_sizes": [1, 2, 4, 4], "vtp": 1, "zero_stage": 2})],   # heads 2 | 4 4 | 8
 }
 
-_results: dict[int, dict] = {}
+_results: dict[int, dict | Exception] = {}
 
 
 def _launch(world: int, tmp_path_factory, variant_path: str) -> dict:
-    if world not in _results:
-        out = tmp_path_factory.mktemp(f"swin-w{world}") / "results.json"
-        cases = [{"model": variant_path if m == "var" else m, "plan": kw} for _, m, kw in CASES[world]]
-        run_ranks(REPO / "tests" / "dist_runtime_plans.py", world,
-                  ["--cases", json.dumps(cases), "--out", str(out)], timeout=900)
-        _results[world] = json.loads(out.read_text())
-    return _results[world]
+    cases = [{"model": variant_path if m == "var" else m, "plan": kw} for _, m, kw in CASES[world]]
+    out = tmp_path_factory.mktemp(f"swin-w{world}") / "results.json" if world not in _results else None
+    return launch_plans_once(_results, world, cases, out)
 
 
 @pytest.mark.distributed
