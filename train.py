@@ -366,6 +366,9 @@ def summarize(plan, groups, records: list[dict], peaks: list[float], flops: floa
     for key in ("host_backward_s", "device_backward_s"):
         values = [r[key] for r in timed if r.get(key) is not None]
         measured[key] = statistics.median(values) if values else None
+    # the measured bound: above LAUNCH_BOUND the host's launches set the pace (None under a pipeline)
+    measured["host_share"] = (measured["host_backward_s"] / measured["device_backward_s"]
+                              if measured["device_backward_s"] else None)
     summary = {"summary": True, "plan": plan.describe(), "measured": measured}
     if plan.predicted:
         keys = ("step_time_s", "samples_per_s", "stage_peak_memory_mb", "stage_bound")
@@ -386,8 +389,8 @@ def print_summary(summary: dict, log) -> None:
     log(f"  {'achieved TFLOP/s per GPU':28s} measured {_fmt(m['tflops_per_gpu'])}")
     known = [b for b in p.get("stage_bound") or [] if b != "?"]      # '?': a profile without host/GPU sums
     bound = f"; the model expects {'/'.join(p['stage_bound'])}-bound stages" if known else ""
-    if m.get("device_backward_s"):
-        share = m["host_backward_s"] / m["device_backward_s"]
+    share = m.get("host_share")
+    if share is not None:
         log(f"  {'forward+backward (s)':28s} measured: queued by the host in {_fmt(m['host_backward_s'])}, done on the "
             f"device at {_fmt(m['device_backward_s'])} ({share:.0%}: {'launch' if share > LAUNCH_BOUND else 'GPU'}-bound"
             f"{bound})")

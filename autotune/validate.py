@@ -58,17 +58,12 @@ def compare(plan: Plan, ev, measured: dict) -> dict:
                      "rel_err": rel_err(mem["total_mb"], meas)})
     return {"plan": plan.describe(), "rows": rows,
             # per stage, what the model expects to bound its compute; measured, the time until the host had
-            # queued the last backward over the time until the device had finished it (train.py's
-            # host_backward_s / device_backward_s): near 1, the CPU's speed sets the step
-            "bound": {"predicted": [c.bound for c in ev.stage_costs], "measured_host_share": host_share(measured)},
+            # queued the last backward over the time until the device had finished it (train.py's host_share;
+            # None under a pipeline or from a train.py before it): near 1, the CPU's speed sets the step
+            "bound": {"predicted": [c.bound for c in ev.stage_costs],
+                      "measured_host_share": measured.get("host_share")},
             "breakdown": {"time_s": [c.time_breakdown() for c in ev.stage_costs],
                           "memory_mb": ev.stage_memory}}
-
-
-def host_share(measured: dict) -> float | None:
-    """train.py's host_backward_s / device_backward_s (None under a pipeline, or from a train.py before them)."""
-    host, dev = measured.get("host_backward_s"), measured.get("device_backward_s")
-    return host / dev if host is not None and dev else None
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
