@@ -114,6 +114,13 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(keep[-lines:])
 
 
+def gloo_threads() -> int:
+    """This process's gloo threads (Linux thread names): each live gloo group keeps a few, so a count that grows
+    from plan to plan means groups leak (backends/megatron/groups.destroy_parallel_groups)."""
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    return sum("gloo" in n for n in names)
+
+
 def record_case(out: dict, entry: dict, res: dict, label: str) -> None:
     """Rank side of a many-plans launch: add a case's results with every rank's losses (rank 0 prints them)."""
     import torch.distributed as dist

@@ -26,7 +26,7 @@ from backends.megatron.groups import build_parallel_groups, destroy_parallel_gro
 from backends.megatron.random import seed_everything  # noqa: E402
 from model_zoo.registry import FAMILIES, PRESETS, load_hf_config  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
-from tests.dist_launcher import finish_launch, record_case, train_hf_reference  # noqa: E402
+from tests.dist_launcher import finish_launch, gloo_threads, record_case, train_hf_reference  # noqa: E402
 
 SEED = 1234
 DATA_SEED = 7
@@ -53,7 +53,8 @@ def run_case(adapter, config, task, state, plan: Plan, args, seq_len) -> dict:
     results = [trainer.train_step(data.micro_batches(step)) for step in range(args.steps)]
     trainer.destroy()
     destroy_parallel_groups()
-    return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results]}
+    return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
+            "gloo_threads": gloo_threads()}
 
 
 def make_plan(kw: dict, num_layers: int, world: int, global_bsz: int) -> Plan:
