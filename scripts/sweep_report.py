@@ -4,7 +4,8 @@
         --hardware 1xH100 --calibrate 3 --out docs/single_gpu_sweep.md
 
 For each model: calibrate on the first `--calibrate` successful configurations (they are then not
-scored, in any file: a later file's run of one is shown, not scored; one calibration per model: its memory
+scored, in any file: a later file's run of one is shown, not scored; one calibration per model, and per machine
+where several ran all of them (FILE@NAME, or the records' `machine`): its memory
 factors apply to every precision, its time factors to the precision it was fitted on, since they correct
 that profile's host), predict every other configuration
 with the model profile of its precision (<profiles>/<model>.json, or <profiles>/<precision>/<model>.json)
@@ -27,9 +28,11 @@ from autotune.plan import Plan, write_json_atomic  # noqa: E402
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
     """{model: records} from the sweep files, in the order given (a model's first records calibrate).
-    FILE:MODEL[,MODEL...] takes only those models' records from FILE."""
+    FILE:MODEL[,MODEL...] takes only those models' records from FILE; FILE[:MODELS]@NAME says that NAME ran
+    them (records since session 16 carry sweep_single_gpu.py's `machine`; older ones none: one machine)."""
     by_model: dict[str, list[dict]] = {}
     for spec in paths:
+        spec, at, name = spec.rpartition("@") if "@" in spec else (spec, "", "")
         path, _, only = spec.partition(":")
         models = set(only.split(",")) if only else None
         with open(path) as f:
@@ -37,8 +40,28 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
                 if line.strip():
                     r = json.loads(line)
                     if models is None or r["model"] in models:
-                        by_model.setdefault(r["model"], []).append({**r, "source": path})
+                        by_model.setdefault(r["model"], []).append(
+                            {**r, "source": path, "machine": name or r.get("machine") or ""})
     return by_model
+
+
+def calibration_sets(ok: list[dict], n: int) -> dict[str, list[dict]]:
+    """{machine: the runs that calibrate its rows}. The calibration configurations are the model's first n; a
+    machine that ran all of them is calibrated on its own runs of them (calibration fits the host of its runs,
+    and one H200 ran Swin-B's launch-bound calibration configurations 1.7x faster than another: its scored run was
+    off by +41.6 % with the other's calibration, -0.2 % with its own; profiles/h200/runs/s16), any other on the
+    model's first n runs, whichever machines ran them."""
+    first = ok[:n]
+    cfgs = [json.dumps(r["config"], sort_keys=True) for r in first]
+    out = {}
+    for machine in dict.fromkeys(r["machine"] for r in ok):
+        own = {}
+        for r in ok:
+            key = json.dumps(r["config"], sort_keys=True)
+            if r["machine"] == machine and key in cfgs:
+                own.setdefault(key, r)
+        out[machine] = [own[c] for c in cfgs] if len(own) == len(cfgs) else first
+    return out
 
 
 def held_before(r: dict) -> float | None:
@@ -114,9 +137,24 @@ def profile_for(folder: str | None, model: str, precision: str):
     return None
 
 
+def fit_calibration(fit: list[dict], specs: dict, profiles: dict, hw, split_host: str):
+    """(the fitted factors, {precision: Calibration}) from calibration runs: time factors for the precision they
+    were measured in (they scale that profile's host), memory factors for every precision."""
+    if not fit:
+        return None, {prec: Calibration() for prec in profiles}
+    runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False} for r in fit]
+    prec0 = fit[0]["plan_obj"].precision
+    result = calibrate(specs[prec0], hw, profiles[prec0], runs, [], split_host=SPLIT_MODES[split_host])
+    cal = Calibration.from_dict(result)
+    memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
+    return result, {prec: cal if prec == prec0 else memory_only for prec in profiles}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", required=True, nargs="+", help="sweep JSON-lines file(s) of sweep_single_gpu.py; FILE:MODEL,... keeps those models only")
+    ap.add_argument("--sweep", required=True, nargs="+", help="sweep JSON-lines file(s) of sweep_single_gpu.py; FILE:MODEL,... keeps those models only; "
+                         "FILE@NAME: NAME ran them (each machine that ran every calibration configuration is "
+                         "calibrated on its own runs)")
     ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
     ap.add_argument("--hardware", default="1xH100")
     ap.add_argument("--calibrate", type=int, default=3)
@@ -139,25 +177,19 @@ def main() -> int:
         precisions = sorted({r["plan_obj"].precision for r in ok})
         profiles = {prec: profile_for(args.profiles, model, prec) for prec in precisions}
         specs = {prec: get_model_spec(model, precision=prec) for prec in profiles}
-        # One calibration per model, from its first `--calibrate` configurations whatever their precision
-        # (the issue's budget: at most 3 calibration runs per model). Memory factors (activation
+        # One calibration per model and machine (calibration_sets), from the model's first `--calibrate`
+        # configurations whatever their precision (the issue's budget: at most 3 calibration configurations
+        # per model). Memory factors (activation
         # accounting, allocator offset) hold for every precision; time factors scale the profile they
         # were fitted against (its host's speed), so a profile of another precision keeps its own.
         # --calibrate 0: every configuration scored by the model alone (a check predicted before measuring).
-        fit = ok[: args.calibrate]
-        result, cals = None, {prec: Calibration() for prec in profiles}
-        if fit:
-            runs = [{"plan": r["plan_obj"], "measured": r["measured"], "name": r["name"], "has_comm": False}
-                    for r in fit]
-            prec0 = fit[0]["plan_obj"].precision
-            result = calibrate(specs[prec0], hw, profiles[prec0], runs, [], split_host=SPLIT_MODES[args.split_host])
-            cal = Calibration.from_dict(result)
-            memory_only = Calibration(activation_scale=cal.activation_scale, memory_offset_mb=cal.memory_offset_mb)
-            cals = {prec: cal if prec == prec0 else memory_only for prec in profiles}
-        fitted = {id(r) for r in fit}
+        fits = calibration_sets(ok, args.calibrate)
+        fitted_by = {m: fit_calibration(fit, specs, profiles, hw, args.split_host) for m, fit in fits.items()}
+        fitted = {id(r) for fit in fits.values() for r in fit}
         # a calibration configuration is not scored in any run of it: another file's run of it (an earlier
         # session's, say) is shown but kept out of the errors
-        fitted_cfgs = {json.dumps(r["config"], sort_keys=True) for r in fit}
+        fitted_cfgs = {json.dumps(r["config"], sort_keys=True) for r in ok[: args.calibrate]}
+        several = len(fits) > 1
         for r in recs:
             cfg = r["config"]
             if "measured" not in r:
@@ -166,12 +198,15 @@ def main() -> int:
             prec = r["plan_obj"].precision
             ev0 = evaluate_run(r["plan_obj"], specs[prec], hw, profiles[prec], Calibration())
             step0, mem0 = ev0.step_time_s, ev0.stage_memory
-            step, mem = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], cals[prec])
+            step, mem = predict_run(r["plan_obj"], specs[prec], hw, profiles[prec], fitted_by[r["machine"]][1][prec])
             meas_t = r["measured"]["step_time_s"]
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
+            own = all(f["machine"] == r["machine"] for f in fits[r["machine"]])
             role = ("calibration" if id(r) in fitted else
                     "calibration configuration, another run" if json.dumps(cfg, sort_keys=True) in fitted_cfgs else
-                    "scored") + (f" (median of {len(r['repeats'])})" if "repeats" in r else "")
+                    "scored") + (f" (median of {len(r['repeats'])})" if "repeats" in r else "") + (
+                    f" [{r['machine'] or 'unnamed'}{'' if own else ', calibrated on another machine'}]"
+                    if several else "")
             rows.append({"model": model, **cfg, "status": role,
                          "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
                          "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,
@@ -193,7 +228,8 @@ def main() -> int:
                 "mem_worst_under": min(x["mem_err"] for x in scored),
                 "uncalibrated_mem_median_abs_err": statistics.median(abs(x["uncalibrated_mem_err"]) for x in scored),
                 "uncalibrated_mem_worst_under": min(x["uncalibrated_mem_err"] for x in scored),
-                "calibration": result,
+                "calibration": fitted_by[ok[0]["machine"]][0],
+                **({"calibration_by_machine": {m: res for m, (res, _) in fitted_by.items()}} if several else {}),
                 "profiles": {p: "measured" if v else "analytic" for p, v in profiles.items()},
             }
     lines = [f"# One-GPU sweep: predicted against measured ({hw.name})", "",

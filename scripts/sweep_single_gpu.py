@@ -5,7 +5,7 @@
 For each model it runs a fixed list of plans (micro-batch, chunks, checkpointing of the first k
 layers, ZeRO stage, precision), each for `--steps` steps through train.py's own code path, and
 appends one JSON line per configuration: the plan, the measured summary (step time without the
-first step, peak allocated memory) or the error (out of memory). Predictions are made afterwards,
+first step, peak allocated memory) or the error (out of memory), and the machine that ran it. Predictions are made afterwards,
 on any machine, by scripts/sweep_report.py, so the GPU time goes to measuring only.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -81,6 +82,18 @@ def model_configs(model: str, num_layers: int, custom: dict[str, list[dict]],
     return [c for c in every if precisions is None or c["precision"] in precisions]
 
 
+def machine_id() -> str:
+    """Which machine ran a record: host name and boot. The lent GPU machines run one configuration's launch-bound
+    steps up to 1.7x apart (profiles/h200/runs/s16), so scripts/sweep_report.py calibrates each machine on its
+    own runs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
 def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list[str] = ()) -> dict:
     import torch
 
@@ -98,7 +111,7 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     rec = {"model": model, "config": cfg, "plan": plan.to_json_dict(), "train_args": list(train_args),
-           "started_at": t0}
+           "started_at": t0, "machine": machine_id()}
     if torch.cuda.is_available():
         # what earlier configurations of this process still hold: part of this run's peak, which
         # scripts/sweep_report.py takes off (a ZeRO-1 ViT-L run left ~1 GB on an H200)

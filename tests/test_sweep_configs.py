@@ -65,3 +65,25 @@ def test_processes_zero3_apart_and_calibration_repeats(tmp_path):
     r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--calibration-repeats", "0", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--calibration-repeats 0" in r.stderr and not out.exists()
+
+
+def test_a_cpu_sweep_records_its_machine_and_reports(tmp_path):
+    """Two bert-test configurations through train.py on CPU: each record names the machine that ran it (host name
+    and boot, read here independently), and sweep_report.py scores the second against the first's calibration."""
+    cfg = tmp_path / "configs.json"
+    cfg.write_text(json.dumps({"bert-test": [dict(bsz=4, chunks=1, ckpt=0, zero=1, precision="fp32"),
+                                             dict(bsz=4, chunks=2, ckpt=0, zero=0, precision="fp32")]}))
+    out, report = tmp_path / "sweep.jsonl", tmp_path / "report.md"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29641"}
+    r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--models", "bert-test", "--configs", str(cfg),
+                        "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        want = f"{os.uname().nodename}/{f.read().strip()[:8]}"
+    assert [x["rc"] for x in recs] == [0, 0] and {x["machine"] for x in recs} == {want}
+    r = subprocess.run([sys.executable, "scripts/sweep_report.py", "--sweep", str(out), "--hardware", "1xH100",
+                        "--calibrate", "1", "--out", str(report)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(report.with_suffix(".json").read_text())["rows"]
+    assert [x["status"] for x in rows] == ["calibration", "scored"]        # one machine: no machine in the roles

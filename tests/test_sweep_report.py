@@ -17,13 +17,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRUTH = Calibration(compute_scale=1.3)
 
 
-def _records(model: str, configs: list[tuple[int, int, int]]) -> list[dict]:
+def _records(model: str, configs: list[tuple[int, int, int]], truth: Calibration = TRUTH) -> list[dict]:
     spec, hw = get_model_spec(model, precision="bf16"), load_hardware("1xH100")
     out = []
     for bsz, chunks, ckpt in configs:
         plan = Plan.uniform(num_layers=spec.num_layers, world_size=1, global_bsz=bsz, chunks=chunks, precision="bf16",
                             checkpoint=[1] * ckpt + [0] * (spec.num_layers - ckpt), model={"name": model})
-        step, mem = predict_run(plan, spec, hw, None, TRUTH)
+        step, mem = predict_run(plan, spec, hw, None, truth)
         out.append({"model": model, "config": {"bsz": bsz, "chunks": chunks, "ckpt": ckpt, "zero": 0, "precision": "bf16"},
                     "plan": plan.to_json_dict(), "identity_s": predict_run(plan, spec, hw, None, Calibration())[0],
                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem],
@@ -124,3 +124,41 @@ def test_a_calibration_configuration_is_not_scored_in_another_file(tmp_path):
                      (16, 2, 0, "calibration configuration, another run"),
                      (8, 1, 2, "scored"), (32, 4, 1, "scored")]
     assert rep["summary"]["bert-test"]["scored"] == 2
+
+
+
+SLOW = Calibration(compute_scale=1.3 * 1.5)   # a machine whose launches and kernels take 1.5x as long
+
+
+def _on(machine: str, runs: list[dict]) -> list[dict]:
+    """Runs as sweep_single_gpu records them on `machine`."""
+    return [{**r, "machine": machine} for r in runs]
+
+
+def test_each_machine_is_calibrated_on_its_own_runs(tmp_path):
+    """Machine B is 1.5x slower than A (its runs generated with compute_scale 1.95, A's with 1.3). B ran the
+    calibration configurations too, so its scored rows are predicted from B's runs and come out exact; C, as slow,
+    ran none of them: it takes A's calibration, marked so, and is off by what A's factor predicts against the
+    truth. FILE@NAME names the machine of records that carry none."""
+    configs = [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)]
+    runs, slow = _records("bert-test", configs), _records("bert-test", configs, SLOW)
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in runs))               # no machine field: named by @A
+    b.write_text("".join(json.dumps(r) + "\n" for r in _on("B", slow)))
+    c.write_text("".join(json.dumps(r) + "\n" for r in _on("C", slow[2:])))
+    out = tmp_path / "r.md"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", f"{a}@A", str(b), str(c),
+                        "--hardware", "1xH100", "--calibrate", "2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    roles = [x["status"] for x in rep["rows"]]
+    assert roles == ["calibration [A]"] * 2 + ["scored [A]"] * 2 + ["calibration [B]"] * 2 + ["scored [B]"] * 2 + \
+        ["scored [C, calibrated on another machine]"] * 2
+    errs = [x["time_err"] for x in rep["rows"]]
+    assert max(abs(e) for e in errs[:8]) < 0.006                          # A and B: each on its own factor
+    want = [r_a["measured"]["step_time_s"] / r_s["measured"]["step_time_s"] - 1 for r_a, r_s in zip(runs[2:], slow[2:])]
+    assert errs[8:] == pytest.approx(want, abs=0.006) and max(want) < -0.1   # C: A's factor on a slower host
+    s = rep["summary"]["bert-test"]
+    assert s["scored"] == 6 and set(s["calibration_by_machine"]) == {"A", "B", "C"}
+    assert s["calibration_by_machine"]["C"] == s["calibration_by_machine"]["A"]
+    assert s["calibration_by_machine"]["B"]["compute_scale"] == pytest.approx(1.95, abs=0.006)
