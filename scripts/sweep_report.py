@@ -32,7 +32,7 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
     them (records since session 16 carry sweep_single_gpu.py's `machine`; older ones none: one machine)."""
     by_model: dict[str, list[dict]] = {}
     for spec in paths:
-        spec, at, name = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        spec, _, name = spec.rpartition("@") if "@" in spec else (spec, "", "")
         path, _, only = spec.partition(":")
         models = set(only.split(",")) if only else None
         with open(path) as f:
@@ -184,7 +184,12 @@ def main() -> int:
         # were fitted against (its host's speed), so a profile of another precision keeps its own.
         # --calibrate 0: every configuration scored by the model alone (a check predicted before measuring).
         fits = calibration_sets(ok, args.calibrate)
-        fitted_by = {m: fit_calibration(fit, specs, profiles, hw, args.split_host) for m, fit in fits.items()}
+        by_runs = {}        # machines without all the calibration runs share the model's first: fit it once
+        for fit in fits.values():
+            key = tuple(map(id, fit))
+            if key not in by_runs:
+                by_runs[key] = fit_calibration(fit, specs, profiles, hw, args.split_host)
+        fitted_by = {m: by_runs[tuple(map(id, fit))] for m, fit in fits.items()}
         fitted = {id(r) for fit in fits.values() for r in fit}
         # a calibration configuration is not scored in any run of it: another file's run of it (an earlier
         # session's, say) is shown but kept out of the errors

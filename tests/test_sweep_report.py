@@ -126,7 +126,6 @@ def test_a_calibration_configuration_is_not_scored_in_another_file(tmp_path):
     assert rep["summary"]["bert-test"]["scored"] == 2
 
 
-
 SLOW = Calibration(compute_scale=1.3 * 1.5)   # a machine whose launches and kernels take 1.5x as long
 
 
