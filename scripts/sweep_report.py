@@ -122,6 +122,16 @@ def merge_repeats(recs: list[dict]) -> list[dict]:
     return out
 
 
+def repeat_noise(recs: list[dict]) -> dict:
+    """How far one run of a configuration lies from the median of its repeats (merge_repeats' `repeats`: fresh
+    processes of one sweep file): the median over every such run of |run / median - 1|, and how many
+    configurations were repeated. The noise floor of a scored row, which is one run: on the lent H200s one
+    launch-bound configuration took 103-167 ms in five processes (profiles/h200/runs/s11)."""
+    sets = [r["repeats"] for r in recs if len(r.get("repeats", ())) >= 2]
+    devs = [abs(t / statistics.median(s) - 1) for s in sets for t in s]
+    return {"configurations": len(sets), "median_abs_dev": statistics.median(devs) if devs else None}
+
+
 def profile_for(folder: str | None, model: str, precision: str):
     """The model profile of that precision: <folder>/<model>.json when it is, else <folder>/<precision>/<model>.json;
     None (analytic) when neither exists."""
@@ -233,6 +243,7 @@ def main() -> int:
                 "mem_worst_under": min(x["mem_err"] for x in scored),
                 "uncalibrated_mem_median_abs_err": statistics.median(abs(x["uncalibrated_mem_err"]) for x in scored),
                 "uncalibrated_mem_worst_under": min(x["uncalibrated_mem_err"] for x in scored),
+                "repeat_noise": repeat_noise(recs),
                 "calibration": fitted_by[ok[0]["machine"]][0],
                 **({"calibration_by_machine": {m: res for m, (res, _) in fitted_by.items()}} if several else {}),
                 "profiles": {p: "measured" if v else "analytic" for p, v in profiles.items()},
@@ -243,16 +254,21 @@ def main() -> int:
              f"--out {args.out}`", "",
              "| model | scored | step time median abs err | max abs err | uncalibrated median / max | "
              "GPU-bound: scored, median / max | peak memory median abs err | worst under-prediction | "
-             "uncalibrated memory median / worst under |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "uncalibrated memory median / worst under | repeated: configurations, one run off their median |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         g = s["gpu_bound"]
         gpu_cell = f"{g['scored']}, {g['time_median_abs_err']:.1%} / {g['time_max_abs_err']:.1%}" if g["scored"] else "0"
+        n = s["repeat_noise"]
+        noise_cell = f"{n['configurations']}, {n['median_abs_dev']:.1%}" if n["configurations"] else "0"
         lines.append(f"| {m} | {s['scored']} | {s['time_median_abs_err']:.1%} | {s['time_max_abs_err']:.1%} | "
                      f"{s['uncalibrated_time_median_abs_err']:.1%} / {s['uncalibrated_time_max_abs_err']:.1%} | "
                      f"{gpu_cell} | {s['mem_median_abs_err']:.1%} | {s['mem_worst_under']:+.1%} | "
-                     f"{s['uncalibrated_mem_median_abs_err']:.1%} / {s['uncalibrated_mem_worst_under']:+.1%} |")
-    lines += ["", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
+                     f"{s['uncalibrated_mem_median_abs_err']:.1%} / {s['uncalibrated_mem_worst_under']:+.1%} | "
+                     f"{noise_cell} |")
+    lines += ["", "repeated: configurations run in two or more fresh processes of one sweep file (the calibration "
+              "repeats), and the median over those runs of how far one run lies from their median: the noise a "
+              "scored row, one run, carries.", "", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
               "or the GPU); host share: measured, the time until the host had queued the last backward over the time "
               "until the device had finished it (runs since session 14; near 1: launch-bound), for runs of sessions "
               "12-13 the time until the host had queued the step over the step time (near 1 on every step: it "

@@ -71,6 +71,29 @@ def test_repeats_merge_into_their_median(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "calibration (median of 3)"
     assert rows[0]["measured_s"] == pytest.approx(first["measured"]["step_time_s"], rel=1e-12)
     assert rep["summary"]["bert-test"]["scored"] == 2 and rep["summary"]["bert-test"]["time_median_abs_err"] < 0.006
+    # repeat noise: the three runs lie 0 %, 50 % and 2 % off their median (the first): median 2 %, one configuration
+    assert rep["summary"]["bert-test"]["repeat_noise"] == {"configurations": 1, "median_abs_dev": pytest.approx(0.02)}
+    assert "| 1, 2.0% |" in out.read_text()
+
+
+def test_repeat_noise_needs_two_runs_of_one_configuration(tmp_path):
+    """Pairs a / b give |a - b| / (a + b) for each run; configurations run once do not count."""
+    runs = _records("bert-test", [(8, 1, 0), (16, 2, 0), (8, 1, 2), (32, 4, 1)])
+    extra = []
+    for r, f in ((runs[0], 1.2), (runs[2], 0.9)):
+        again = json.loads(json.dumps(r))
+        again["measured"]["step_time_s"] *= f
+        extra.append(again)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*runs, *extra]))
+    out = tmp_path / "r.md"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", str(path),
+                        "--hardware", "1xH100", "--calibrate", "2", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    noise = json.loads(out.with_suffix(".json").read_text())["summary"]["bert-test"]["repeat_noise"]
+    # runs 1 and 1.2 -> 0.2 / 2.2 each; 1 and 0.9 -> 0.1 / 1.9 each: the median of the four is their mean
+    assert noise["configurations"] == 2
+    assert noise["median_abs_dev"] == pytest.approx((0.2 / 2.2 + 0.1 / 1.9) / 2, rel=1e-9)
 
 
 def test_held_memory_is_shown_not_taken_off_and_host_share(tmp_path):
