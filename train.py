@@ -353,7 +353,9 @@ def gather_floats(value: float) -> list[float]:
 def summarize(plan, groups, records: list[dict], peaks: list[float], flops: float) -> dict:
     import statistics
 
-    timed = records[1:] or records               # the first step includes warm-up
+    from autotune.validate import timed_steps
+
+    timed = timed_steps(records, plan.zero_stage)   # without the warm-up steps
     step_time = statistics.median(r["step_time_s"] for r in timed)   # steady state: robust to host hiccups
     block = groups.world_size // plan.pp_deg
     stage_peak = [max(peaks[k * block:(k + 1) * block]) for k in range(plan.pp_deg)]

@@ -24,6 +24,16 @@ from autotune.plan import Plan, PlanError, write_json_atomic  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def timed_steps(records: list, zero_stage: int) -> list:
+    """The steps that time the steady state: all but the first (warm-up), and under ZeRO-3 all but the first two.
+    DeepSpeed's ZeRO-3 engine is still warming up in its second step: 3.2-26.2 s against 0.4-1.6 s for the steps
+    after it, in every ZeRO-3 run of the H200 sweeps (sessions 13-17, profiles/h200/runs/s17/README.md). Counted
+    as steady, it set the median of three timed steps to the slower of the other two. Fewer steps than that:
+    the last one."""
+    skip = 2 if zero_stage == 3 else 1
+    return records[skip:] or records[-1:]
+
+
 def rel_err(pred: float, meas: float) -> float:
     """Signed relative error of a prediction: positive = over-predicted."""
     return (pred - meas) / meas if meas else float("nan")

@@ -20,14 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sweep_report import load  # noqa: E402
+from sweep_report import load, steady  # noqa: E402
 
 
 def step_times(paths: list[str]) -> dict[tuple[str, str], list[float]]:
     """{(model, configuration as JSON): step times of its successful runs, in file order}."""
     out: dict[tuple[str, str], list[float]] = {}
     for model, recs in load(paths).items():
-        for r in recs:
+        for r in map(steady, recs):
             if "measured" in r:
                 key = (model, json.dumps(r["config"], sort_keys=True))
                 out.setdefault(key, []).append(r["measured"]["step_time_s"])

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from autotune.calibrate import SPLIT_MODES, calibrate, evaluate_run, predict_run  # noqa: E402
 from autotune.cost_model import Calibration  # noqa: E402
 from autotune.plan import Plan, write_json_atomic  # noqa: E402
+from autotune.validate import timed_steps  # noqa: E402
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
@@ -64,6 +65,21 @@ def calibration_sets(ok: list[dict], n: int) -> dict[str, list[dict]]:
     return out
 
 
+def steady(r: dict) -> dict:
+    """The record with its step time taken again from its steps as train.py takes it now (autotune.validate.
+    timed_steps): records before session 17 counted ZeRO-3's second step, still warm-up, among the timed ones.
+    Samples/s and TFLOP/s follow the step time; a record without steps stays as it is."""
+    steps = r.get("steps") or []
+    if "measured" not in r or not steps:
+        return r
+    old = r["measured"]["step_time_s"]
+    new = statistics.median(x["step_time_s"] for x in timed_steps(steps, r["config"]["zero"]))
+    m = dict(r["measured"], step_time_s=new, samples_per_s=r["config"]["bsz"] / new)
+    if m.get("tflops_per_gpu"):
+        m["tflops_per_gpu"] *= old / new
+    return dict(r, measured=m)
+
+
 def held_before(r: dict) -> float | None:
     """MB that earlier configurations of the run's process still held when it started (sweep_single_gpu.py's
     allocated_before_mb, since session 12), shown beside the peak and not taken off it: on one H200 two ZeRO-1
@@ -78,7 +94,7 @@ def host_share(r: dict) -> float | None:
     the device had finished it (train.py's host_backward_s / device_backward_s, since session 14): near 1 when
     the host's launches set the pace. Runs of sessions 12-13 have only host_s, which counts the wait at
     DeepSpeed's optimizer step (it reads the norm back): host_s / step_time_s for them, near 1 on every step."""
-    timed = r.get("steps", [])[1:]
+    timed = timed_steps(r.get("steps", []), r["config"]["zero"])
     new = [x["host_backward_s"] / x["device_backward_s"] for x in timed if x.get("device_backward_s")]
     if new:
         return statistics.median(new)
@@ -179,7 +195,7 @@ def main() -> int:
     hw = load_hardware(args.hardware)
     rows, summary = [], {}
     for model, recs in load(args.sweep).items():
-        recs = merge_repeats(recs)
+        recs = merge_repeats([steady(r) for r in recs])
         ok = [r for r in recs if "measured" in r]
         for r in ok:
             r["plan_obj"] = Plan.from_dict(r["plan"])
