@@ -3,8 +3,9 @@
 # 16's ViT-L runs, each in a fresh process, were faster than session 14's shared sweep process in all 7, but on
 # another machine; this runs the same configurations both ways on one machine, alternating (ORDER: MODEL:shared|
 # fresh ..., default shared fresh fresh shared, so a linear drift of the machine falls on both equally). Under OUT_DIR:
-#   configs.json      the configurations: a GPU-bound one first (in a shared process, the others then run after
-#                     another configuration, as in a sweep), then launch-bound ones where the two sessions differed
+#   configs.json      the configurations: the anchor batch with ZeRO-1 first (so in a shared process the others run
+#                     after another configuration, as in a sweep), then ones where the two sessions differed; ORDER
+#                     may also name t5-large, whose list is there too
 #   shared.jsonl      scripts/sweep_single_gpu.py records, every configuration of a round in one process
 #   fresh.jsonl       the same, each configuration in a process of its own
 #   log_shared.txt, log_fresh.txt, gpu.csv (nvidia-smi every second)
