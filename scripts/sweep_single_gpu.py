@@ -151,7 +151,7 @@ def _cleanup() -> None:
 
 
 def process_groups(every: list[dict], chosen: list[int], calibration_repeats: int = 1,
-                   per_config: bool = False) -> list[list[int]]:
+                   per_config: bool = False, rounds: int = 1) -> list[list[int]]:
     """Indices into `every` that each fresh process runs, in order.
 
     Each chosen calibration configuration (the first CALIBRATION_RUNS) runs in a process of its own: a ZeRO-1
@@ -161,14 +161,20 @@ def process_groups(every: list[dict], chosen: list[int], calibration_repeats: in
     (`per_config`: one each) and one per ZeRO-3 configuration (its engine leaves ~12 GB allocated after it is
     destroyed: seen on an H100). Last, each calibration configuration again in `calibration_repeats` - 1 more
     processes: launch-bound steps differ between processes far more than within one (one H200: 103-167 ms
-    for one Swin-B configuration), and scripts/sweep_report.py takes the median of the repeats."""
+    for one Swin-B configuration), and scripts/sweep_report.py takes the median of the repeats.
+
+    `rounds` R: all of that R times over, one round after the other, so that every configuration is the median
+    of R processes spread over the call. One H200's speed drifted within a call: ViT-L batch 16 ZeRO-0 took 75
+    ms in the call's first process and 56 ms in its last, batch 32 ZeRO-0 106 ms in the shared process between
+    them (profiles/h200/runs/s14/c), so calibration runs and scored runs made at different times of the call
+    disagreed by more than the model's error."""
     calibration = [i for i in chosen if i < CALIBRATION_RUNS]
     rest = [i for i in chosen if i >= CALIBRATION_RUNS]
     shared = [] if per_config else [[i for i in rest if every[i]["zero"] != 3]]
     alone = [[i] for i in rest if per_config or every[i]["zero"] == 3]
     groups = [[i] for i in calibration] + shared + alone
     groups += [[i] for _ in range(calibration_repeats - 1) for i in calibration]
-    return [g for g in groups if g]
+    return [g for _ in range(rounds) for g in groups if g]
 
 
 def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int:
@@ -180,7 +186,9 @@ def spawn_groups(args: argparse.Namespace, custom: dict[str, list[dict]]) -> int
     for model in args.models.split(","):
         every = model_configs(model, get_model_spec(model).num_layers, custom, args.precisions)
         chosen = list(range(len(every)))[args.skip: args.limit]
-        for group in process_groups(every, chosen, args.calibration_repeats, args.process_per_config):
+        groups = process_groups(every, chosen, args.calibration_repeats, args.process_per_config, args.rounds)
+        for k, group in enumerate(groups):
+            print(f"[sweep] {model}: process {k + 1} of {len(groups)}, configurations {group}", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--steps", str(args.steps),
                    "--only", ",".join(map(str, group)), "--out", args.out, f"--train-args={args.train_args}"]
             if args.precisions:
@@ -211,11 +219,15 @@ def main() -> int:
     ap.add_argument("--calibration-repeats", type=int, default=1,
                     help=f"measure each model's first {CALIBRATION_RUNS} configurations (the calibration runs) this "
                          f"many times, each in a fresh process (default 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole list this many times, round after round, each in its own processes; "
+                         "scripts/sweep_report.py scores each configuration by the median of its runs (default 1)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if args.calibration_repeats < 1:
-        print(f"error: --calibration-repeats {args.calibration_repeats}: give 1 or more", file=sys.stderr)
-        return 2
+    for flag, value in (("--calibration-repeats", args.calibration_repeats), ("--rounds", args.rounds)):
+        if value < 1:
+            print(f"error: {flag} {value}: give 1 or more", file=sys.stderr)
+            return 2
     args.precisions = set(args.precisions.split(",")) if args.precisions else None
     if args.precisions and args.precisions - {"bf16", "fp16", "fp32"}:
         print(f"error: --precisions {','.join(sorted(args.precisions))}: use bf16, fp16 or fp32", file=sys.stderr)

@@ -67,6 +67,20 @@ def test_processes_zero3_apart_and_calibration_repeats(tmp_path):
     assert r.returncode == 2 and "--calibration-repeats 0" in r.stderr and not out.exists()
 
 
+def test_rounds_repeat_the_whole_list_round_after_round(tmp_path):
+    every = configs("vit-large", 24)
+    one = process_groups(every, list(range(len(every))))
+    three = process_groups(every, list(range(len(every))), rounds=3)
+    assert three == one * 3 and len(one) == CALIBRATION_RUNS + 1 + 2                 # 3 alone, shared, 2 ZeRO-3
+    runs = [i for g in three for i in g]
+    assert all(runs.count(i) == 3 for i in range(len(every)))                      # each configuration 3 times
+    assert three[len(one)] == [0]                                                    # round 2 starts afresh
+    out = tmp_path / "sweep.jsonl"
+    r = subprocess.run([sys.executable, "scripts/sweep_single_gpu.py", "--rounds", "0", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--rounds 0" in r.stderr and not out.exists()
+
+
 def test_a_cpu_sweep_records_its_machine_and_reports(tmp_path):
     """Two bert-test configurations through train.py on CPU: each record names the machine that ran it (host name
     and boot, read here independently), and sweep_report.py scores the second against the first's calibration."""
