@@ -43,44 +43,14 @@ from torch import nn  # noqa: E402
 from autotune.model_profile import ModelProfile, ProfileError  # noqa: E402
 from backends.gc_pause import automatic_gc_off  # noqa: E402
 from model_zoo.adapter import LayerSequence, run_sequence  # noqa: E402
-from model_zoo.common import carry_mask_answer, get_mask_answer, mask_answers, put_mask_answers  # noqa: E402
+from backends.deepspeed.graphs import GraphedCall, capture, copy_grads_out, record_layer_io  # noqa: E402
+from model_zoo.common import carry_mask_answer  # noqa: E402
 from model_zoo.registry import PRESETS, load_hf_config  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
 
 WARMUP = 3
 FAMILIES = ("vit", "bert")
 DEFAULT_MODELS = ["vit-large:16,32,64", "bert-large:8,16,32"]
-
-
-class TensorArgs(nn.Module):
-    """A layer entry as make_graphed_callables wants it: tensors in positionally, tensors out. Outputs that
-    are inputs handed on unchanged (BERT's 2D mask) are left out; GraphedEntry puts them back."""
-
-    def __init__(self, entry: nn.Module, passthrough: tuple[int | None, ...]):
-        super().__init__()
-        self.entry = entry
-        self.computed = [k for k, p in enumerate(passthrough) if p is None]
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.entry(tuple(tensors))
-        return tuple(out[k] for k in self.computed)
-
-
-class GraphedEntry(nn.Module):
-    """The layer sequence's interface (tuple in, tuple out) around a graphed TensorArgs. The graph baked in
-    the branch its sample mask's answer chose (flash attention when nothing is masked), so a real mask must
-    carry the same answer."""
-
-    def __init__(self, graphed: nn.Module, passthrough: tuple[int | None, ...], answers: list):
-        super().__init__()
-        self.graphed, self.passthrough, self.answers = graphed, passthrough, answers
-
-    def forward(self, inputs: tuple) -> tuple:
-        for x, answer in zip(inputs, self.answers):
-            if answer is not None and get_mask_answer(x) != answer:
-                raise RuntimeError(f"mask answer {get_mask_answer(x)} differs from the captured one ({answer})")
-        computed = iter(self.graphed(*inputs))
-        return tuple(inputs[p] if p is not None else next(computed) for p in self.passthrough)
 
 
 def failure(exc: Exception) -> dict:
@@ -148,47 +118,17 @@ def timed_steps(net: nn.Module, seq: LayerSequence, inputs: tuple, labels: torch
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
 
 
-def record_layer_io(seq: LayerSequence, inputs: tuple) -> list[tuple[tuple, tuple[int | None, ...]]]:
-    """One eager forward with forward hooks on the layer entries: per layer its real inputs and, per output,
-    the index of the input it hands on unchanged (None: computed). The hooks are gone afterwards."""
-    seen: list[tuple[tuple, tuple[int | None, ...]]] = []
-
-    def hook(module: nn.Module, args: tuple, out: tuple) -> None:
-        xs = tuple(args[0])
-        outs = out if isinstance(out, tuple) else (out,)
-        seen.append((xs, tuple(next((j for j, x in enumerate(xs) if o is x), None) for o in outs)))
-
-    handles = [e.module.register_forward_hook(hook) for e in seq.layers]
-    try:
-        run_sequence(seq.entries, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+def capture_sequence(seq: LayerSequence, inputs: tuple) -> list[GraphedCall]:
+    """A GraphedCall per layer entry from one eager forward's layer inputs (one make_graphed_callables call)."""
+    modules = [e.module for e in seq.layers]
+    io = record_layer_io(modules, lambda: run_sequence(seq.entries, inputs))
+    return capture(modules, io)
 
 
-def sample_of(xs: tuple) -> tuple[torch.Tensor, ...]:
-    """Detached copies with the same requires_grad and mask answers (BERT's layers ask the mask's answer
-    during capture; without it they would read it back from the GPU, which a capture cannot)."""
-    samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in xs)
-    put_mask_answers(samples, mask_answers(xs))
-    return samples
-
-
-def copy_grads_out(modules: list[nn.Module]) -> list:
-    """A hook per parameter that gives autograd a copy of the gradient the graph wrote into its static
-    buffer, so param.grad never aliases that buffer and accumulation adds up (pytorch/pytorch#181723).
-    Costs one copy of the layers' gradients per backward. Returns the handles."""
-    return [p.register_hook(torch.clone) for m in modules for p in m.parameters() if p.requires_grad]
-
-
-def capture(seq: LayerSequence, inputs: tuple) -> list[GraphedEntry]:
-    """GraphedEntry per layer entry, all from one make_graphed_callables call (one memory pool)."""
-    io = record_layer_io(seq, inputs)
-    wrappers = tuple(TensorArgs(e.module, passthrough) for e, (_, passthrough) in zip(seq.layers, io))
-    samples = tuple(sample_of(xs) for xs, _ in io)
-    graphed = torch.cuda.make_graphed_callables(wrappers, samples)
-    return [GraphedEntry(g, passthrough, mask_answers(xs)) for g, (xs, passthrough) in zip(graphed, io)]
+def use(seq: LayerSequence, modules: list) -> None:
+    """Put `modules` (eager layers or GraphedCalls) in the layer entries."""
+    for entry, module in zip(seq.layers, modules):
+        entry.module = module
 
 
 def predicted_ms(profile: ModelProfile | None, b: int) -> dict | None:
@@ -227,11 +167,6 @@ def load_profile(folder: str | None, model: str) -> ModelProfile | None:
     return profile if profile.precision == "bf16" else None
 
 
-def use(seq: LayerSequence, modules: list[nn.Module]) -> None:
-    for entry, module in zip(seq.layers, modules):
-        entry.module = module
-
-
 def grads(net: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
 
@@ -252,10 +187,10 @@ def grad_rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict
     return {"all": (num / max(den, 1e-60)) ** 0.5, "max": worst, "worst": name}
 
 
-def correctness(net: nn.Module, seq: LayerSequence, eager: list[nn.Module], graphed: list[nn.Module],
+def correctness(net: nn.Module, seq: LayerSequence, eager: list[nn.Module], graphed: list,
                 one: tuple, two: list[tuple]) -> dict:
     """Loss and gradients, graphed against eager: one pass of batch `one`; two accumulated passes of `two`."""
-    def run(modules: list[nn.Module], batches: list[tuple]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    def run(modules: list, batches: list[tuple]) -> tuple[list[float], dict[str, torch.Tensor]]:
         use(seq, modules)
         net.zero_grad(set_to_none=True)
         losses = [forward_backward(seq, *b).item() for b in batches]
@@ -309,12 +244,12 @@ def bench(model: str, batches: list[int], steps: int, device: torch.device, grad
             if device.type != "cuda":
                 row["graphed_reason"] = "CUDA graphs need a GPU (--device cpu: eager path only)"
             else:
-                graphed: list[nn.Module] = []
+                graphed: list = []
                 hooks: list = []
                 try:
                     torch.cuda.empty_cache()
                     t0 = time.perf_counter()
-                    graphed = capture(seq, inputs)
+                    graphed = capture_sequence(seq, inputs)
                     capture_s = time.perf_counter() - t0
                     hooks = copy_grads_out(eager) if grad_copy else []
                     use(seq, graphed)

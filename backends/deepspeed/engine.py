@@ -23,6 +23,7 @@ from autotune.plan import Plan
 from autotune.profile_model import Clock
 from backends.deepspeed import fast_clip
 from backends.deepspeed.config import make_ds_config
+from backends.deepspeed.graphs import LayerGraphs, graph_refusal
 from backends.deepspeed.layers import SequentialWithLoss
 from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm_owners
 from backends.megatron.groups import ParallelGroups
@@ -76,6 +77,7 @@ class TrainEngine:
     groups: ParallelGroups
     ds_config: dict
     autocast: bool = False           # fp32 weights under torch autocast: float inputs stay fp32
+    graphs: LayerGraphs | None = None  # --cuda-graphs: captured at the end of the first step
 
     @property
     def pipelined(self) -> bool:
@@ -98,6 +100,16 @@ class TrainEngine:
                 loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
             queued = _queued()
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()), **queued)
+        if self.graphs is not None and not self.graphs.captured:
+            done: list[StepResult] = []
+            self.graphs.record(lambda: done.append(self._step(moved)))
+            if dist.get_rank() == 0:
+                print(f"[train] {self.graphs.summary()}", flush=True)
+            return done[0]
+        return self._step(moved)
+
+    def _step(self, moved: list[MicroBatch]) -> StepResult:
+        """train_step's pp = 1 path: forward, backward and DeepSpeed's step per micro-batch."""
         start = _CLOCK.mark()
         total = torch.zeros((), device=device(), dtype=torch.float32)
         for i, (inputs, labels) in enumerate(moved):
@@ -232,12 +244,13 @@ def _to(x: Any, dev: torch.device, float_dtype: torch.dtype | None = None) -> An
 
 def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: float = 1e-4,
                  weight_decay: float = 0.01, eps: float = 1e-8, autocast: bool = False,
-                 compile_mode: str | None = None) -> TrainEngine:
+                 compile_mode: str | None = None, cuda_graphs: bool = False) -> TrainEngine:
     """deepspeed.initialize with the config generated from the plan.
 
     `autocast`: see make_ds_config (pp = 1 only: DeepSpeed's pipeline engine has no autocast).
     `compile_mode`: torch.compile each Transformer layer in this torch.compile mode (one compiled graph serves
-    all equal layers); None leaves them eager.
+    all equal layers); None leaves them eager. `cuda_graphs`: graph every plain layer's eager kernels after
+    the first step (backends/deepspeed/graphs.py; graph_refusal says which plans cannot).
     """
     autocast = autocast and plan.pp_deg == 1 and plan.precision in ("bf16", "fp16")
     os.environ.setdefault("LOCAL_RANK", "0")       # DeepSpeed's PipelineModule insists on it
@@ -247,6 +260,10 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
                       synchronize=False, profile=False)
     cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
                          fused=True if torch.cuda.is_available() else None, autocast=autocast)
+    if cuda_graphs:
+        refusal = graph_refusal(plan, compile_mode, torch.cuda.is_available())
+        if refusal:
+            raise ValueError(refusal)
     if compile_mode is not None:
         compile_layers(plan, seq, compile_mode)
     wrap = _prepare_layerwise(plan, groups, seq) if groups.layerwise is not None else None
@@ -261,7 +278,11 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     if plan.zero_stage == 0 and (plan.precision == "fp32" or autocast):
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
-    return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast)
+    graphs = None
+    if cuda_graphs:
+        n = len(seq.embed)
+        graphs = LayerGraphs([model.entries[n + i] for i, flag in enumerate(plan.checkpoint) if not flag])
+    return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast, graphs=graphs)
 
 
 # torch.compile modes that capture CUDA graphs -> the same mode without them.

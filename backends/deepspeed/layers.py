@@ -25,8 +25,12 @@ class EntryModule(nn.Module):
     """A PipeEntry as a module: `forward_fn(module, inputs)` or `module(inputs)`.
 
     Layer entries take a tuple, but DeepSpeed's pipeline hands a stage a received 1-tuple as a bare
-    tensor (and so does its TP-partitioned activation transfer); `tuple_inputs` wraps it back.
+    tensor (and so does its TP-partitioned activation transfer); `tuple_inputs` wraps it back. Under
+    --cuda-graphs a layer entry holds its graph (`graphed`, backends/deepspeed/graphs.py, a plain attribute
+    so the module tree and its state dict stay as they are) and replays it where the inputs match.
     """
+
+    graphed = None
 
     def __init__(self, entry: PipeEntry, tuple_inputs: bool = False):
         super().__init__()
@@ -37,6 +41,9 @@ class EntryModule(nn.Module):
     def forward(self, inputs: Any) -> Any:
         if self.tuple_inputs and torch.is_tensor(inputs):
             inputs = (inputs,)
+        g = self.graphed
+        if g is not None and self.training and torch.is_grad_enabled() and g.matches(inputs):
+            return g(inputs)
         return self.forward_fn(self.inner, inputs) if self.forward_fn else self.inner(inputs)
 
 

@@ -1,0 +1,164 @@
+"""Per-layer CUDA graphs of the eager kernels (train.py --cuda-graphs).
+
+Our one-GPU steps are launch-bound: the host queues a layer's kernels more slowly than the GPU runs them,
+and the host's speed on the lent machines moves by up to 2x within seconds. A CUDA graph replays a layer's
+recorded kernels with one launch, so the GPU no longer waits for the host and the step takes what the
+kernels take. Unlike torch.compile's reduce-overhead mode these are the eager kernels, the ones the model
+profiles timed, so a graphed step should take what the profiles' GPU lines say.
+
+torch.cuda.make_graphed_callables captures every plain Transformer layer of the pp = 1 model in one call
+(one memory pool; forward in layer order, backward in reverse, as training runs them), from the inputs
+each layer saw in the first micro-batch of the first step (which runs eager). A later call whose inputs
+differ in shape, dtype or mask answer runs eager, and so do eval mode and no-grad calls. Left eager:
+checkpointed layers (their recompute would replay a forward whose outputs are still in use) and layers
+whose inputs are not all tensors. Refused: pp > 1 (DeepSpeed's pipeline schedule), TP > 1 layers (their
+collectives), ZeRO-3 (parameters gathered by module hooks) and CPU devices.
+
+The graphed backward hands autograd its static gradient buffers; a parameter without a gradient would
+keep that buffer as its .grad, and the next replay would overwrite it in place (pytorch/pytorch#181723:
+two accumulated micro-batches summed wrongly). A hook per parameter gives autograd a copy instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model_zoo.common import get_mask_answer, mask_answers, put_mask_answers
+
+
+class TensorArgs(nn.Module):
+    """A layer entry as make_graphed_callables wants it: tensors in positionally, tensors out. Outputs that
+    hand an input on unchanged (BERT's 2D mask) are left out; GraphedCall puts them back."""
+
+    def __init__(self, entry: nn.Module, passthrough: tuple[int | None, ...]):
+        super().__init__()
+        self.entry = entry
+        self.computed = [k for k, p in enumerate(passthrough) if p is None]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.entry(tuple(tensors))
+        return tuple(out[k] for k in self.computed)
+
+
+@dataclass
+class GraphedCall:
+    """One layer's graphed callable and what it was captured for (tuple in, tuple out)."""
+
+    graphed: nn.Module
+    passthrough: tuple[int | None, ...]
+    answers: list
+    signature: list[tuple[torch.Size, torch.dtype, bool]]
+
+    def matches(self, inputs: tuple) -> bool:
+        """Same shapes, dtypes and requires_grad as captured, and each mask with the captured answer (the
+        graph baked in the branch it chose: flash attention when nothing is masked)."""
+        if len(inputs) != len(self.signature) or not all(torch.is_tensor(x) for x in inputs):
+            return False
+        if [(x.shape, x.dtype, x.requires_grad) for x in inputs] != self.signature:
+            return False
+        return all(a is None or get_mask_answer(x) == a for x, a in zip(inputs, self.answers))
+
+    def __call__(self, inputs: tuple) -> tuple:
+        computed = iter(self.graphed(*inputs))
+        return tuple(inputs[p] if p is not None else next(computed) for p in self.passthrough)
+
+
+def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[int | None, ...]] | None]:
+    """Run `run()` with forward hooks on `modules` (tuple in, tuple out): per module its inputs at its first
+    call and, per output, the index of the input it hands on unchanged (None: computed); None for a module
+    that was not called. The hooks are gone afterwards."""
+    seen: list = [None] * len(modules)
+
+    def hook_for(i: int):
+        def hook(module: nn.Module, args: tuple, out) -> None:
+            if seen[i] is None:
+                xs = tuple(args[0])
+                outs = out if isinstance(out, tuple) else (out,)
+                seen[i] = (xs, tuple(next((j for j, x in enumerate(xs) if o is x), None) for o in outs))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def sample_of(xs: tuple) -> tuple[torch.Tensor, ...]:
+    """Detached copies with the same requires_grad and mask answers (a layer asks its mask's answer during
+    capture; without it it would read it back from the GPU, which a capture cannot)."""
+    samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in xs)
+    put_mask_answers(samples, mask_answers(xs))
+    return samples
+
+
+def capture(modules: list[nn.Module], io: list[tuple[tuple, tuple[int | None, ...]]]) -> list[GraphedCall]:
+    """A GraphedCall per module from its recorded (inputs, passthrough), all from one make_graphed_callables
+    call (one memory pool; they must then run in this order, backward in reverse)."""
+    wrappers = tuple(TensorArgs(m, passthrough) for m, (_, passthrough) in zip(modules, io))
+    samples = tuple(sample_of(xs) for xs, _ in io)
+    graphed = torch.cuda.make_graphed_callables(wrappers, samples)
+    return [GraphedCall(g, passthrough, mask_answers(xs), [(x.shape, x.dtype, x.requires_grad) for x in xs])
+            for g, (xs, passthrough) in zip(graphed, io)]
+
+
+def copy_grads_out(modules: list[nn.Module]) -> list:
+    """A hook per parameter that gives autograd a copy of the gradient a graph wrote into its static buffer,
+    so .grad never aliases that buffer (pytorch/pytorch#181723). One copy of the layers' gradients per
+    backward. Returns the handles."""
+    return [p.register_hook(torch.clone) for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
+    """Why --cuda-graphs cannot run this plan (a one-line message naming the fix), or None."""
+    if not cuda:
+        return "--cuda-graphs needs a CUDA device (CUDA graphs); leave it off on the CPU"
+    if compile_mode is not None:
+        return "--cuda-graphs and --compile exclude each other; --compile reduce-overhead has graphs of its own"
+    if plan.pp_deg > 1:
+        return f"--cuda-graphs needs pp = 1 (this plan has pp = {plan.pp_deg}); leave it off for pipelined plans"
+    if plan.zero_stage == 3:
+        return "--cuda-graphs does not run under ZeRO-3 (its module hooks gather the parameters); use ZeRO 0-2"
+    if max(plan.tp_sizes_enc, default=1) > 1:
+        return ("--cuda-graphs needs TP 1 in every layer (a TP layer's collectives are not captured); "
+                "leave it off for this plan")
+    if not any(flag == 0 for flag in plan.checkpoint):
+        return "--cuda-graphs graphs only layers without checkpointing, and this plan checkpoints all of them"
+    return None
+
+
+@dataclass
+class LayerGraphs:
+    """The graphable layer entries of the pp = 1 model and their graphs, captured after the first step."""
+
+    slots: list[nn.Module]                      # EntryModule per plain (non-checkpointed) layer
+    calls: list[GraphedCall | None] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    eager_left: list[str] = field(default_factory=list)    # why a slot stayed eager
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.calls)
+
+    def record(self, run) -> None:
+        """Run one step (`run()`) eager, then capture every slot from the inputs it saw there."""
+        io = record_layer_io(self.slots, run)
+        keep = [k for k, r in enumerate(io) if r is not None and all(torch.is_tensor(x) for x in r[0])]
+        self.eager_left = [f"layer entry {k}: " + ("not called" if io[k] is None else "inputs not all tensors")
+                           for k in range(len(io)) if k not in keep]
+        torch.cuda.synchronize()
+        calls = capture([self.slots[k] for k in keep], [io[k] for k in keep])
+        self.calls = [None] * len(self.slots)
+        for k, call in zip(keep, calls):
+            self.calls[k] = call
+            self.slots[k].graphed = call
+        self.hooks = copy_grads_out([self.slots[k] for k in keep])
+
+    def summary(self) -> str:
+        n = sum(c is not None for c in self.calls)
+        return f"CUDA graphs: {n} of {len(self.slots)} plain layers graphed" + (
+            f" ({'; '.join(self.eager_left)})" if self.eager_left else "")
