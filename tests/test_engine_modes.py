@@ -12,9 +12,11 @@ from model_zoo.registry import load_hf_config
 from model_zoo.runtime import get_adapter
 
 
-def _bert_test_trainer(*, ckpt: int = 0, autocast: bool = False, from_state: bool = False, **plan_kw):
+def _bert_test_trainer(*, ckpt: int = 0, autocast: bool = False, from_state: bool = False,
+                       engine_kw: dict | None = None, **plan_kw):
     """bert-test (MLM) on one process under a uniform plan, seeded: its trainer and synthetic
-    data. `from_state` builds the model from a state dict (weights loaded in the plan's dtype)."""
+    data. `from_state` builds the model from a state dict (weights loaded in the plan's dtype);
+    `engine_kw`: more build_engine arguments."""
     adapter, config = get_adapter("bert"), load_hf_config("bert-test")
     n = adapter.num_layers(config)
     plan = Plan.uniform(num_layers=n, world_size=1, checkpoint=[1] * ckpt + [0] * (n - ckpt), **plan_kw)
@@ -23,7 +25,8 @@ def _bert_test_trainer(*, ckpt: int = 0, autocast: bool = False, from_state: boo
     model = adapter.build_model(config, "mlm")
     if from_state:
         model = adapter.build_model(config, "mlm", model.state_dict())
-    trainer = build_engine(plan, groups, adapter.layer_sequence(model, "mlm"), lr=1e-3, autocast=autocast)
+    trainer = build_engine(plan, groups, adapter.layer_sequence(model, "mlm"), lr=1e-3, autocast=autocast,
+                           **(engine_kw or {}))
     return trainer, SyntheticData(adapter, config, "mlm", plan, 0, 1)
 
 

@@ -1,0 +1,127 @@
+"""train.py --cuda-graphs (backends/deepspeed/graphs.py) on CPU: the plans it refuses, the gradient-copy hook
+against a static gradient buffer (pytorch/pytorch#181723), and the engine's record / capture / replay path with
+a stand-in for CUDA's capture, against the eager engine's losses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autotune.plan import Plan
+from backends.deepspeed import graphs
+from tests.dist_launcher import train_py
+from tests.test_engine_modes import _bert_test_trainer, _close
+
+
+def _plan(**kw) -> Plan:
+    kw.setdefault("checkpoint", 0)
+    return Plan.uniform(num_layers=4, world_size=kw.pop("world_size", 1), **kw)
+
+
+@pytest.mark.parametrize("kw, compile_mode, cuda, needle", [
+    ({}, None, False, "needs a CUDA device"),
+    ({}, "default", True, "exclude each other"),
+    ({"pp": 2, "world_size": 2}, None, True, "needs pp = 1"),
+    ({"zero_stage": 3}, None, True, "ZeRO-3"),
+    ({"tp": 2, "world_size": 2}, None, True, "TP 1 in every layer"),
+    ({"checkpoint": 1}, None, True, "checkpoints all of them"),
+])
+def test_refused_plans_name_the_reason(kw, compile_mode, cuda, needle):
+    assert needle in graphs.graph_refusal(_plan(**kw), compile_mode, cuda)
+
+
+def test_allowed_plans():
+    for kw in ({}, {"zero_stage": 2, "chunks": 2, "global_bsz": 8}, {"checkpoint": [1, 1, 1, 0]}):
+        assert graphs.graph_refusal(_plan(**kw), None, True) is None
+
+
+def test_train_py_refuses_on_cpu_with_exit_2(tmp_path):
+    r = train_py("--model", "bert-test", "--steps", "1", "--cuda-graphs", "--metrics-file", "m.jsonl",
+                 cwd=tmp_path, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
+        "error: --cuda-graphs needs a CUDA device (CUDA graphs); leave it off on the CPU"]
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+class StaticBufferGrad(torch.autograd.Function):
+    """d(sum(w * x))/dw written into one static buffer and handed back detached, as a graphed backward does."""
+
+    buffer: torch.Tensor
+
+    @staticmethod
+    def forward(ctx, w, x):
+        ctx.save_for_backward(x)
+        return (w * x).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        StaticBufferGrad.buffer.copy_(g * x)
+        return StaticBufferGrad.buffer.detach(), None
+
+
+def _accumulated(hooked: bool) -> torch.Tensor:
+    w = torch.nn.Parameter(torch.zeros(3))
+    StaticBufferGrad.buffer = torch.zeros(3)
+    m = torch.nn.Module()
+    m.w = w
+    handles = graphs.copy_grads_out([m]) if hooked else []
+    for x in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])):
+        StaticBufferGrad.apply(w, x).backward()
+    for h in handles:
+        h.remove()
+    return w.grad
+
+
+def test_gradient_copy_hook_makes_accumulation_add_up():
+    # Without the hook autograd keeps the buffer as .grad and the second pass overwrites it: 2 x the second
+    # gradient. With it: the sum of both.
+    assert torch.equal(_accumulated(hooked=False), torch.tensor([20.0, 40.0, 60.0]))
+    assert torch.equal(_accumulated(hooked=True), torch.tensor([11.0, 22.0, 33.0]))
+
+
+def _eager_stand_in(calls: list):
+    """capture() without CUDA: each layer entry's own eager forward as its 'graph' (tensors in, the computed
+    outputs out, as a graphed TensorArgs), counting calls."""
+    def capture(modules, io):
+        out = []
+        for m, (xs, passthrough) in zip(modules, io):
+            computed = [k for k, p in enumerate(passthrough) if p is None]
+
+            def run(*tensors, _m=m, _computed=computed, _k=len(out)):
+                calls.append(_k)
+                y = _m.forward_fn(_m.inner, tensors) if _m.forward_fn else _m.inner(tensors)
+                return tuple(y[k] for k in _computed)
+            out.append(graphs.GraphedCall(run, passthrough, graphs.mask_answers(xs),
+                                          [(x.shape, x.dtype, x.requires_grad) for x in xs]))
+        return out
+    return capture
+
+
+def _losses(monkeypatch, cuda_graphs: bool, calls: list) -> tuple[list[float], str | None]:
+    """bert-test's losses over 3 steps of 2 micro-batches (first layer checkpointed), eager or under
+    --cuda-graphs with the stand-in capture; and the graphs' summary."""
+    import backends.deepspeed.engine as engine_mod
+
+    if cuda_graphs:
+        monkeypatch.setattr(engine_mod, "graph_refusal", lambda *a: None)
+        monkeypatch.setattr(graphs, "capture", _eager_stand_in(calls))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    trainer, data = _bert_test_trainer(ckpt=1, from_state=True, global_bsz=4, chunks=2, zero_stage=1,
+                                       precision="fp32", engine_kw={"cuda_graphs": cuda_graphs})
+    losses = [trainer.train_step(data.micro_batches(s)).loss for s in range(3)]
+    summary = trainer.graphs.summary() if trainer.graphs else None
+    _close(trainer)
+    return losses, summary
+
+
+def test_engine_records_then_replays_plain_layers(world_of_one, monkeypatch):
+    ref, none = _losses(monkeypatch, False, [])
+    calls: list = []
+    got, summary = _losses(monkeypatch, True, calls)
+    assert none is None
+    assert summary == "CUDA graphs: 3 of 3 plain layers graphed"    # bert-test: 4 layers, the first checkpointed
+    # step 1 eager (recorded), steps 2-3 replayed: 2 micro-batches each, the layers in order
+    assert calls == [0, 1, 2] * 4
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
+    assert got[0] != got[2]                                          # it trained
