@@ -66,9 +66,16 @@ class GraphedCall:
 
 
 def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[int | None, ...]] | None]:
-    """Run `run()` with forward hooks on `modules` (tuple in, tuple out): per module its inputs at its first
-    call and, per output, the index of the input it hands on unchanged (None: computed); None for a module
-    that was not called. The hooks are gone afterwards."""
+    """Run `run()` with forward hooks on `modules` (tuple in, tuple out): per module detached copies of its
+    inputs at its first call (sample_of; None where one is not a tensor) and, per output, the index of the
+    input it hands on unchanged (None: computed); None for a module that was not called. The hooks are gone
+    afterwards.
+
+    Copies, not the inputs: an input keeps its autograd graph, and with it every earlier parameter's
+    AccumulateGrad node, made on the default stream in this eager step. A capture's backward then feeds
+    those nodes from the capture stream, syncs with the default stream and the capture fails ("operation
+    failed due to a previous error during capture", torch's warning: "The AccumulateGrad node's stream does
+    not match the stream of the node that produced the incoming gradient")."""
     seen: list = [None] * len(modules)
 
     def hook_for(i: int):
@@ -76,7 +83,10 @@ def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[in
             if seen[i] is None:
                 xs = tuple(args[0])
                 outs = out if isinstance(out, tuple) else (out,)
-                seen[i] = (xs, tuple(next((j for j, x in enumerate(xs) if o is x), None) for o in outs))
+                passthrough = tuple(next((j for j, x in enumerate(xs) if o is x), None) for o in outs)
+                kept = sample_of(xs) if all(torch.is_tensor(x) for x in xs) else tuple(
+                    None if torch.is_tensor(x) else x for x in xs)
+                seen[i] = (kept, passthrough)
         return hook
 
     handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
@@ -97,10 +107,10 @@ def sample_of(xs: tuple) -> tuple[torch.Tensor, ...]:
 
 
 def capture(modules: list[nn.Module], io: list[tuple[tuple, tuple[int | None, ...]]]) -> list[GraphedCall]:
-    """A GraphedCall per module from its recorded (inputs, passthrough), all from one make_graphed_callables
+    """A GraphedCall per module from its recorded (sample inputs, passthrough), all from one make_graphed_callables
     call (one memory pool; they must then run in this order, backward in reverse)."""
     wrappers = tuple(TensorArgs(m, passthrough) for m, (_, passthrough) in zip(modules, io))
-    samples = tuple(sample_of(xs) for xs, _ in io)
+    samples = tuple(xs for xs, _ in io)
     graphed = torch.cuda.make_graphed_callables(wrappers, samples)
     return [GraphedCall(g, passthrough, mask_answers(xs), [(x.shape, x.dtype, x.requires_grad) for x in xs])
             for g, (xs, passthrough) in zip(graphed, io)]
@@ -151,7 +161,11 @@ class LayerGraphs:
         self.eager_left = [f"layer entry {k}: " + ("not called" if io[k] is None else "inputs not all tensors")
                            for k in range(len(io)) if k not in keep]
         torch.cuda.synchronize()
-        calls = capture([self.slots[k] for k in keep], [io[k] for k in keep])
+        try:
+            calls = capture([self.slots[k] for k in keep], [io[k] for k in keep])
+        except RuntimeError as exc:
+            raise RuntimeError(f"CUDA graph capture of the layers failed ({str(exc).splitlines()[0]}); "
+                               "run without --cuda-graphs") from exc
         self.calls = [None] * len(self.slots)
         for k, call in zip(keep, calls):
             self.calls[k] = call
