@@ -182,7 +182,7 @@ class _ReadBacks(torch.overrides.TorchFunctionMode):
 def test_our_code_reads_back_only_the_finished_steps_loss_and_norm(world_of_one, zero, chunks, ckpt):
     """Inside a train step this repository reads nothing back from the device: the mask's answer comes from
     the host (answer_on_host works on the CPU batch), and the loss and gradient norm are read once the whole
-    step is queued (train_step's StepResult). A read-back in a layer, a hook or the clip would show here."""
+    step is queued (the StepResult of train_step's _step). A read-back in a layer, a hook or the clip would show here."""
     trainer, data = _bert_test_trainer(ckpt=ckpt, zero_stage=zero, chunks=chunks, global_bsz=2 * chunks,
                                        precision="bf16")
     try:
@@ -193,7 +193,7 @@ def test_our_code_reads_back_only_the_finished_steps_loss_and_norm(world_of_one,
     finally:
         _close(trainer)
     # has_overflow_serial (backends/deepspeed/fast_clip.py) is DeepSpeed's ZeRO-0 contract, a host bool: one flag
-    allowed = {"answer_on_host", "train_step", "_norm"} | ({"has_overflow_serial"} if zero == 0 else set())
+    allowed = {"answer_on_host", "_step", "_norm"} | ({"has_overflow_serial"} if zero == 0 else set())
     assert [s for s in spy.sites if s[0] not in allowed] == []
     # the loss once; the norm once where DeepSpeed keeps it as a tensor (ZeRO-0's optimizer has a float already)
-    assert [s[0] for s in spy.sites if s[0] in ("train_step", "_norm")] == ["train_step"] + ["_norm"] * (zero > 0)
+    assert [s[0] for s in spy.sites if s[0] in ("_step", "_norm")] == ["_step"] + ["_norm"] * (zero > 0)
