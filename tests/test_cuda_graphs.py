@@ -105,6 +105,7 @@ def _losses(monkeypatch, cuda_graphs: bool, calls: list) -> tuple[list[float], s
 
     if cuda_graphs:
         monkeypatch.setattr(engine_mod, "graph_refusal", lambda *a: None)
+        monkeypatch.setattr(engine_mod, "training_stream", lambda: None)      # no side stream on the CPU
         monkeypatch.setattr(graphs, "capture", _eager_stand_in(calls))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     trainer, data = _bert_test_trainer(ckpt=1, from_state=True, global_bsz=4, chunks=2, zero_stage=1,

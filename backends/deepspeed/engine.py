@@ -23,7 +23,7 @@ from autotune.plan import Plan
 from autotune.profile_model import Clock
 from backends.deepspeed import fast_clip
 from backends.deepspeed.config import make_ds_config
-from backends.deepspeed.graphs import LayerGraphs, graph_refusal
+from backends.deepspeed.graphs import LayerGraphs, graph_refusal, on_stream, training_stream
 from backends.deepspeed.layers import SequentialWithLoss
 from backends.deepspeed.pipeline import build_pipeline_module, tag_gradient_norm_owners
 from backends.megatron.groups import ParallelGroups
@@ -93,20 +93,27 @@ class TrainEngine:
         """One optimizer step over this rank's micro-batches (moved to the device first if needed)."""
         if len(micro_batches) != self.plan.chunks:
             raise ValueError(f"expected {self.plan.chunks} micro-batches, got {len(micro_batches)}")
-        moved = self.to_device(micro_batches)
         if self.pipelined:
+            moved = self.to_device(micro_batches)
             loss = self.engine.train_batch(data_iter=iter(moved))
             if self.groups.layerwise is not None:
                 loss = self._layerwise_mean(self.engine.dp_group_loss if self.engine.is_last_stage() else None)
             queued = _queued()
             return StepResult(float(loss), _norm(self.engine.get_global_grad_norm()), **queued)
-        if self.graphs is not None and not self.graphs.captured:
-            done: list[StepResult] = []
-            self.graphs.record(lambda: done.append(self._step(moved)))
-            if dist.get_rank() == 0:
-                print(f"[train] {self.graphs.summary()}", flush=True)
-            return done[0]
-        return self._step(moved)
+        with on_stream(self.stream):
+            moved = self.to_device(micro_batches)
+            if self.graphs is not None and not self.graphs.captured:
+                done: list[StepResult] = []
+                self.graphs.record(lambda: done.append(self._step(moved)))
+                if dist.get_rank() == 0:
+                    print(f"[train] {self.graphs.summary()}", flush=True)
+                return done[0]
+            return self._step(moved)
+
+    @property
+    def stream(self) -> Any:
+        """The side stream a --cuda-graphs run trains on (backends/deepspeed/graphs.py), or None."""
+        return self.graphs.stream if self.graphs is not None else None
 
     def _step(self, moved: list[MicroBatch]) -> StepResult:
         """train_step's pp = 1 path: forward, backward and DeepSpeed's step per micro-batch."""
@@ -153,7 +160,7 @@ class TrainEngine:
                 outs = self.engine.eval_batch(iter(moved), compute_loss=True, reduce_output=None, bcast_loss=False)
                 return sum(outs) if self.engine.is_last_stage() else None
             self.engine.eval()
-            with torch.no_grad():
+            with torch.no_grad(), on_stream(self.stream):
                 return sum(self.engine(inputs, labels) for inputs, labels in moved)
         finally:
             module.loss_fn = loss_fn
@@ -273,15 +280,19 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     else:
         model = SequentialWithLoss(seq, plan.checkpoint, wrap)
         tag_gradient_norm_owners(model, groups)
-        model.to(device())
-        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), mpu=mpu)
+        stream = training_stream() if cuda_graphs else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with on_stream(stream):
+            model.to(device())
+            engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), mpu=mpu)
     if plan.zero_stage == 0 and (plan.precision == "fp32" or autocast):
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
     graphs = None
     if cuda_graphs:
         n = len(seq.embed)
-        graphs = LayerGraphs([model.entries[n + i] for i, flag in enumerate(plan.checkpoint) if not flag])
+        graphs = LayerGraphs([model.entries[n + i] for i, flag in enumerate(plan.checkpoint) if not flag], stream)
     return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast, graphs=graphs)
 
 

@@ -14,12 +14,20 @@ checkpointed layers (their recompute would replay a forward whose outputs are st
 whose inputs are not all tensors. Refused: pp > 1 (DeepSpeed's pipeline schedule), TP > 1 layers (their
 collectives), ZeRO-3 (parameters gathered by module hooks) and CPU devices.
 
+A run with graphs trains on one side stream, from moving the model to the device on, and captures on it
+(training_stream). Autograd runs each parameter's AccumulateGrad node on the stream it was made on, and a
+node made on the default stream that something keeps alive (DeepSpeed's ZeRO-1 and ZeRO-2 gradient hooks
+did: on the H200 every ZeRO-1/2 capture failed after the first eager step, ZeRO-0 captures did not) makes the
+capture wait on the default stream, which invalidates it ("operation failed due to a previous error during
+capture"; torch warns "The AccumulateGrad node's stream does not match ...").
+
 The graphed backward hands autograd its static gradient buffers; a parameter without a gradient would
 keep that buffer as its .grad, and the next replay would overwrite it in place (pytorch/pytorch#181723:
 two accumulated micro-batches summed wrongly). A hook per parameter gives autograd a copy instead.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +131,19 @@ def copy_grads_out(modules: list[nn.Module]) -> list:
     return [p.register_hook(torch.clone) for m in modules for p in m.parameters() if p.requires_grad]
 
 
+def training_stream() -> torch.cuda.Stream:
+    """The stream a --cuda-graphs run trains and captures on: torch.cuda.graph's capture stream (which
+    make_graphed_callables captures on), made here if torch has not made it yet."""
+    if torch.cuda.graph.default_capture_stream is None:
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+    return torch.cuda.graph.default_capture_stream
+
+
+def on_stream(stream: torch.cuda.Stream | None):
+    """torch.cuda.stream(stream), or nothing to enter without one (a run without graphs)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
     """Why --cuda-graphs cannot run this plan (a one-line message naming the fix), or None."""
     if not cuda:
@@ -146,6 +167,7 @@ class LayerGraphs:
     """The graphable layer entries of the pp = 1 model and their graphs, captured after the first step."""
 
     slots: list[nn.Module]                      # EntryModule per plain (non-checkpointed) layer
+    stream: torch.cuda.Stream | None = None     # training_stream(): where the run trains and captures
     calls: list[GraphedCall | None] = field(default_factory=list)
     hooks: list = field(default_factory=list)
     eager_left: list[str] = field(default_factory=list)    # why a slot stayed eager
