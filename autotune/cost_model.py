@@ -21,6 +21,11 @@ FRAGMENTATION_RESERVE = 0.08
 OPTIMIZER_BYTES_PER_PARAM = 4 * 7 + 2
 # Share of ZeRO-3's per-micro-batch engine work done by forward hooks (repeated by recompute).
 ZERO3_FORWARD_HOOK_SHARE = 0.5
+# Host ms per graphed layer and pass (plan.cuda_graphs): the graph replay behind its autograd Function and the
+# gradient-copy hooks, in place of the layer's kernel launches. scripts/cuda_graph_probe.py on one H200
+# (profiles/h200/runs/s19/): graphed fwd + bwd host time less the embeddings'/head's launch floors, 0.55-0.62
+# ms per layer (ViT-L b16 and b64, BERT-L b8; 16 parameter tensors each), split 1:2 as the eager floors are.
+GRAPHED_LAYER_HOST_MS = {"fwd": 0.19, "bwd": 0.39}
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Setting:
     # plans: DeepSpeed's one data-parallel group holds identical parameters in every layer, B / max TP
     # ranks of a stage (one with consecutive and strided layouts mixed; backends/megatron/layerwise.py).
     zero_dp: int = 0
+    # plan.cuda_graphs: plain TP-1 layers replay CUDA graphs of their eager kernels (CostModel.layer_cost)
+    cuda_graphs: bool = False
 
     def dp(self, tp: int) -> int:
         return self.world // self.pp // tp
@@ -234,6 +241,22 @@ class CostModel:
         workspace = full if v is None else float(v) * self.cal.activation_scale
         return workspace + (full if checkpoint else 0.0)
 
+    def graphed(self, setting: Setting, lt: LayerType, s: LayerStrategy) -> bool:
+        """Whether this layer runs as a CUDA graph and is timed as one: the plan asks for graphs and train.py
+        graphs the layer (TP 1, not checkpointed: backends/deepspeed/graphs.py), and the profile splits its
+        host from its GPU time (a CPU profile or one without the split keeps the eager model)."""
+        return (setting.cuda_graphs and s.tp == 1 and not s.checkpoint and self.profile is not None
+                and self.profile.asynchronous and self.profile.layer_time_parts_ms(lt.name, 1, 1, "fwd") is not None)
+
+    def graphed_lookup(self, lt: LayerType, b: float):
+        """compute_parts_s's lookup for a graphed layer: the replay's host ms (GRAPHED_LAYER_HOST_MS, scaled by
+        the calibration's host factor alone: it was measured in place, so the profile's in-place launch ratio
+        does not apply) beside the profile's GPU line (the same eager kernels)."""
+        def lookup(kind: str, _host: float, gpu: float) -> tuple[float, float]:
+            _, g = self.profile.layer_time_parts_ms(lt.name, 1, b, kind, 1.0, gpu)
+            return GRAPHED_LAYER_HOST_MS[kind] * self.cal.host, g
+        return lookup
+
     def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine_mb: float, m: int,
                         serial: float) -> tuple[float, float]:
         """(host s, GPU s) per step of one piece's `kinds` ('fwd', 'bwd', 'recompute') over m micro-batches,
@@ -347,15 +370,19 @@ class CostModel:
         m = setting.chunks
         (tp, tp_consec, tp_stride), (dp, dp_consec, dp_stride) = self.groups(setting, s)
         fwd, bwd, rc = self.layer_compute_s(lt, s.tp, b)
+        lookup = lambda kind, h, g: self.profile.layer_time_parts_ms(lt.name, s.tp, b, kind, h, g)  # noqa: E731
+        graphed = self.graphed(setting, lt, s)
+        if graphed:
+            lookup = self.graphed_lookup(lt, b)
+            fwd, bwd = (max(lookup(k, self.cal.host, self.cal.compute_scale)) / 1e3 for k in ("fwd", "bwd"))
         engine_mb, engine_step, step_bpp = self.engine_costs(lt.name, setting.zero)
         if s.checkpoint and setting.zero == 3:
             # Recompute runs ZeRO-3's forward hooks again (gather, release): taken as the forward half of
             # the measured per-micro-batch hook work (backward's hooks gather again and reduce).
             engine_mb *= 1 + ZERO3_FORWARD_HOOK_SHARE
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
-        host, gpu = self.compute_parts_s(
-            lambda kind, h, g: self.profile.layer_time_parts_ms(lt.name, s.tp, b, kind, h, g),
-            ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"), engine_mb, m, compute)
+        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"),
+                                         engine_mb, m, compute)
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -391,6 +418,9 @@ class CostModel:
         zero_dp = setting.zero_divisor(s.tp)
         states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
         held, accum, regrad = self.phases(states, states_detail, setting.chunks, setting.zero)
+        if graphed:
+            # the graphed backward's static gradient buffers, one per parameter, live in the graphs' pool
+            held += shard * PRECISION_BYTES[self.spec.precision]
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:

@@ -62,6 +62,9 @@ class Plan:
     # --- added by Galvatron-DS ---
     zero_stage: int = 0
     precision: str = "bf16"
+    # train.py replays each plain layer's eager kernels as a CUDA graph (backends/deepspeed/graphs.py); the cost
+    # model then charges those layers a graph replay's host time instead of their kernel launches
+    cuda_graphs: bool = False
     world_size: int | None = None
     model: dict = field(default_factory=dict)      # {"name": ..., "family": ..., "seq_len": ...}
     cluster: dict = field(default_factory=dict)    # {"nodes", "gpus_per_node", "gpu_memory_gb", "hardware"}
@@ -145,6 +148,8 @@ class Plan:
             raise PlanError("plan key 'pp_division': every pipeline stage needs at least one layer")
         if self.precision not in PRECISIONS:
             raise PlanError(f"plan key 'precision' is {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise PlanError(f"plan key 'cuda_graphs' is {self.cuda_graphs!r}; use true or false")
         if self.pipeline_type not in PIPELINE_TYPES:
             raise PlanError(f"plan key 'pipeline_type' is {self.pipeline_type!r}; use 'pipedream_flush' (1F1B)")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -184,7 +189,8 @@ class Plan:
         d["micro_batch_size"] = self.micro_batch_size if self.world_size else None
         order = ["schema_version", "model", "cluster", "world_size", "pp_deg", "tp_sizes_enc", "tp_consecutive_flags",
                  "dp_types_enc", "checkpoint", "global_bsz", "chunks", "pp_division", "pipeline_type",
-                 "default_dp_type", "vtp", "vsp", "zero_stage", "micro_batch_size", "precision", "predicted", "search"]
+                 "default_dp_type", "vtp", "vsp", "zero_stage", "micro_batch_size", "precision", "cuda_graphs", "predicted",
+                 "search"]
         return {k: d[k] for k in order}
 
     def save(self, path: str) -> None:
@@ -238,7 +244,8 @@ class Plan:
                    chunks=int(d["chunks"]), pp_division=division,
                    pipeline_type=d.get("pipeline_type", "pipedream_flush"), default_dp_type=default_dp_type,
                    vtp=int(d.get("vtp", min(tp) if tp else 1)), vsp=int(d.get("vsp", 0)), zero_stage=zero_stage,
-                   precision=d.get("precision", "bf16"), world_size=d.get("world_size"),
+                   precision=d.get("precision", "bf16"), cuda_graphs=d.get("cuda_graphs", False),
+                   world_size=d.get("world_size"),
                    model=dict(d.get("model") or {}), cluster=dict(d.get("cluster") or {}),
                    predicted=d.get("predicted"), search=d.get("search"), schema_version=SCHEMA_VERSION)
         if plan.vsp:

@@ -88,6 +88,12 @@ class Evaluated:
         return max(m["total_mb"] for m in self.stage_memory)
 
 
+def graphable(cand: Candidate) -> bool:
+    """Whether train.py --cuda-graphs runs this candidate's layers as CUDA graphs: pp = 1, TP 1 in every layer,
+    ZeRO 0-2 (backends/deepspeed/graphs.graph_refusal; a per-layer TP candidate has cand.tp 0)."""
+    return cand.pp == 1 and cand.tp == 1 and cand.zero < 3
+
+
 class SearchError(ValueError):
     """No plan exists for the request; the message says what to change."""
 
@@ -95,8 +101,9 @@ class SearchError(ValueError):
 class Searcher:
     def __init__(self, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, profile=None,
                  space: str = "uniform", allow_checkpoint: bool = True, max_tp: int | None = None,
-                 calibration=None):
+                 calibration=None, cuda_graphs: bool = False):
         self.spec, self.hw, self.space = spec, hw, space
+        self.cuda_graphs = cuda_graphs    # time graphable candidates as train.py --cuda-graphs runs them
         self.cm = CostModel(spec, hw, profile, calibration)
         self.world = hw.world_size
         self.budget = self.cm.budget_bytes(gpu_memory_gb)
@@ -215,7 +222,8 @@ class Searcher:
     # ------------------------------------------------------------------ evaluate one candidate
     def evaluate(self, cand: Candidate, bound: float = math.inf) -> Evaluated | None:
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
-                          self.spec.precision, vtp=cand.vtp or cand.tp)
+                          self.spec.precision, vtp=cand.vtp or cand.tp,
+                          cuda_graphs=self.cuda_graphs and graphable(cand))
         self._cost_cache = {}  # entries are keyed by the setting: nothing carries over to the next candidate
         groups = None
         if cand.layerwise:
@@ -407,7 +415,7 @@ class Searcher:
         cand = Candidate(plan.pp_deg, tp0 if uniform else 0, consec0 if uniform else True, plan.zero_stage,
                          plan.chunks, plan.global_bsz, plan.vtp)
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz, self.spec.precision,
-                          vtp=plan.vtp)
+                          vtp=plan.vtp, cuda_graphs=plan.cuda_graphs)
         from backends.megatron.layerwise import LayerwiseLayout, needs_layerwise
 
         if needs_layerwise(plan):        # the runtime runs it layer-wise: ZeRO over DeepSpeed's one group
@@ -586,8 +594,9 @@ def balanced_split(fixed: list[float], scaled: list[float], parts: int, head: fl
 
 
 # ---------------------------------------------------------------------- plan building and report
-def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
-    """The plan file for an evaluated candidate, with its predictions."""
+def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, cuda_graphs: bool = False):
+    """The plan file for an evaluated candidate, with its predictions; `cuda_graphs`: the search timed graphable
+    candidates as CUDA graphs, and this plan says so when it is one."""
     from autotune.cost_model import FRAMEWORK_OVERHEAD_BYTES
     from autotune.plan import STAGE_TO_DP_TYPE, Plan
 
@@ -600,7 +609,7 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float):
                 dp_types_enc=[1 if c.zero == 3 else 0] * n, checkpoint=[int(s.checkpoint) for s in ev.strategies],
                 global_bsz=c.global_bsz, chunks=c.chunks, pp_division=list(ev.pp_division),
                 default_dp_type=STAGE_TO_DP_TYPE[c.zero], vtp=c.vtp or c.tp, zero_stage=c.zero, precision=spec.precision,
-                world_size=hw.world_size,
+                cuda_graphs=cuda_graphs and graphable(c), world_size=hw.world_size,
                 model={"name": spec.name, "family": spec.family, "num_layers": n,
                        "seq_len": spec.layer(0).seq_len, "params": spec.params_total(c.vtp or c.tp)},
                 cluster={"hardware": hw.name, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
@@ -726,6 +735,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "degree), or a baseline: dp zero3 tp pp 3d deepspeed")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--max-tp", type=int, default=None, help="largest TP degree to consider")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="time pp-1, TP-1, ZeRO 0-2 candidates with their plain layers replayed as CUDA graphs, as "
+                         "train.py runs a plan with cuda_graphs true (GPU; README)")
     ap.add_argument("--out", default="plan.json", help="plan file; ds_config.json is written beside it")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -795,14 +807,15 @@ def run_search(args: argparse.Namespace) -> tuple:
         batches = [args.global_batch_size]
     else:
         batches = default_batches(W)
-    searcher = Searcher(spec, hw, mem, profile=profile, space=args.space, max_tp=args.max_tp)
+    searcher = Searcher(spec, hw, mem, profile=profile, space=args.space, max_tp=args.max_tp,
+                        cuda_graphs=args.cuda_graphs)
     results = searcher.run(batches, progress=not args.quiet and not args.json)
     if not results:
         raise SearchError(f"no {args.space} plan of {spec.name} fits in {mem} GB per GPU on {W} GPUs "
                           f"(global batch {'/'.join(map(str, batches))}); give more memory, more GPUs, "
                           f"a smaller --global-batch-size, or a wider --space")
     best = results[0]
-    plan = to_plan(best, spec, hw, mem)
+    plan = to_plan(best, spec, hw, mem, cuda_graphs=args.cuda_graphs)
     seconds = time.perf_counter() - t0
     rows = baseline_rows(results, best, W) if args.space in ("uniform", "layerwise") else []
     alts = distinct_alternatives(results, 5)

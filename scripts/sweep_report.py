@@ -199,6 +199,8 @@ def main() -> int:
         ok = [r for r in recs if "measured" in r]
         for r in ok:
             r["plan_obj"] = Plan.from_dict(r["plan"])
+            # session-19 records ran --cuda-graphs before their plans said so
+            r["plan_obj"].cuda_graphs |= "--cuda-graphs" in r.get("train_args", [])
             r["name"] = r["plan_obj"].describe()
         precisions = sorted({r["plan_obj"].precision for r in ok})
         profiles = {prec: profile_for(args.profiles, model, prec) for prec in precisions}

@@ -103,6 +103,7 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
     plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=cfg["bsz"], chunks=cfg["chunks"],
                         zero_stage=cfg["zero"], precision=cfg["precision"],
                         checkpoint=[1] * cfg["ckpt"] + [0] * (num_layers - cfg["ckpt"]), model={"name": model})
+    plan.cuda_graphs = "--cuda-graphs" in train_args      # the record's plan is then predicted as graphs
     tmp = tempfile.mkdtemp()
     plan_path, metrics = os.path.join(tmp, "plan.json"), os.path.join(tmp, "m.jsonl")
     plan.save(plan_path)

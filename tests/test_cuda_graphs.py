@@ -23,14 +23,14 @@ def _plan(**kw) -> Plan:
     ({"pp": 2, "world_size": 2}, None, True, "needs pp = 1"),
     ({"zero_stage": 3}, None, True, "ZeRO-3"),
     ({"tp": 2, "world_size": 2}, None, True, "TP 1 in every layer"),
-    ({"checkpoint": 1}, None, True, "checkpoints all of them"),
 ])
 def test_refused_plans_name_the_reason(kw, compile_mode, cuda, needle):
     assert needle in graphs.graph_refusal(_plan(**kw), compile_mode, cuda)
 
 
 def test_allowed_plans():
-    for kw in ({}, {"zero_stage": 2, "chunks": 2, "global_bsz": 8}, {"checkpoint": [1, 1, 1, 0]}):
+    # every layer checkpointed is allowed too: nothing is graphed (build_engine makes no LayerGraphs)
+    for kw in ({}, {"zero_stage": 2, "chunks": 2, "global_bsz": 8}, {"checkpoint": [1, 1, 1, 0]}, {"checkpoint": 1}):
         assert graphs.graph_refusal(_plan(**kw), None, True) is None
 
 
@@ -126,3 +126,36 @@ def test_engine_records_then_replays_plain_layers(world_of_one, monkeypatch):
     assert calls == [0, 1, 2] * 4
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
     assert got[0] != got[2]                                          # it trained
+
+
+def test_cost_model_times_a_graphed_layer_by_its_gpu_line_and_the_replay_host_cost():
+    """Hand-computed from the shipped H200 BERT-large profile's fit constants: a graphed plain layer's host side is
+    the replay's GRAPHED_LAYER_HOST_MS (plus the engine's hooks), its GPU side the profile's GPU lines; it holds one
+    more low-precision gradient per parameter (the graph's static buffers); a checkpointed layer stays eager."""
+    import json
+    import pathlib
+
+    from autotune.cost_model import GRAPHED_LAYER_HOST_MS, CostModel, LayerStrategy, Setting
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "profiles" / "h200" / "bert-large.json"
+    raw = json.loads(path.read_text())
+    spec, hw = get_model_spec("bert-large"), load_hardware("1xH200")
+    cm = CostModel(spec, hw, ModelProfile.load(str(path)))
+    lt = spec.layer(0)
+    fits = raw["layer_types"][lt.name]["tp"]["1"]["fits"]
+    b, chunks = 16, 2
+    plain, ckpt = LayerStrategy(1, True, False), LayerStrategy(1, True, True)
+    eager_set = Setting(1, 1, 1, chunks, b * chunks)
+    graph_set = Setting(1, 1, 1, chunks, b * chunks, cuda_graphs=True)
+    eager, graphed = cm.layer_cost(lt, plain, eager_set, 0), cm.layer_cost(lt, plain, graph_set, 0)
+    engine_mb = graphed.detail["engine_microbatch_s"]
+    host = chunks * (sum(GRAPHED_LAYER_HOST_MS.values()) / 1e3 + engine_mb)
+    gpu = chunks * sum(fits[k]["c"] + fits[k]["m"] * b for k in ("fwd", "bwd")) / 1e3
+    assert graphed.host_s == pytest.approx(host, rel=1e-9)
+    assert graphed.gpu_s == pytest.approx(gpu, rel=1e-9) == pytest.approx(eager.gpu_s, rel=1e-9)
+    assert eager.host_s > graphed.host_s               # the launch floors are gone
+    assert graphed.states_bytes - eager.states_bytes == pytest.approx(lt.params * 2)
+    assert cm.layer_cost(lt, ckpt, graph_set, 0) == cm.layer_cost(lt, ckpt, eager_set, 0)

@@ -290,7 +290,7 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
         _record_fp32_grad_norm(engine)
     _skip_lone_allreduce(engine, plan, groups)
     graphs = None
-    if cuda_graphs:
+    if cuda_graphs and not all(plan.checkpoint):     # every layer checkpointed: nothing to graph
         n = len(seq.embed)
         graphs = LayerGraphs([model.entries[n + i] for i, flag in enumerate(plan.checkpoint) if not flag], stream)
     return TrainEngine(engine=engine, plan=plan, groups=groups, ds_config=cfg, autocast=autocast, graphs=graphs)

@@ -157,8 +157,6 @@ def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
     if max(plan.tp_sizes_enc, default=1) > 1:
         return ("--cuda-graphs needs TP 1 in every layer (a TP layer's collectives are not captured); "
                 "leave it off for this plan")
-    if not any(flag == 0 for flag in plan.checkpoint):
-        return "--cuda-graphs graphs only layers without checkpointing, and this plan checkpoints all of them"
     return None
 
 
