@@ -628,6 +628,18 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, 
     return plan
 
 
+GRAPHS_MIN_GAIN = 0.01    # graphs must make the step this much faster to be kept (they cost memory, a capture)
+
+
+def drop_graphs_that_do_not_pay(searcher: Searcher, best: Evaluated, plan) -> Evaluated:
+    """`best` when CUDA graphs make its plan at least GRAPHS_MIN_GAIN faster, else the same plan evaluated
+    without graphs (a GPU-bound plan gains nothing from them and holds their static gradient buffers)."""
+    from dataclasses import replace
+
+    eager = searcher.predict(replace(plan, cuda_graphs=False))
+    return best if eager.step_time_s > best.step_time_s * (1 + GRAPHS_MIN_GAIN) else eager
+
+
 def strategy_summary(ev: Evaluated, world: int) -> str:
     c = ev.cand
     ckpt = sum(s.checkpoint for s in ev.strategies)
@@ -816,6 +828,9 @@ def run_search(args: argparse.Namespace) -> tuple:
                           f"a smaller --global-batch-size, or a wider --space")
     best = results[0]
     plan = to_plan(best, spec, hw, mem, cuda_graphs=args.cuda_graphs)
+    if plan.cuda_graphs:
+        best = drop_graphs_that_do_not_pay(searcher, best, plan)
+        plan = to_plan(best, spec, hw, mem, cuda_graphs=plan.cuda_graphs and best is results[0])
     seconds = time.perf_counter() - t0
     rows = baseline_rows(results, best, W) if args.space in ("uniform", "layerwise") else []
     alts = distinct_alternatives(results, 5)

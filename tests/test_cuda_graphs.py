@@ -159,3 +159,27 @@ def test_cost_model_times_a_graphed_layer_by_its_gpu_line_and_the_replay_host_co
     assert eager.host_s > graphed.host_s               # the launch floors are gone
     assert graphed.states_bytes - eager.states_bytes == pytest.approx(lt.params * 2)
     assert cm.layer_cost(lt, ckpt, graph_set, 0) == cm.layer_cost(lt, ckpt, eager_set, 0)
+
+
+@pytest.mark.parametrize("batch, graphs", [("16", True), ("64", False)])
+def test_search_keeps_graphs_only_where_they_pay(tmp_path, capsys, batch, graphs):
+    """One H200, ViT-L: at batch 16 the step is launch-bound and graphs take the layers' launches off it; at 64
+    it is GPU-bound, the graphs gain under GRAPHS_MIN_GAIN and the plan runs eager (no static buffers)."""
+    import json
+
+    from autotune.search import GRAPHS_MIN_GAIN, main
+
+    def plan(*extra):
+        out = tmp_path / "p.json"
+        assert main(["--model", "vit-large", "--hardware", "1xH200", "--global-batch-size", batch, "--out",
+                     str(out), "--quiet", *extra]) == 0
+        return json.loads(out.read_text())
+
+    eager, chosen = plan(), plan("--cuda-graphs")
+    assert eager["cuda_graphs"] is False and chosen["cuda_graphs"] is graphs
+    t_eager, t_chosen = eager["predicted"]["step_time_s"], chosen["predicted"]["step_time_s"]
+    if graphs:
+        assert t_chosen * (1 + GRAPHS_MIN_GAIN) < t_eager
+        assert max(chosen["predicted"]["stage_peak_memory_mb"]) > max(eager["predicted"]["stage_peak_memory_mb"])
+    else:
+        assert chosen == {**eager, "search": chosen["search"]}
