@@ -239,7 +239,7 @@ def main() -> int:
                     "calibration configuration, another run" if json.dumps(cfg, sort_keys=True) in fitted_cfgs else
                     "scored") + (f" (median of {len(r['repeats'])})" if "repeats" in r else "") + (
                     f" [{r['machine'] or 'unnamed'}{'' if own else ', calibrated on another machine'}]"
-                    if several else "")
+                    if several else "") + (", CUDA graphs" if r["plan_obj"].cuda_graphs else "")
             rows.append({"model": model, **cfg, "status": role,
                          "measured_s": meas_t, "predicted_s": step, "uncalibrated_s": step0,
                          "time_err": (step - meas_t) / meas_t, "uncalibrated_err": (step0 - meas_t) / meas_t,

@@ -1,6 +1,6 @@
 """Per-layer CUDA graphs of the eager kernels (train.py --cuda-graphs).
 
-Our one-GPU steps are launch-bound: the host queues a layer's kernels more slowly than the GPU runs them,
+Our one-GPU steps are mostly launch-bound: the host queues a layer's kernels more slowly than the GPU runs them,
 and the host's speed on the lent machines moves by up to 2x within seconds. A CUDA graph replays a layer's
 recorded kernels with one launch, so the GPU no longer waits for the host and the step takes what the
 kernels take. Unlike torch.compile's reduce-overhead mode these are the eager kernels, the ones the model
@@ -16,10 +16,10 @@ collectives), ZeRO-3 (parameters gathered by module hooks) and CPU devices.
 
 A run with graphs trains on one side stream, from moving the model to the device on, and captures on it
 (training_stream). Autograd runs each parameter's AccumulateGrad node on the stream it was made on, and a
-node made on the default stream that something keeps alive (DeepSpeed's ZeRO-1 and ZeRO-2 gradient hooks
-did: on the H200 every ZeRO-1/2 capture failed after the first eager step, ZeRO-0 captures did not) makes the
-capture wait on the default stream, which invalidates it ("operation failed due to a previous error during
-capture"; torch warns "The AccumulateGrad node's stream does not match ...").
+node made on the default stream that something keeps alive (at ZeRO-1 and ZeRO-2, presumably DeepSpeed's
+gradient hooks: on the H200 every ZeRO-1/2 capture failed after the first eager step, ZeRO-0 captures did not)
+makes the capture wait on the default stream, which invalidates it ("operation failed due to a previous error
+during capture"; torch warns "The AccumulateGrad node's stream does not match ...").
 
 The graphed backward hands autograd its static gradient buffers; a parameter without a gradient would
 keep that buffer as its .grad, and the next replay would overwrite it in place (pytorch/pytorch#181723:
