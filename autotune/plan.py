@@ -281,17 +281,26 @@ def count_runs(labels: list[str]) -> str:
     return ", ".join(f"{label} x{len(list(run))}" for label, run in itertools.groupby(labels))
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: never a half-written file."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write text to a temporary file in the same folder, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """JSON (indented) written atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl_atomic(path: str, rows: list) -> None:
+    """One JSON line per row, written atomically (write_text_atomic)."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

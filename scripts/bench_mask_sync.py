@@ -13,7 +13,6 @@ per (model, batch, padding)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
 
+from autotune.plan import write_jsonl_atomic  # noqa: E402
 from backends.gc_pause import automatic_gc_off  # noqa: E402
 from model_zoo.adapter import run_sequence  # noqa: E402
 from model_zoo.registry import PRESETS, load_hf_config  # noqa: E402
@@ -111,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         rows += bench(model, [int(x) for x in (bs or "8").split(",")], args.steps, args.pad, device)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, args.out)
+    write_jsonl_atomic(args.out, rows)
     return 0
 
 

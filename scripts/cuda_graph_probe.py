@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -41,9 +40,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from autotune.model_profile import ModelProfile, ProfileError  # noqa: E402
+from autotune.plan import write_jsonl_atomic  # noqa: E402
+from backends.deepspeed.graphs import GraphedCall, capture, copy_grads_out, record_layer_io  # noqa: E402
 from backends.gc_pause import automatic_gc_off  # noqa: E402
 from model_zoo.adapter import LayerSequence, run_sequence  # noqa: E402
-from backends.deepspeed.graphs import GraphedCall, capture, copy_grads_out, record_layer_io  # noqa: E402
 from model_zoo.common import carry_mask_answer  # noqa: E402
 from model_zoo.registry import PRESETS, load_hf_config  # noqa: E402
 from model_zoo.runtime import get_adapter  # noqa: E402
@@ -371,11 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, batches in models:
         rows += bench(model, batches, args.steps, device, grad_copy=not args.no_grad_copy,
                       profiles=args.profiles or None)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, args.out)
+    write_jsonl_atomic(args.out, rows)
     return 0
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autotune.calibrate import SPLIT_MODES, calibrate, evaluate_run, predict_run  # noqa: E402
 from autotune.cost_model import Calibration  # noqa: E402
-from autotune.plan import Plan, write_json_atomic  # noqa: E402
+from autotune.plan import Plan, write_json_atomic, write_text_atomic  # noqa: E402
 from autotune.validate import timed_steps  # noqa: E402
 
 
@@ -306,11 +306,7 @@ def main() -> int:
                      f"{x['time_err']:+.1%} | {x['uncalibrated_err']:+.1%} | "
                      f"{x['measured_mb']:.0f} | {held} | {x['predicted_mb']:.0f} | {x['mem_err']:+.1%} | "
                      f"{x['samples_per_s']:.1f} | {x['tflops'] or 0:.1f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, "\n".join(lines) + "\n")
     write_json_atomic(os.path.splitext(args.out)[0] + ".json", {"summary": summary, "rows": rows})
     print("\n".join(lines[:6 + len(summary)]))
     return 0
