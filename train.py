@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "T5-large 2.2x (README). Predictions and profiles are for uncompiled layers")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each plain Transformer layer's eager kernels as a CUDA graph, captured after the "
-                        "first step: the host's launch cost leaves the step (GPU; pp = 1, TP 1, ZeRO 0-2; "
+                        "first step: the host's launch cost leaves the step (one GPU, TP 1, ZeRO 0-2; "
                         "checkpointed layers stay eager; a plan's cuda_graphs: true does the same; README)")
     g = p.add_argument_group("one-strategy plan (used without --galvatron-plan)")
     g.add_argument("--pp", type=int, default=1)
@@ -497,19 +497,18 @@ def train(args: argparse.Namespace) -> int:
     adapter = get_adapter(choice.family)
     configure_model(args, adapter, choice)
     plan = make_plan(args, adapter.num_layers(choice.config), world_size, on_gpu)
-    if args.cuda_graphs:
-        plan.cuda_graphs = True     # predicted, checked and run as graphs
-    check_memory(args, plan, choice, on_gpu)
     from backends.deepspeed.engine import check_compile_mode
-
     from backends.deepspeed.graphs import graph_refusal
 
+    if args.cuda_graphs:
+        plan.cuda_graphs = True     # predicted, checked and run as graphs
+    if plan.cuda_graphs and (refusal := graph_refusal(plan, args.compile, on_gpu)):
+        raise BadInput(refusal + ("" if args.cuda_graphs else " (the plan sets cuda_graphs: set it to false)"))
+    check_memory(args, plan, choice, on_gpu)
     try:
         check_compile_mode(plan, args.compile)
     except ValueError as e:
         raise BadInput(str(e)) from None
-    if plan.cuda_graphs and (refusal := graph_refusal(plan, args.compile, on_gpu)):
-        raise BadInput(refusal + ("" if args.cuda_graphs else " (the plan sets cuda_graphs: set it to false)"))
     dataset, tokenize = open_data(args.data, adapter, choice, args.seed)
     eval_set, eval_tokenize = (open_data(args.eval_data, adapter, choice, args.seed, "--eval-data")
                                if args.eval_data else (None, None))

@@ -88,10 +88,10 @@ class Evaluated:
         return max(m["total_mb"] for m in self.stage_memory)
 
 
-def graphable(cand: Candidate) -> bool:
-    """Whether train.py --cuda-graphs runs this candidate's layers as CUDA graphs: pp = 1, TP 1 in every layer,
+def graphable(cand: Candidate, world: int) -> bool:
+    """Whether train.py --cuda-graphs runs this candidate's layers as CUDA graphs: one GPU, TP 1 in every layer,
     ZeRO 0-2 (backends/deepspeed/graphs.graph_refusal; a per-layer TP candidate has cand.tp 0)."""
-    return cand.pp == 1 and cand.tp == 1 and cand.zero < 3
+    return world == 1 and cand.pp == 1 and cand.tp == 1 and cand.zero < 3
 
 
 class SearchError(ValueError):
@@ -223,7 +223,7 @@ class Searcher:
     def evaluate(self, cand: Candidate, bound: float = math.inf) -> Evaluated | None:
         setting = Setting(self.world, cand.pp, cand.zero, cand.chunks, cand.global_bsz,
                           self.spec.precision, vtp=cand.vtp or cand.tp,
-                          cuda_graphs=self.cuda_graphs and graphable(cand))
+                          cuda_graphs=self.cuda_graphs and graphable(cand, self.world))
         self._cost_cache = {}  # entries are keyed by the setting: nothing carries over to the next candidate
         groups = None
         if cand.layerwise:
@@ -609,7 +609,7 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, 
                 dp_types_enc=[1 if c.zero == 3 else 0] * n, checkpoint=[int(s.checkpoint) for s in ev.strategies],
                 global_bsz=c.global_bsz, chunks=c.chunks, pp_division=list(ev.pp_division),
                 default_dp_type=STAGE_TO_DP_TYPE[c.zero], vtp=c.vtp or c.tp, zero_stage=c.zero, precision=spec.precision,
-                cuda_graphs=cuda_graphs and graphable(c), world_size=hw.world_size,
+                cuda_graphs=cuda_graphs and graphable(c, hw.world_size), world_size=hw.world_size,
                 model={"name": spec.name, "family": spec.family, "num_layers": n,
                        "seq_len": spec.layer(0).seq_len, "params": spec.params_total(c.vtp or c.tp)},
                 cluster={"hardware": hw.name, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
@@ -748,7 +748,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--max-tp", type=int, default=None, help="largest TP degree to consider")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="time pp-1, TP-1, ZeRO 0-2 candidates with their plain layers replayed as CUDA graphs, as "
+                    help="time one-GPU TP-1 ZeRO 0-2 candidates with their plain layers replayed as CUDA graphs, as "
                          "train.py runs a plan with cuda_graphs true (GPU; README)")
     ap.add_argument("--out", default="plan.json", help="plan file; ds_config.json is written beside it")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")

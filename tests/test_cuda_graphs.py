@@ -23,6 +23,7 @@ def _plan(**kw) -> Plan:
     ({"pp": 2, "world_size": 2}, None, True, "needs pp = 1"),
     ({"zero_stage": 3}, None, True, "ZeRO-3"),
     ({"tp": 2, "world_size": 2}, None, True, "TP 1 in every layer"),
+    ({"world_size": 2, "global_bsz": 8}, None, True, "dp = 2"),
 ])
 def test_refused_plans_name_the_reason(kw, compile_mode, cuda, needle):
     assert needle in graphs.graph_refusal(_plan(**kw), compile_mode, cuda)

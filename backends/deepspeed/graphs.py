@@ -12,7 +12,7 @@ each layer saw in the first micro-batch of the first step (which runs eager). A 
 differ in shape, dtype or mask answer runs eager, and so do eval mode and no-grad calls. Left eager:
 checkpointed layers (their recompute would replay a forward whose outputs are still in use) and layers
 whose inputs are not all tensors. Refused: pp > 1 (DeepSpeed's pipeline schedule), TP > 1 layers (their
-collectives), ZeRO-3 (parameters gathered by module hooks) and CPU devices.
+collectives), ZeRO-3 (parameters gathered by module hooks), dp > 1 (untried) and CPU devices.
 
 A run with graphs trains on one side stream, from moving the model to the device on, and captures on it
 (training_stream). Autograd runs each parameter's AccumulateGrad node on the stream it was made on, and a
@@ -152,6 +152,9 @@ def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
         return "--cuda-graphs and --compile exclude each other; --compile reduce-overhead has graphs of its own"
     if plan.pp_deg > 1:
         return f"--cuda-graphs needs pp = 1 (this plan has pp = {plan.pp_deg}); leave it off for pipelined plans"
+    if plan.world_size and plan.dp_deg > 1:
+        return (f"--cuda-graphs is tried on one GPU only (this plan has dp = {plan.dp_deg}: DeepSpeed's gradient "
+                "reduction beside the graphs is untested); leave it off for data-parallel plans")
     if plan.zero_stage == 3:
         return "--cuda-graphs does not run under ZeRO-3 (its module hooks gather the parameters); use ZeRO 0-2"
     if max(plan.tp_sizes_enc, default=1) > 1:
