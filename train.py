@@ -500,8 +500,9 @@ def train(args: argparse.Namespace) -> int:
     from backends.deepspeed.engine import check_compile_mode
     from backends.deepspeed.graphs import graph_refusal
 
-    if args.cuda_graphs:
-        plan.cuda_graphs = True     # predicted, checked and run as graphs
+    if args.cuda_graphs and not plan.cuda_graphs:
+        plan.cuda_graphs = True     # memory-checked and run as graphs
+        plan.predicted = None       # the search predicted eager layers: no prediction to print beside graphs
     if plan.cuda_graphs and (refusal := graph_refusal(plan, args.compile, on_gpu)):
         raise BadInput(refusal + ("" if args.cuda_graphs else " (the plan sets cuda_graphs: set it to false)"))
     check_memory(args, plan, choice, on_gpu)

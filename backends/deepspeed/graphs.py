@@ -183,13 +183,15 @@ class LayerGraphs:
         keep = [k for k, r in enumerate(io) if r is not None and all(torch.is_tensor(x) for x in r[0])]
         self.eager_left = [f"layer entry {k}: " + ("not called" if io[k] is None else "inputs not all tensors")
                            for k in range(len(io)) if k not in keep]
+        self.calls = [None] * len(self.slots)
+        if not keep:
+            return
         torch.cuda.synchronize()
         try:
             calls = capture([self.slots[k] for k in keep], [io[k] for k in keep])
         except RuntimeError as exc:
             raise RuntimeError(f"CUDA graph capture of the layers failed ({str(exc).splitlines()[0]}); "
                                "run without --cuda-graphs") from exc
-        self.calls = [None] * len(self.slots)
         for k, call in zip(keep, calls):
             self.calls[k] = call
             self.slots[k].graphed = call
