@@ -9,7 +9,6 @@ import torch
 from autotune.plan import Plan
 from backends.deepspeed import graphs
 from tests.dist_launcher import train_py
-from tests.test_engine_modes import _bert_test_trainer, _close
 
 
 def _plan(**kw) -> Plan:
@@ -86,43 +85,61 @@ def _eager_stand_in(calls: list):
     outputs out, as a graphed TensorArgs), counting calls."""
     def capture(modules, io):
         out = []
-        for m, (xs, passthrough) in zip(modules, io):
+        for m, (xs, passthrough, tuple_out) in zip(modules, io):
             computed = [k for k, p in enumerate(passthrough) if p is None]
 
             def run(*tensors, _m=m, _computed=computed, _k=len(out)):
                 calls.append(_k)
                 y = _m.forward_fn(_m.inner, tensors) if _m.forward_fn else _m.inner(tensors)
+                y = y if isinstance(y, tuple) else (y,)
                 return tuple(y[k] for k in _computed)
-            out.append(graphs.GraphedCall(run, passthrough, graphs.mask_answers(xs),
-                                          [(x.shape, x.dtype, x.requires_grad) for x in xs]))
+            out.append(graphs.GraphedCall(run, passthrough, graphs.mask_answers(xs), graphs.signature(xs), tuple_out))
         return out
     return capture
 
 
-def _losses(monkeypatch, cuda_graphs: bool, calls: list) -> tuple[list[float], str | None]:
-    """bert-test's losses over 3 steps of 2 micro-batches (first layer checkpointed), eager or under
-    --cuda-graphs with the stand-in capture; and the graphs' summary."""
+def _losses(monkeypatch, model: str, cuda_graphs: bool, calls: list) -> tuple[list[float], str | None]:
+    """A test preset's losses over 3 steps of 2 micro-batches (first layer checkpointed, fp32, ZeRO-1), eager or
+    under --cuda-graphs with the stand-in capture; and the graphs' summary."""
     import backends.deepspeed.engine as engine_mod
+    from backends.data import SyntheticData
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from model_zoo.registry import PRESETS, load_hf_config
+    from model_zoo.runtime import get_adapter
 
     if cuda_graphs:
         monkeypatch.setattr(engine_mod, "graph_refusal", lambda *a: None)
         monkeypatch.setattr(engine_mod, "training_stream", lambda: None)      # no side stream on the CPU
         monkeypatch.setattr(graphs, "capture", _eager_stand_in(calls))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    trainer, data = _bert_test_trainer(ckpt=1, from_state=True, global_bsz=4, chunks=2, zero_stage=1,
-                                       precision="fp32", engine_kw={"cuda_graphs": cuda_graphs})
+    preset = PRESETS[model]
+    adapter, config = get_adapter(preset.family), load_hf_config(model)
+    n = adapter.num_layers(config)
+    plan = Plan.uniform(num_layers=n, world_size=1, global_bsz=4, chunks=2, zero_stage=1, precision="fp32",
+                        checkpoint=[1] + [0] * (n - 1))
+    groups = build_parallel_groups(plan)
+    torch.manual_seed(0)
+    net = adapter.build_model(config, preset.task)
+    net = adapter.build_model(config, preset.task, net.state_dict())
+    trainer = engine_mod.build_engine(plan, groups, adapter.layer_sequence(net, preset.task), lr=1e-3,
+                                      cuda_graphs=cuda_graphs)
+    data = SyntheticData(adapter, config, preset.task, plan, 0, 1)
     losses = [trainer.train_step(data.micro_batches(s)).loss for s in range(3)]
     summary = trainer.graphs.summary() if trainer.graphs else None
-    _close(trainer)
+    trainer.destroy()
+    destroy_parallel_groups()
     return losses, summary
 
 
-def test_engine_records_then_replays_plain_layers(world_of_one, monkeypatch):
-    ref, none = _losses(monkeypatch, False, [])
+@pytest.mark.parametrize("model", ["bert-test", "t5-test", "vit-test", "swin-test"])
+def test_engine_records_then_replays_plain_layers(world_of_one, monkeypatch, model):
+    """BERT hands its mask on unchanged, T5's last layers return one bare tensor: the replayed entries must give
+    back exactly what the eager ones did."""
+    ref, none = _losses(monkeypatch, model, False, [])
     calls: list = []
-    got, summary = _losses(monkeypatch, True, calls)
+    got, summary = _losses(monkeypatch, model, True, calls)
     assert none is None
-    assert summary == "CUDA graphs: 3 of 3 plain layers graphed"    # bert-test: 4 layers, the first checkpointed
+    assert summary == "CUDA graphs: 3 of 3 plain layers graphed"    # 4 layers each, the first checkpointed
     # step 1 eager (recorded), steps 2-3 replayed: 2 micro-batches each, the layers in order
     assert calls == [0, 1, 2] * 4
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)

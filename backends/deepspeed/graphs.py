@@ -37,8 +37,9 @@ from model_zoo.common import get_mask_answer, mask_answers, put_mask_answers
 
 
 class TensorArgs(nn.Module):
-    """A layer entry as make_graphed_callables wants it: tensors in positionally, tensors out. Outputs that
-    hand an input on unchanged (BERT's 2D mask) are left out; GraphedCall puts them back."""
+    """A layer entry as make_graphed_callables wants it: tensors in positionally, a tuple of tensors out (an
+    entry that returns one bare tensor, as T5's last layers do, gives a 1-tuple). Outputs that hand an input
+    on unchanged (BERT's 2D mask) are left out; GraphedCall puts them back."""
 
     def __init__(self, entry: nn.Module, passthrough: tuple[int | None, ...]):
         super().__init__()
@@ -47,6 +48,7 @@ class TensorArgs(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.entry(tuple(tensors))
+        out = out if isinstance(out, tuple) else (out,)
         return tuple(out[k] for k in self.computed)
 
 
@@ -58,26 +60,28 @@ class GraphedCall:
     passthrough: tuple[int | None, ...]
     answers: list
     signature: list[tuple[torch.Size, torch.dtype, bool]]
+    tuple_out: bool = True              # the entry returned a tuple (else one bare tensor)
 
     def matches(self, inputs: tuple) -> bool:
         """Same shapes, dtypes and requires_grad as captured, and each mask with the captured answer (the
         graph baked in the branch it chose: flash attention when nothing is masked)."""
         if len(inputs) != len(self.signature) or not all(torch.is_tensor(x) for x in inputs):
             return False
-        if [(x.shape, x.dtype, x.requires_grad) for x in inputs] != self.signature:
+        if signature(inputs) != self.signature:
             return False
         return all(a is None or get_mask_answer(x) == a for x, a in zip(inputs, self.answers))
 
-    def __call__(self, inputs: tuple) -> tuple:
+    def __call__(self, inputs: tuple) -> tuple | torch.Tensor:
         computed = iter(self.graphed(*inputs))
-        return tuple(inputs[p] if p is not None else next(computed) for p in self.passthrough)
+        out = tuple(inputs[p] if p is not None else next(computed) for p in self.passthrough)
+        return out if self.tuple_out else out[0]
 
 
-def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[int | None, ...]] | None]:
-    """Run `run()` with forward hooks on `modules` (tuple in, tuple out): per module detached copies of its
-    inputs at its first call (sample_of; None where one is not a tensor) and, per output, the index of the
-    input it hands on unchanged (None: computed); None for a module that was not called. The hooks are gone
-    afterwards.
+def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[int | None, ...], bool] | None]:
+    """Run `run()` with forward hooks on `modules` (tuple in, a tuple or one tensor out): per module detached
+    copies of its inputs at its first call (sample_of; None where one is not a tensor), per output the index
+    of the input it hands on unchanged (None: computed), and whether it returned a tuple; None for a module
+    that was not called. The hooks are gone afterwards.
 
     Copies, not the inputs: an input keeps its autograd graph, and with it every earlier parameter's
     AccumulateGrad node, made on the default stream in this eager step. A capture's backward then feeds
@@ -94,7 +98,7 @@ def record_layer_io(modules: list[nn.Module], run) -> list[tuple[tuple, tuple[in
                 passthrough = tuple(next((j for j, x in enumerate(xs) if o is x), None) for o in outs)
                 kept = sample_of(xs) if all(torch.is_tensor(x) for x in xs) else tuple(
                     None if torch.is_tensor(x) else x for x in xs)
-                seen[i] = (kept, passthrough)
+                seen[i] = (kept, passthrough, isinstance(out, tuple))
         return hook
 
     handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
@@ -114,14 +118,19 @@ def sample_of(xs: tuple) -> tuple[torch.Tensor, ...]:
     return samples
 
 
-def capture(modules: list[nn.Module], io: list[tuple[tuple, tuple[int | None, ...]]]) -> list[GraphedCall]:
-    """A GraphedCall per module from its recorded (sample inputs, passthrough), all from one make_graphed_callables
-    call (one memory pool; they must then run in this order, backward in reverse)."""
-    wrappers = tuple(TensorArgs(m, passthrough) for m, (_, passthrough) in zip(modules, io))
-    samples = tuple(xs for xs, _ in io)
+def capture(modules: list[nn.Module], io: list[tuple[tuple, tuple[int | None, ...], bool]]) -> list[GraphedCall]:
+    """A GraphedCall per module from its record_layer_io entry, all from one make_graphed_callables call (one
+    memory pool; they must then run in this order, backward in reverse)."""
+    wrappers = tuple(TensorArgs(m, passthrough) for m, (_, passthrough, _) in zip(modules, io))
+    samples = tuple(xs for xs, _, _ in io)
     graphed = torch.cuda.make_graphed_callables(wrappers, samples)
-    return [GraphedCall(g, passthrough, mask_answers(xs), [(x.shape, x.dtype, x.requires_grad) for x in xs])
-            for g, (xs, passthrough) in zip(graphed, io)]
+    return [GraphedCall(g, passthrough, mask_answers(xs), signature(xs), tuple_out)
+            for g, (xs, passthrough, tuple_out) in zip(graphed, io)]
+
+
+def signature(xs: tuple) -> list[tuple[torch.Size, torch.dtype, bool]]:
+    """What GraphedCall.matches compares: each input's shape, dtype and requires_grad."""
+    return [(x.shape, x.dtype, x.requires_grad) for x in xs]
 
 
 def copy_grads_out(modules: list[nn.Module]) -> list:
