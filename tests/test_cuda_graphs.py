@@ -133,7 +133,7 @@ def _losses(monkeypatch, model: str, cuda_graphs: bool, calls: list) -> tuple[li
 
 @pytest.mark.parametrize("model", ["bert-test", "t5-test", "vit-test", "swin-test"])
 def test_engine_records_then_replays_plain_layers(world_of_one, monkeypatch, model):
-    """BERT hands its mask on unchanged, T5's last layers return one bare tensor: the replayed entries must give
+    """BERT hands its mask on unchanged, T5's last decoder layer returns one bare tensor: the replayed entries must give
     back exactly what the eager ones did."""
     ref, none = _losses(monkeypatch, model, False, [])
     calls: list = []

@@ -38,7 +38,7 @@ from model_zoo.common import get_mask_answer, mask_answers, put_mask_answers
 
 class TensorArgs(nn.Module):
     """A layer entry as make_graphed_callables wants it: tensors in positionally, a tuple of tensors out (an
-    entry that returns one bare tensor, as T5's last layers do, gives a 1-tuple). Outputs that hand an input
+    entry that returns one bare tensor, as T5's last decoder layer does, gives a 1-tuple). Outputs that hand an input
     on unchanged (BERT's 2D mask) are left out; GraphedCall puts them back."""
 
     def __init__(self, entry: nn.Module, passthrough: tuple[int | None, ...]):
