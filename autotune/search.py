@@ -89,9 +89,11 @@ class Evaluated:
 
 
 def graphable(cand: Candidate, world: int) -> bool:
-    """Whether train.py --cuda-graphs runs this candidate's layers as CUDA graphs: one GPU, TP 1 in every layer,
-    ZeRO 0-2 (backends/deepspeed/graphs.graph_refusal; a per-layer TP candidate has cand.tp 0)."""
-    return world == 1 and cand.pp == 1 and cand.tp == 1 and cand.zero < 3
+    """Whether train.py --cuda-graphs runs this candidate's layers as CUDA graphs (backends/deepspeed/graphs.py's
+    scope_refusal; a per-layer TP candidate has cand.tp 0 and is not graphed)."""
+    from backends.deepspeed.graphs import scope_refusal
+
+    return cand.tp >= 1 and scope_refusal(world // cand.pp // cand.tp, cand.pp, cand.zero, cand.tp) is None
 
 
 class SearchError(ValueError):
@@ -631,13 +633,13 @@ def to_plan(ev: Evaluated, spec: ModelSpec, hw: Hardware, gpu_memory_gb: float, 
 GRAPHS_MIN_GAIN = 0.01    # graphs must make the step this much faster to be kept (they cost memory, a capture)
 
 
-def drop_graphs_that_do_not_pay(searcher: Searcher, best: Evaluated, plan) -> Evaluated:
-    """`best` when CUDA graphs make its plan at least GRAPHS_MIN_GAIN faster, else the same plan evaluated
-    without graphs (a GPU-bound plan gains nothing from them and holds their static gradient buffers)."""
+def eager_if_graphs_do_not_pay(searcher: Searcher, best: Evaluated, plan) -> Evaluated | None:
+    """The graphed `best` plan evaluated without graphs when they make it less than GRAPHS_MIN_GAIN faster (a
+    GPU-bound plan gains nothing from them and holds their static gradient buffers), else None."""
     from dataclasses import replace
 
     eager = searcher.predict(replace(plan, cuda_graphs=False))
-    return best if eager.step_time_s > best.step_time_s * (1 + GRAPHS_MIN_GAIN) else eager
+    return None if eager.step_time_s > best.step_time_s * (1 + GRAPHS_MIN_GAIN) else eager
 
 
 def strategy_summary(ev: Evaluated, world: int) -> str:
@@ -828,9 +830,8 @@ def run_search(args: argparse.Namespace) -> tuple:
                           f"a smaller --global-batch-size, or a wider --space")
     best = results[0]
     plan = to_plan(best, spec, hw, mem, cuda_graphs=args.cuda_graphs)
-    if plan.cuda_graphs:
-        best = drop_graphs_that_do_not_pay(searcher, best, plan)
-        plan = to_plan(best, spec, hw, mem, cuda_graphs=plan.cuda_graphs and best is results[0])
+    if plan.cuda_graphs and (eager := eager_if_graphs_do_not_pay(searcher, best, plan)) is not None:
+        best, plan = eager, to_plan(eager, spec, hw, mem)
     seconds = time.perf_counter() - t0
     rows = baseline_rows(results, best, W) if args.space in ("uniform", "layerwise") else []
     alts = distinct_alternatives(results, 5)

@@ -153,23 +153,30 @@ def on_stream(stream: torch.cuda.Stream | None):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
+def scope_refusal(dp: int, pp: int, zero: int, max_tp: int) -> str | None:
+    """Why a layout is outside what --cuda-graphs runs (one GPU, TP 1, ZeRO 0-2), or None. The search asks it
+    of candidates (autotune/search.graphable), train.py of plans (graph_refusal)."""
+    if pp > 1:
+        return f"--cuda-graphs needs pp = 1 (this plan has pp = {pp}); leave it off for pipelined plans"
+    if dp > 1:
+        return (f"--cuda-graphs is tried on one GPU only (this plan has dp = {dp}: DeepSpeed's gradient "
+                "reduction beside the graphs is untested); leave it off for data-parallel plans")
+    if zero == 3:
+        return "--cuda-graphs does not run under ZeRO-3 (its module hooks gather the parameters); use ZeRO 0-2"
+    if max_tp > 1:
+        return ("--cuda-graphs needs TP 1 in every layer (a TP layer's collectives are not captured); "
+                "leave it off for this plan")
+    return None
+
+
 def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
     """Why --cuda-graphs cannot run this plan (a one-line message naming the fix), or None."""
     if not cuda:
         return "--cuda-graphs needs a CUDA device (CUDA graphs); leave it off on the CPU"
     if compile_mode is not None:
         return "--cuda-graphs and --compile exclude each other; --compile reduce-overhead has graphs of its own"
-    if plan.pp_deg > 1:
-        return f"--cuda-graphs needs pp = 1 (this plan has pp = {plan.pp_deg}); leave it off for pipelined plans"
-    if plan.world_size and plan.dp_deg > 1:
-        return (f"--cuda-graphs is tried on one GPU only (this plan has dp = {plan.dp_deg}: DeepSpeed's gradient "
-                "reduction beside the graphs is untested); leave it off for data-parallel plans")
-    if plan.zero_stage == 3:
-        return "--cuda-graphs does not run under ZeRO-3 (its module hooks gather the parameters); use ZeRO 0-2"
-    if max(plan.tp_sizes_enc, default=1) > 1:
-        return ("--cuda-graphs needs TP 1 in every layer (a TP layer's collectives are not captured); "
-                "leave it off for this plan")
-    return None
+    return scope_refusal(plan.dp_deg if plan.world_size else 1, plan.pp_deg, plan.zero_stage,
+                         max(plan.tp_sizes_enc, default=1))
 
 
 @dataclass
