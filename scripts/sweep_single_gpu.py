@@ -28,7 +28,7 @@ CALIBRATION_RUNS = 3      # the first configurations of each list: what scripts/
 
 
 def configs(model: str, num_layers: int) -> list[dict]:
-    """About 25 plans per model: batch x chunks x checkpointed prefix x ZeRO stage x precision.
+    """About 27 plans per model (23 in bf16): batch x chunks x checkpointed prefix x ZeRO stage x precision.
 
     The first three are the ones scripts/sweep_report.py calibrates on (--calibrate 3), chosen to span
     what the time model separates: the anchor batch with ZeRO-1 (the search's one-GPU pick, mostly
@@ -45,6 +45,7 @@ def configs(model: str, num_layers: int) -> list[dict]:
     out += [bf16(2 * b, ckpt=num_layers), bf16(2 * b, ckpt=half), bf16(b, ckpt=half, zero=1)]
     out += [bf16(b, zero=z) for z in (2, 3)]
     out += [bf16(b, chunks=2, zero=2), bf16(b // 2, zero=2), bf16(b, ckpt=half, zero=3)]
+    out += [bf16(2 * b, zero=1), bf16(2 * b, ckpt=half, zero=2)]    # GPU-bound ZeRO-1 and ZeRO-2 at twice the anchor
     out += [dict(bsz=b // 2, chunks=1, ckpt=0, zero=0, precision="fp32"),
             dict(bsz=b // 2, chunks=1, ckpt=half, zero=0, precision="fp32"),
             dict(bsz=b // 2, chunks=1, ckpt=0, zero=1, precision="fp32"),
@@ -94,6 +95,16 @@ def machine_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def graph_args(plan, train_args: list[str]) -> list[str]:
+    """train_args without --cuda-graphs for a configuration train.py would refuse to graph (ZeRO-3): a sweep
+    asked for graphs runs them where they run, as `autotune/search.py --cuda-graphs` plans them."""
+    from backends.deepspeed.graphs import scope_refusal
+
+    if "--cuda-graphs" in train_args and scope_refusal(1, plan.pp_deg, plan.zero_stage, 1):
+        return [a for a in train_args if a != "--cuda-graphs"]
+    return train_args
+
+
 def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list[str] = ()) -> dict:
     import torch
 
@@ -103,6 +114,7 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
     plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=cfg["bsz"], chunks=cfg["chunks"],
                         zero_stage=cfg["zero"], precision=cfg["precision"],
                         checkpoint=[1] * cfg["ckpt"] + [0] * (num_layers - cfg["ckpt"]), model={"name": model})
+    train_args = graph_args(plan, list(train_args))
     plan.cuda_graphs = "--cuda-graphs" in train_args      # the record's plan is then predicted as graphs
     tmp = tempfile.mkdtemp()
     plan_path, metrics = os.path.join(tmp, "plan.json"), os.path.join(tmp, "m.jsonl")

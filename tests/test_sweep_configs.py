@@ -101,3 +101,24 @@ def test_a_cpu_sweep_records_its_machine_and_reports(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(report.with_suffix(".json").read_text())["rows"]
     assert [x["status"] for x in rows] == ["calibration", "scored"]        # one machine: no machine in the roles
+
+
+def test_graphed_sweep_runs_zero3_eager_and_the_rest_graphed():
+    """--train-args=--cuda-graphs: train.py refuses to graph ZeRO-3 (exit 2), so the sweep runs those eager and
+    records them as such; ZeRO 0-2 keep the flag and every other flag stays."""
+    from autotune.plan import Plan
+    from scripts.sweep_single_gpu import graph_args
+
+    args = ["--cuda-graphs", "--dropout", "0"]
+    for zero, graphed in ((0, True), (1, True), (2, True), (3, False)):
+        plan = Plan.uniform(num_layers=4, world_size=1, global_bsz=8, chunks=1, zero_stage=zero, precision="bf16",
+                            checkpoint=[0] * 4, model={"name": "bert-test"})
+        assert graph_args(plan, args) == (args if graphed else ["--dropout", "0"])
+    assert graph_args(plan, ["--dropout", "0"]) == ["--dropout", "0"]
+
+
+def test_built_in_list_has_twenty_scored_bf16_configurations_without_repeats():
+    for model, n in (("bert-large", 24), ("vit-large", 24), ("t5-large", 48), ("swin-base", 24)):
+        bf16 = [c for c in configs(model, n) if c["precision"] == "bf16"]
+        assert len(bf16) - CALIBRATION_RUNS >= 20
+        assert len({tuple(sorted(c.items())) for c in bf16}) == len(bf16)
