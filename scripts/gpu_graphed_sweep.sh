@@ -5,7 +5,9 @@
 #   MODEL_log.txt   the sweep's own lines and any error lines
 #   boot.txt, gpu.txt, gpu_MODEL.csv (nvidia-smi every second)
 # Score: python scripts/sweep_report.py --sweep OUT_DIR/MODEL.jsonl ... --profiles profiles/h200 --hardware 1xH200
-# Usage: [STEPS=9] [SKIP=0] bash scripts/gpu_graphed_sweep.sh MODEL OUT_DIR
+# SHARED=1: the ZeRO 0-2 configurations after the calibration ones share one process (~13 s less each: a fresh
+# process spends that importing and starting before run_one; session 20's Swin-B sweep took 560 s in fresh ones).
+# Usage: [STEPS=9] [SKIP=0] [SHARED=1] bash scripts/gpu_graphed_sweep.sh MODEL OUT_DIR
 set -u
 model=${1:?usage: gpu_graphed_sweep.sh MODEL OUT_DIR}
 out=$(mkdir -p "${2:?usage: gpu_graphed_sweep.sh MODEL OUT_DIR}" && cd "$2" && pwd)
@@ -16,5 +18,5 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,memory.use
   --format=csv,noheader -l 1 > "$out/gpu_$model.csv" 2>&1 & smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 python scripts/sweep_single_gpu.py --models "$model" --precisions bf16 --steps "${STEPS:-9}" --skip "${SKIP:-0}" \
-  --process-per-config --train-args=--cuda-graphs --out "$out/$model.jsonl" 2>&1 \
+  $([ "${SHARED:-0}" = 1 ] || echo --process-per-config) --train-args=--cuda-graphs --out "$out/$model.jsonl" 2>&1 \
   | grep -E '^\[sweep\]|Error|error' | sed -e "s#${PYTHONPATH:-/nonexistent}#<wheels>#g" > "$out/${model}_log.txt"

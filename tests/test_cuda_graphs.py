@@ -80,22 +80,25 @@ def test_gradient_copy_hook_makes_accumulation_add_up():
     assert torch.equal(_accumulated(hooked=True), torch.tensor([11.0, 22.0, 33.0]))
 
 
-def _eager_stand_in(calls: list):
-    """capture() without CUDA: each layer entry's own eager forward as its 'graph' (tensors in, the computed
-    outputs out, as a graphed TensorArgs), counting calls."""
-    def capture(modules, io):
+def _make_graphed_stand_in(calls: list):
+    """torch.cuda.make_graphed_callables without CUDA: the check its capture makes (autograd.grad of each callable's
+    outputs that need a gradient over its sample inputs and parameters that need one, with its allow_unused_input:
+    a T5 entry hands on a tensor it does not use) and then each entry's eager forward as its 'graph', counting calls."""
+    def make(callables, samples, allow_unused_input=False, **_):
         out = []
-        for m, (xs, passthrough, tuple_out) in zip(modules, io):
-            computed = [k for k, p in enumerate(passthrough) if p is None]
+        for k, (fn, xs) in enumerate(zip(callables, samples)):
+            ys = [y for y in fn(*xs) if y.requires_grad]
+            wrt = [x for x in xs if x.requires_grad] + [p for p in fn.parameters() if p.requires_grad]
+            torch.autograd.grad(ys, wrt, grad_outputs=[torch.ones_like(y) for y in ys], allow_unused=allow_unused_input)
 
-            def run(*tensors, _m=m, _computed=computed, _k=len(out)):
-                calls.append(_k)
-                y = _m.forward_fn(_m.inner, tensors) if _m.forward_fn else _m.inner(tensors)
+            def run(*tensors, _e=fn.entry, _computed=fn.computed, _k=k):     # the entry's eager path (its
+                calls.append(_k)                                            # forward would replay this)
+                y = _e.forward_fn(_e.inner, tensors) if _e.forward_fn else _e.inner(tensors)
                 y = y if isinstance(y, tuple) else (y,)
-                return tuple(y[k] for k in _computed)
-            out.append(graphs.GraphedCall(run, passthrough, graphs.mask_answers(xs), graphs.signature(xs), tuple_out))
+                return tuple(y[j] for j in _computed)
+            out.append(run)
         return out
-    return capture
+    return make
 
 
 def _losses(monkeypatch, model: str, cuda_graphs: bool, calls: list) -> tuple[list[float], str | None]:
@@ -110,7 +113,7 @@ def _losses(monkeypatch, model: str, cuda_graphs: bool, calls: list) -> tuple[li
     if cuda_graphs:
         monkeypatch.setattr(engine_mod, "graph_refusal", lambda *a: None)
         monkeypatch.setattr(engine_mod, "training_stream", lambda: None)      # no side stream on the CPU
-        monkeypatch.setattr(graphs, "capture", _eager_stand_in(calls))
+        monkeypatch.setattr(torch.cuda, "make_graphed_callables", _make_graphed_stand_in(calls))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     preset = PRESETS[model]
     adapter, config = get_adapter(preset.family), load_hf_config(model)

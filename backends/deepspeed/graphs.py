@@ -123,7 +123,10 @@ def capture(modules: list[nn.Module], io: list[tuple[tuple, tuple[int | None, ..
     memory pool; they must then run in this order, backward in reverse)."""
     wrappers = tuple(TensorArgs(m, passthrough) for m, (_, passthrough, _) in zip(modules, io))
     samples = tuple(xs for xs, _, _ in io)
-    graphed = torch.cuda.make_graphed_callables(wrappers, samples)
+    # allow_unused_input: an input handed on unchanged and used by nothing else (the decoder embeddings riding
+    # through T5's encoder blocks) gets no gradient from the graph, and torch would refuse the capture (every T5
+    # capture on the H200, session 20); its gradient reaches it through the passthrough
+    graphed = torch.cuda.make_graphed_callables(wrappers, samples, allow_unused_input=True)
     return [GraphedCall(g, passthrough, mask_answers(xs), signature(xs), tuple_out)
             for g, (xs, passthrough, tuple_out) in zip(graphed, io)]
 
