@@ -45,6 +45,26 @@ def run_bound(plan: Plan, spec, hw, profile) -> str:
     return evaluate_run(plan, spec, hw, profile, Calibration()).stage_costs[0].bound
 
 
+SEEN_SHARE = 0.25     # a run sees a time factor when its predicted step moves by >= this share of the factor's change
+
+
+def factors_seen(plan: Plan, spec, hw, profile) -> str:
+    """Which time factors a run's step responds to: 'host', 'GPU', 'both', or '?' (no host/GPU split).
+
+    By sensitivity, not by which sum is larger in forward and backward (run_bound): the optimizer step's host
+    work (DeepSpeed's ZeRO-0 bf16 step: ~45 ms of loops on one H200 for every model) and the ZeRO-2 hooks are
+    host time even when the layers' GPU time sets forward and backward, as it does under --cuda-graphs, where
+    a ZeRO-0 step at a quarter of the anchor batch is two thirds that host work. Counted as GPU-bound, such
+    a run fitted the GPU lines to the host's speed (session 20's graphed one-GPU sweeps)."""
+    if run_bound(plan, spec, hw, profile) == "?":
+        return "?"
+    t0 = predict_run(plan, spec, hw, profile, Calibration())[0]
+    host = predict_run(plan, spec, hw, profile, Calibration(host_scale=1.1))[0] - t0
+    gpu = predict_run(plan, spec, hw, profile, Calibration(compute_scale=1.1, host_scale=1.0))[0] - t0
+    seen = [name for name, d in (("host", host), ("GPU", gpu)) if d >= SEEN_SHARE * 0.1 * t0]
+    return "both" if len(seen) == 2 else (seen[0] if seen else "GPU")
+
+
 SPLIT_MODES = {"none": False, "both": True, "bound": "bound"}    # --split-host's values -> fit_time's split_host
 SCALE_LO, SCALE_HI = 0.4, 3.4     # range of the time factors searched
 PRIOR = 1e-4                      # weight of (log factor)^2: a factor the runs do not pin stays near 1
@@ -70,8 +90,8 @@ def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, floa
     (the step offset fitted too) T5-large on the H200 68 % (docs/single_gpu_sweep_h200.md). Split only
     with runs that span launch-bound and GPU-bound steps.
 
-    split_host="bound" fits only the factors the runs can see, by the model's own split of each run
-    (run["bound"], run_bound): both when the runs hold launch-bound and GPU-bound steps, else the one
+    split_host="bound" fits only the factors the runs can see, by the model's own sensitivity of each run
+    (run["bound"], factors_seen: 'host', 'GPU' or 'both'): both when the runs hold launch-bound and GPU-bound steps, else the one
     side's factor with the other kept at 1. One H200's GPU-bound steps repeat within 2 % while its
     launch-bound ones move 20-60 % between processes (a KVM guest's vCPUs run at the speed its
     neighbours leave), so one factor fitted to launch-bound runs moved the GPU lines of every GPU-bound
@@ -100,7 +120,7 @@ def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, floa
             return min(((*score(a, a, b), a, a) for a in fine), key=lambda x: x[0])   # host/GPU sums)
         if bounds and bounds <= {"host"}:     # launch-bound runs only: they see the host, not the GPU
             return best_pair(b, [1.0], fine)
-        if bounds and bounds <= {"GPU"}:
+        if bounds and bounds <= {"GPU"}:      # ("both": factors_seen's runs that respond to both)
             return best_pair(b, fine, [1.0])
         _, _, a, h = best_pair(b, _grid(SCALE_LO, SCALE_HI, 0.05), _grid(SCALE_LO, SCALE_HI, 0.05))
         near = lambda x: [v for v in _grid(x - 0.05, x + 0.05, 0.01) if SCALE_LO <= v <= SCALE_HI]  # noqa: E731
@@ -170,7 +190,7 @@ def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], m
         return predict_run(r["plan"], spec, hw, profile, cal)
 
     if split_host == "bound":
-        fit_runs = [{**r, "bound": run_bound(r["plan"], spec, hw, profile)} for r in fit_runs]
+        fit_runs = [{**r, "bound": factors_seen(r["plan"], spec, hw, profile)} for r in fit_runs]
 
     a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host)
     s, o = fit_memory(fit_runs, predict)

@@ -148,3 +148,34 @@ def test_bound_aware_fit_moves_only_the_factor_the_runs_see(batches, bound):
     assert out["fit_error_after"]["step_time_max_abs"] < 0.02
     tied = calibrate(spec, hw, prof, runs, [])
     assert tied["compute_scale"] != pytest.approx(1.0 if bound == "host" else 1.15, abs=0.02)
+
+
+def test_graphed_zero0_runs_see_the_host_through_the_optimizer_step():
+    """Under --cuda-graphs the layers' GPU time sets forward and backward, yet a ZeRO-0 step is mostly DeepSpeed's
+    host loops (the engine profile's ~44 ms step): factors_seen calls such a run 'both', and the three graphed
+    calibration configurations of the one-GPU sweep recover a host 15 % faster and a GPU 10 % slower. Judged by the
+    forward/backward sums alone (run_bound) all three are GPU-bound and the host factor would stay at 1."""
+    from autotune.calibrate import factors_seen, run_bound
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
+    spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
+    plans = []
+    for b, chunks, zero in ((32, 1, 1), (8, 1, 0), (32, 4, 0)):
+        p = Plan.uniform(num_layers=24, world_size=1, global_bsz=b, chunks=chunks, zero_stage=zero)
+        p.cuda_graphs = True
+        plans.append(p)
+    assert [run_bound(p, spec, hw, prof) for p in plans] == ["GPU"] * 3
+    assert [factors_seen(p, spec, hw, prof) for p in plans] == ["GPU", "both", "both"]
+    truth = Calibration(compute_scale=1.1, host_scale=0.85)
+    runs = []
+    for p in plans:
+        step, mem = predict_run(p, spec, hw, prof, truth)
+        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
+                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    out = calibrate(spec, hw, prof, runs, [], split_host="bound")
+    assert out["host_scale"] == pytest.approx(0.85, abs=0.02)
+    assert out["compute_scale"] == pytest.approx(1.1, abs=0.02)
