@@ -5,7 +5,7 @@
 
 Each `--run` is a plan and the metrics file train.py wrote for it. The fit (least squares of relative
 errors) gives: compute_scale (the profile's GPU lines) and host_scale (its launch floors and the engine's
-host work), each fitted only when some run is bound by it (--split-host bound, the default; `both` fits
+host work), each fitted only when some run's step responds to it (--split-host bound, the default; `both` fits
 both always, `none` one factor for both) and step_overhead_s from step times (comm_scale too when
 the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-only", action="store_true", help="fit only activation_scale and memory_offset_mb")
     ap.add_argument("--split-host", choices=["none", "both", "bound"], default="bound",
                     help="the host's launch speed (host_scale) apart from the GPU's (compute_scale): 'bound' "
-                         "(default) fits only the factors the runs show (launch-bound runs the host's, GPU-bound "
-                         "ones the GPU's), 'both' always both (needs runs of both kinds), 'none' one factor for both")
+                         "(default) fits only the factors the runs' predicted steps respond to (launch-bound runs "
+                         "and host-heavy optimizer steps the host's, GPU time the GPU's), 'both' always both (needs runs of both kinds), 'none' one factor for both")
     args = ap.parse_args(argv)
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile
