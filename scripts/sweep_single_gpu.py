@@ -28,7 +28,7 @@ CALIBRATION_RUNS = 3      # the first configurations of each list: what scripts/
 
 
 def configs(model: str, num_layers: int) -> list[dict]:
-    """About 27 plans per model (23 in bf16): batch x chunks x checkpointed prefix x ZeRO stage x precision.
+    """About 29 plans per model (25 in bf16): batch x chunks x checkpointed prefix x ZeRO stage x precision.
 
     The first three are the ones scripts/sweep_report.py calibrates on (--calibrate 3), chosen to span
     what the time model separates: the anchor batch with ZeRO-1 (the search's one-GPU pick, mostly
