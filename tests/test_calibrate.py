@@ -10,13 +10,25 @@ from autotune.plan import Plan
 from tests import synthetic as syn
 
 
-def make_runs(spec, hw, truth: Calibration, plans):
+def make_runs(spec, hw, truth: Calibration, plans, profile=None):
+    """Runs 'measured' as the model predicts them under the true factors `truth`."""
     runs = []
     for p in plans:
-        step, mem = predict_run(p, spec, hw, None, truth)
+        step, mem = predict_run(p, spec, hw, profile, truth)
         runs.append({"plan": p, "name": p.describe(), "has_comm": False,
                      "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
     return runs
+
+
+def bert_large_h200():
+    """(profile, spec, hardware) of the shipped H200 BERT-large profile, which splits host from GPU time."""
+    from autotune.hardware import load_hardware
+    from autotune.model_profile import ModelProfile
+    from model_zoo import get_model_spec
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
+    return prof, get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
 
 
 def test_recovers_factors():
@@ -84,20 +96,10 @@ def test_recovers_host_and_gpu_scales_apart_from_a_measured_profile():
     """A training host that launches 20 % faster than the profiling one, on a GPU 15 % slower than profiled:
     the launch-bound micro-batches (b=1, 4) see only the first, the GPU-bound ones (b=32, 64) only the
     second; one factor for both cannot match the four runs (its best scored error stays well above 1 %)."""
-    from autotune.hardware import load_hardware
-    from autotune.model_profile import ModelProfile
-    from model_zoo import get_model_spec
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
-    spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
+    prof, spec, hw = bert_large_h200()
     truth = Calibration(compute_scale=1.15, host_scale=0.8)
     plans = [Plan.uniform(num_layers=24, world_size=1, global_bsz=b, zero_stage=1) for b in (1, 4, 32, 64)]
-    runs = []
-    for p in plans:
-        step, mem = predict_run(p, spec, hw, prof, truth)
-        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
-                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    runs = make_runs(spec, hw, truth, plans, prof)
     out = calibrate(spec, hw, prof, runs, [], split_host=True)
     assert out["compute_scale"] == pytest.approx(1.15, abs=0.011)
     assert out["host_scale"] == pytest.approx(0.8, abs=0.011)
@@ -124,21 +126,11 @@ def test_bound_aware_fit_moves_only_the_factor_the_runs_see(batches, bound):
     1: launch-bound runs from a host 20 % faster leave the GPU lines as profiled, GPU-bound runs on a GPU 15 %
     slower leave the launch floors. A free split ('both') or one tied factor moves what the runs cannot see."""
     from autotune.calibrate import run_bound
-    from autotune.hardware import load_hardware
-    from autotune.model_profile import ModelProfile
-    from model_zoo import get_model_spec
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
-    spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
+    prof, spec, hw = bert_large_h200()
     truth = Calibration(compute_scale=1.15, host_scale=0.8)
     plans = [Plan.uniform(num_layers=24, world_size=1, global_bsz=b, zero_stage=1) for b in batches]
     assert [run_bound(p, spec, hw, prof) for p in plans] == [bound] * len(plans)
-    runs = []
-    for p in plans:
-        step, mem = predict_run(p, spec, hw, prof, truth)
-        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
-                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    runs = make_runs(spec, hw, truth, plans, prof)
     out = calibrate(spec, hw, prof, runs, [], split_host="bound")
     assert out["fitted_bounds"] == [bound] * len(plans)
     if bound == "host":
@@ -156,13 +148,7 @@ def test_graphed_zero0_runs_see_the_host_through_the_optimizer_step():
     calibration configurations of the one-GPU sweep recover a host 15 % faster and a GPU 10 % slower. Judged by the
     forward/backward sums alone (run_bound) all three are GPU-bound and the host factor would stay at 1."""
     from autotune.calibrate import factors_seen, run_bound
-    from autotune.hardware import load_hardware
-    from autotune.model_profile import ModelProfile
-    from model_zoo import get_model_spec
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    prof = ModelProfile.load(str(root / "profiles/h200/bert-large.json"))
-    spec, hw = get_model_spec("bert-large", precision="bf16"), load_hardware("1xH200")
+    prof, spec, hw = bert_large_h200()
     plans = []
     for b, chunks, zero in ((32, 1, 1), (8, 1, 0), (32, 4, 0)):
         p = Plan.uniform(num_layers=24, world_size=1, global_bsz=b, chunks=chunks, zero_stage=zero)
@@ -171,11 +157,7 @@ def test_graphed_zero0_runs_see_the_host_through_the_optimizer_step():
     assert [run_bound(p, spec, hw, prof) for p in plans] == ["GPU"] * 3
     assert [factors_seen(p, spec, hw, prof) for p in plans] == ["GPU", "both", "both"]
     truth = Calibration(compute_scale=1.1, host_scale=0.85)
-    runs = []
-    for p in plans:
-        step, mem = predict_run(p, spec, hw, prof, truth)
-        runs.append({"plan": p, "name": p.describe(), "has_comm": False,
-                     "measured": {"step_time_s": step, "stage_peak_memory_mb": [m["total_mb"] for m in mem]}})
+    runs = make_runs(spec, hw, truth, plans, prof)
     out = calibrate(spec, hw, prof, runs, [], split_host="bound")
     assert out["host_scale"] == pytest.approx(0.85, abs=0.02)
     assert out["compute_scale"] == pytest.approx(1.1, abs=0.02)
