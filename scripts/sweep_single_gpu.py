@@ -133,6 +133,8 @@ def run_one(model: str, cfg: dict, steps: int, num_layers: int, train_args: list
         rc = train.main(["--model", model, "--galvatron-plan", plan_path, "--steps", str(steps),
                          "--metrics-file", metrics, *train_args])
         rec["rc"] = rc
+        if rc:          # refused before it ran (train.py printed why; e.g. --cuda-graphs on a CPU): no metrics
+            raise RuntimeError(f"train.py exited {rc} before training (its message is in the log)")
         with open(metrics) as f:
             lines = [json.loads(x) for x in f if x.strip()]
         rec["steps"] = [x for x in lines if not x.get("summary")]
