@@ -56,9 +56,10 @@ def factors_seen(plan: Plan, spec, hw, profile) -> str:
     host time even when the layers' GPU time sets forward and backward, as it does under --cuda-graphs, where
     a ZeRO-0 step at a quarter of the anchor batch is two thirds that host work. Counted as GPU-bound, such
     a run fitted the GPU lines to the host's speed (session 20's graphed one-GPU sweeps)."""
-    if run_bound(plan, spec, hw, profile) == "?":
+    ev = evaluate_run(plan, spec, hw, profile, Calibration())
+    if ev.stage_costs[0].bound == "?":
         return "?"
-    t0 = predict_run(plan, spec, hw, profile, Calibration())[0]
+    t0 = ev.step_time_s
     host = predict_run(plan, spec, hw, profile, Calibration(host_scale=1.1))[0] - t0
     gpu = predict_run(plan, spec, hw, profile, Calibration(compute_scale=1.1, host_scale=1.0))[0] - t0
     seen = [name for name, d in (("host", host), ("GPU", gpu)) if d >= SEEN_SHARE * 0.1 * t0]
@@ -91,7 +92,7 @@ def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, floa
     with runs that span launch-bound and GPU-bound steps.
 
     split_host="bound" fits only the factors the runs can see, by the model's own sensitivity of each run
-    (run["bound"], factors_seen: 'host', 'GPU' or 'both'): both when the runs hold launch-bound and GPU-bound steps, else the one
+    (run["bound"], factors_seen: 'host', 'GPU' or 'both'): both when some run sees each, else the one
     side's factor with the other kept at 1. One H200's GPU-bound steps repeat within 2 % while its
     launch-bound ones move 20-60 % between processes (a KVM guest's vCPUs run at the speed its
     neighbours leave), so one factor fitted to launch-bound runs moved the GPU lines of every GPU-bound
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-host", choices=["none", "both", "bound"], default="bound",
                     help="the host's launch speed (host_scale) apart from the GPU's (compute_scale): 'bound' "
                          "(default) fits only the factors the runs' predicted steps respond to (launch-bound runs "
-                         "and host-heavy optimizer steps the host's, GPU time the GPU's), 'both' always both (needs runs of both kinds), 'none' one factor for both")
+                         "and host-heavy optimizer steps the host's, GPU time the GPU's), 'both' always both "
+                         "(needs runs of both kinds), 'none' one factor for both")
     args = ap.parse_args(argv)
     from autotune.hardware import load_hardware
     from autotune.model_profile import ModelProfile

@@ -422,7 +422,7 @@ class CostModel:
             # What the graphs keep for the whole run: the backward's static gradient buffers, one per parameter, and
             # the captured inputs, into which every replay copies the layer's inputs (make_graphed_callables' static
             # input surface; the eager run's input, the previous layer's output, stays alive beside it). Without
-            # the inputs the H200's graphed peaks came out 1-4 % over the model (Swin-B, ViT-L), 5.4 MB a sample
+            # the inputs the H200's graphed peaks came out up to 4 % above the model (Swin-B, ViT-L), 5.4 MB a sample
             # above the gradient buffers for Swin-B, whose layers' inputs are 6.2 MB a sample (session 20).
             held += shard * PRECISION_BYTES[self.spec.precision] + lt.boundary_bytes * b
         inflight = setting.inflight(stage)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One model's built-in bf16 sweep under --cuda-graphs on one GPU machine (session 20), each configuration in a
-# fresh process; scripts/sweep_single_gpu.py runs ZeRO-3 eager (train.py does not graph it). Under OUT_DIR:
+# fresh process unless SHARED=1; scripts/sweep_single_gpu.py runs ZeRO-3 eager (train.py does not graph it).
+# Under OUT_DIR:
 #   MODEL.jsonl     the sweep records (the first 3 configurations are the ones sweep_report.py calibrates on)
 #   MODEL_log.txt   the machine's boot id and GPU, then the sweep's own lines and any error lines
 #   gpu_MODEL.csv   nvidia-smi every second
@@ -22,5 +23,6 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,memory.use
   --format=csv,noheader -l 1 > "$out/gpu_$model.csv" 2>&1 & smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 python scripts/sweep_single_gpu.py --models "$model" --precisions bf16 --steps "${STEPS:-9}" --skip "${SKIP:-0}" \
-  --calibration-repeats "${REPEATS:-1}"   $([ "${SHARED:-0}" = 1 ] || echo --process-per-config) --train-args=--cuda-graphs --out "$out/$model.jsonl" 2>&1 \
+  --calibration-repeats "${REPEATS:-1}" $([ "${SHARED:-0}" = 1 ] || echo --process-per-config) \
+  --train-args=--cuda-graphs --out "$out/$model.jsonl" 2>&1 \
   | grep --line-buffered -E '^\[sweep\]|Error|error' | sed -u -e "s#${PYTHONPATH:-/nonexistent}#<wheels>#g" >> "$log"
