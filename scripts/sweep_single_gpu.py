@@ -98,9 +98,9 @@ def machine_id() -> str:
 def graph_args(plan, train_args: list[str]) -> list[str]:
     """train_args without --cuda-graphs for a configuration train.py would refuse to graph (ZeRO-3): a sweep
     asked for graphs runs them where they run, as `autotune/search.py --cuda-graphs` plans them."""
-    from backends.deepspeed.graphs import scope_refusal
+    from backends.deepspeed.graphs import plan_refusal
 
-    if "--cuda-graphs" in train_args and scope_refusal(1, plan.pp_deg, plan.zero_stage, 1):
+    if "--cuda-graphs" in train_args and plan_refusal(plan):
         return [a for a in train_args if a != "--cuda-graphs"]
     return train_args
 

@@ -172,14 +172,19 @@ def scope_refusal(dp: int, pp: int, zero: int, max_tp: int) -> str | None:
     return None
 
 
+def plan_refusal(plan) -> str | None:
+    """scope_refusal of a Plan's own layout (what train.py graphs of it, whatever the device)."""
+    return scope_refusal(plan.dp_deg if plan.world_size else 1, plan.pp_deg, plan.zero_stage,
+                         max(plan.tp_sizes_enc, default=1))
+
+
 def graph_refusal(plan, compile_mode: str | None, cuda: bool) -> str | None:
     """Why --cuda-graphs cannot run this plan (a one-line message naming the fix), or None."""
     if not cuda:
         return "--cuda-graphs needs a CUDA device (CUDA graphs); leave it off on the CPU"
     if compile_mode is not None:
         return "--cuda-graphs and --compile exclude each other; --compile reduce-overhead has graphs of its own"
-    return scope_refusal(plan.dp_deg if plan.world_size else 1, plan.pp_deg, plan.zero_stage,
-                         max(plan.tp_sizes_enc, default=1))
+    return plan_refusal(plan)
 
 
 @dataclass
