@@ -295,6 +295,17 @@ def run(opts: Options, spec, progress=print) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+def keep_unmeasured_stages(block: dict, old: dict | None) -> None:
+    """Carry the stages this run did not measure over from the profile's earlier engine block, when that block
+    was measured the same way (micro-batch, checkpointed layers, device): re-measuring ZeRO-0 after a change to
+    its optimizer step keeps stages 1-3. Each kept stage records the date it was measured."""
+    if not old or any(old.get(k) != block.get(k) for k in ("micro_batch", "checkpoint_layers", "device")):
+        return
+    for z, stage in old.get("stages", {}).items():
+        if z not in block["stages"]:
+            block["stages"][z] = {**stage, "measured": stage.get("measured", old.get("date"))}
+
+
 # ---------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -347,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                    stage_seconds=args.stage_seconds)
     block = run(opts, spec, progress=lambda s: print(f"[profile_engine {opts.model}] {s}", flush=True))
     block["device"] = torch.cuda.get_device_name() if gpu else "cpu"
+    keep_unmeasured_stages(block, profile.engine)
     if args.out:
         write_json_atomic(args.out, block)
     if not args.no_update:

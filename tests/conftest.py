@@ -22,3 +22,12 @@ def world_of_one():
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def ds_world(world_of_one):
+    """DeepSpeed's communication backend over the one-process world (its optimizers ask it for the rank)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield

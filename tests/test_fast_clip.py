@@ -71,3 +71,61 @@ def test_overflow_check_installed():
 
     import backends.deepspeed.engine  # noqa: F401  (installs on import)
     assert CheckOverflow.has_overflow_serial is fast_clip.has_overflow_serial
+
+
+
+
+class _ZeroLike:
+    """The attributes DeepSpeedZeroOptimizer's overflow check and norm read, over one data-parallel rank."""
+
+    def __init__(self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]):
+        from deepspeed.runtime.utils import has_inf_or_nan
+
+        self.bit16_groups, self.averaged_gradients = [params], {0: grads}
+        self.model_parallel_rank, self.dp_process_group, self.device = 0, None, torch.device("cpu")
+        self._has_inf_or_nan = has_inf_or_nan
+
+    def _model_parallel_all_reduce(self, tensor, op):
+        pass
+
+
+def _zero_case(bad=None, padded=False):
+    grads = [t.to(torch.bfloat16) if t.dim() == 1 else t for t in _tensors(3.0)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    if bad is not None:
+        grads[2][1, 2, 0] = bad
+    if padded:                      # DeepSpeed's alignment padding of a partition: not part of the norm
+        pad = torch.full((5,), 100.0)
+        pad._zero_padding = True
+        grads.insert(0, pad)
+    params[1].ds_pipe_replicated = True              # a pipeline-replicated copy: counted once elsewhere
+    return _ZeroLike(grads, params), grads, params
+
+
+@pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
+def test_zero_overflow_equals_deepspeed(ds_world, bad):
+    zero, _, _ = _zero_case(bad)
+    ours, theirs = fast_clip.zero_overflow(zero), fast_clip._ORIGINAL_ZERO_OVERFLOW(zero)
+    assert ours.shape == theirs.shape == (1,)
+    assert bool(ours) is bool(theirs) is (bad is not None)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_zero_grad_norm_equals_deepspeed_and_hand_computed(ds_world, padded):
+    zero, grads, params = _zero_case(padded=padded)
+    real = [g for g in grads if not getattr(g, "_zero_padding", False)]
+    by_hand = math.sqrt(sum(float((g.double() ** 2).sum()) for i, g in enumerate(real) if i != 1))
+    ours = fast_clip.zero_grad_norm(zero, grads, params)
+    theirs = fast_clip._ORIGINAL_ZERO_NORM(zero, grads, params)
+    assert float(ours) == pytest.approx(by_hand, rel=1e-6)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    zero_bad, grads_bad, params_bad = _zero_case(bad=float("inf"))
+    assert float(fast_clip.zero_grad_norm(zero_bad, grads_bad, params_bad)) == -1.0
+
+
+def test_zero_checks_installed():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    import backends.deepspeed.engine  # noqa: F401  (installs on import)
+    assert DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial is fast_clip.zero_overflow
+    assert DeepSpeedZeroOptimizer.get_grad_norm_direct is fast_clip.zero_grad_norm

@@ -268,3 +268,17 @@ def test_stage_memory_takes_larger_of_activations_and_step(step_mb, expect_mb):
     assert mem["optimizer_step_mb"] == pytest.approx(step_mb)
     assert mem["model_states_mb"] == pytest.approx(100) and mem["activations_mb"] == pytest.approx(30)
     assert mem["total_mb"] == pytest.approx(expect_mb)
+
+
+def test_a_partial_run_keeps_the_stages_it_did_not_measure():
+    from autotune.profile_engine import keep_unmeasured_stages
+
+    old = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "date": "2026-11-25",
+           "stages": {"0": {"step_ms": 55.0}, "1": {"step_ms": 16.0}, "3": {"step_ms": 97.0, "measured": "2026-11-01"}}}
+    new = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "stages": {"0": {"step_ms": 6.0}}}
+    keep_unmeasured_stages(new, old)
+    assert new["stages"] == {"0": {"step_ms": 6.0}, "1": {"step_ms": 16.0, "measured": "2026-11-25"},
+                             "3": {"step_ms": 97.0, "measured": "2026-11-01"}}
+    other = {"micro_batch": 4, "checkpoint_layers": 0, "device": "H100", "stages": {"0": {"step_ms": 9.0}}}
+    keep_unmeasured_stages(other, old)                # measured another way: nothing carried over
+    assert list(other["stages"]) == ["0"]

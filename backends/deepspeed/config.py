@@ -35,7 +35,7 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
 
     `torch_adam` (default) selects torch.optim.AdamW rather than DeepSpeed's FusedAdam, a JIT-built
     extension (DeepSpeed 0.19.8 cannot parse the arch list "9.0a" of Hopper GPUs, and on CPU it
-    needs a compiler); `fused` asks torch for its fused kernel (the runtime sets it on GPUs).
+    needs a compiler); `fused` asks torch for its fused kernel (the runtime always does: torch has it for CUDA and CPU).
     `autocast` runs a bf16/fp16 plan as torch autocast over fp32 weights (DeepSpeed's `torch_autocast`
     section) instead of DeepSpeed's bf16/fp16 engine with its separate fp32 master copy.
     """

@@ -21,7 +21,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from autotune.plan import Plan
 from autotune.profile_model import Clock
-from backends.deepspeed import fast_clip
+from backends.deepspeed import fast_clip, fast_step
 from backends.deepspeed.config import make_ds_config
 from backends.deepspeed.graphs import LayerGraphs, graph_refusal, on_stream, training_stream
 from backends.deepspeed.layers import SequentialWithLoss
@@ -32,6 +32,7 @@ from model_zoo.adapter import LayerSequence
 from model_zoo.common import TORCH_DTYPES, carry_mask_answer
 
 fast_clip.install()                         # DeepSpeed's bf16 clipping without per-tensor kernels / host sync
+fast_step.install()                         # its ZeRO-0 bf16/fp16 step in multi-tensor ops, one host read
 MicroBatch = tuple[Any, torch.Tensor]       # (first-entry inputs, labels)
 
 
@@ -265,8 +266,9 @@ def build_engine(plan: Plan, groups: ParallelGroups, seq: LayerSequence, *, lr: 
     mpu = LayerwiseMPU(groups) if groups.layerwise is not None else MegatronMPU()
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False, checkpoint_in_cpu=False,
                       synchronize=False, profile=False)
-    cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True,
-                         fused=True if torch.cuda.is_available() else None, autocast=autocast)
+    # torch's fused AdamW (CUDA and CPU kernels): one kernel for all tensors, and the CPU tests run the GPUs' path
+    cfg = make_ds_config(plan, lr=lr, weight_decay=weight_decay, eps=eps, torch_adam=True, fused=True,
+                         autocast=autocast)
     if cuda_graphs:
         refusal = graph_refusal(plan, compile_mode, torch.cuda.is_available())
         if refusal:
