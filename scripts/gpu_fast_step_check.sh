@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 21 on one H100: DeepSpeed's ZeRO-0 optimizer step and ZeRO-2's norm and overflow check in multi-tensor
+# Session 21 on one H100 (PROFILES=profiles/h200 on an H200): DeepSpeed's ZeRO-0 optimizer step and ZeRO-2's norm and overflow check in multi-tensor
 # ops (backends/deepspeed/fast_step.py, fast_clip.py).
-#   1. ENGINE_MODELS' engine blocks: ZeRO-0 and ZeRO-2 re-measured into copies of profiles/h100/<m>.json (stages 1
+#   1. ENGINE_MODELS' engine blocks: ZeRO-0 and ZeRO-2 re-measured into copies of $PROFILES/<m>.json (stages 1
 #      and 3 kept, autotune/profile_engine.keep_unmeasured_stages); for AB_MODEL also DeepSpeed's own step and checks
 #      on the same machine (--no-update) -> OUT/engine.tgz, OUT/engine_log.txt
 #   2. SWEEP_MODELS' graphed bf16 sweeps (scripts/gpu_graphed_sweep.sh, SHARED=1), at most SWEEP_SECONDS each
@@ -12,19 +12,20 @@ set -u
 out=$(mkdir -p "${1:?usage: gpu_fast_step_check.sh OUT}" && cd "$1" && pwd)
 export MASTER_ADDR=127.0.0.1 MASTER_PORT=29571 PYTHONUNBUFFERED=1
 log="$out/engine_log.txt"
+prof=${PROFILES:-profiles/h100}          # profiles/h200 on an H200
 mkdir -p "$out/engine"
 { echo "boot $(head -c 8 /proc/sys/kernel/random/boot_id)"
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader 2>&1; } > "$log"
 keep='profile_engine|rror'
 for m in ${ENGINE_MODELS-bert-large vit-large swin-base t5-large}; do
-  cp "profiles/h100/$m.json" "$out/engine/$m.json"
+  cp "$prof/$m.json" "$out/engine/$m.json"
   timeout 120 python autotune/profile_engine.py --model "$m" --model-profile "$out/engine/$m.json" --zero 0,2 \
     --stage-seconds 8 --out "$out/engine/engine_$m.json" 2>&1 | grep -E "$keep" | tee -a "$log"
 done
 ab=${AB_MODEL-bert-large}
 if [ -n "$ab" ]; then   # DeepSpeed's own ZeRO-0 step and ZeRO-2 checks, same machine, same command
   echo "DeepSpeed's own step and checks:" | tee -a "$log"
-  timeout 120 python - "$ab" "$out/engine/stock_$ab.json" <<'PY' 2>&1 | grep -E "$keep" | tee -a "$log"
+  timeout 120 python - "$ab" "$out/engine/stock_$ab.json" "$prof" <<'PY' 2>&1 | grep -E "$keep" | tee -a "$log"
 import sys
 import backends.deepspeed.engine  # noqa: F401  (installs the fast paths; undone below)
 from backends.deepspeed import fast_clip, fast_step
@@ -34,8 +35,8 @@ FP16_UnfusedOptimizer.step = fast_step._ORIGINAL_STEP
 DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = fast_clip._ORIGINAL_ZERO_OVERFLOW
 DeepSpeedZeroOptimizer.get_grad_norm_direct = fast_clip._ORIGINAL_ZERO_NORM
 from autotune import profile_engine
-m, dst = sys.argv[1:]
-sys.exit(profile_engine.main(["--model", m, "--model-profile", f"profiles/h100/{m}.json", "--zero", "0,2",
+m, dst, prof = sys.argv[1:]
+sys.exit(profile_engine.main(["--model", m, "--model-profile", f"{prof}/{m}.json", "--zero", "0,2",
                               "--stage-seconds", "8", "--no-update", "--out", dst]))
 PY
 fi
