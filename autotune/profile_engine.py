@@ -298,12 +298,14 @@ def run(opts: Options, spec, progress=print) -> dict:
 def keep_unmeasured_stages(block: dict, old: dict | None) -> None:
     """Carry the stages this run did not measure over from the profile's earlier engine block, when that block
     was measured the same way (micro-batch, checkpointed layers, device): re-measuring ZeRO-0 after a change to
-    its optimizer step keeps stages 1-3. Each kept stage records the date it was measured."""
+    its optimizer step keeps stages 1-3. Each kept stage records the date it was measured and the bare forward +
+    backward it was measured beside, that host's speed (ModelProfile.engine_stage_host_speed)."""
     if not old or any(old.get(k) != block.get(k) for k in ("micro_batch", "checkpoint_layers", "device")):
         return
     for z, stage in old.get("stages", {}).items():
         if z not in block["stages"]:
-            block["stages"][z] = {**stage, "measured": stage.get("measured", old.get("date"))}
+            block["stages"][z] = {"measured": old.get("date"), "bare_microbatch_ms": old.get("bare_microbatch_ms"),
+                                  **stage}
 
 
 # ---------------------------------------------------------------------- CLI

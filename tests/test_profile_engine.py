@@ -179,6 +179,27 @@ def test_zero3_recompute_repeats_forward_hooks(model_parts):
         profile.engine = {}
 
 
+def test_stage_kept_from_a_slower_host_is_scaled_by_the_bare_times(model_parts):
+    """A stage kept from an earlier block (keep_unmeasured_stages) beside a bare forward + backward of 60 ms, in a
+    block whose own bare one took 30: that host ran twice as slow, so its engine terms count half."""
+    profile, spec, hw = model_parts
+    lt = spec.layer_types[0]
+    setting = Setting(world=1, pp=1, zero=0, chunks=2, global_bsz=8)
+    fresh = {**_block(), "bare_microbatch_ms": 30.0}
+    kept = {**fresh, "stages": {"0": {**fresh["stages"]["0"], "bare_microbatch_ms": 60.0}}}
+    costs = []
+    try:
+        for block in (fresh, kept, {}):
+            profile.engine = block
+            costs.append(CostModel(spec, hw, profile).layer_cost(lt, LayerStrategy(), setting, stage=0))
+    finally:
+        profile.engine = {}
+    on, half, off = costs
+    assert half.compute_s - off.compute_s == pytest.approx((on.compute_s - off.compute_s) / 2, rel=1e-9)
+    assert half.optimizer_s - off.optimizer_s == pytest.approx((on.optimizer_s - off.optimizer_s) / 2, rel=1e-9)
+    assert half.step_bytes == on.step_bytes              # memory is not host speed
+
+
 def test_engine_step_clamped_at_zero(model_parts):
     _, spec, _ = model_parts
     lt = spec.layer_types[0]
@@ -273,12 +294,15 @@ def test_stage_memory_takes_larger_of_activations_and_step(step_mb, expect_mb):
 def test_a_partial_run_keeps_the_stages_it_did_not_measure():
     from autotune.profile_engine import keep_unmeasured_stages
 
-    old = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "date": "2026-11-25",
-           "stages": {"0": {"step_ms": 55.0}, "1": {"step_ms": 16.0}, "3": {"step_ms": 97.0, "measured": "2026-11-01"}}}
-    new = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "stages": {"0": {"step_ms": 6.0}}}
+    old = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "date": "2026-11-25", "bare_microbatch_ms": 60.0,
+           "stages": {"0": {"step_ms": 55.0}, "1": {"step_ms": 16.0},
+                      "3": {"step_ms": 97.0, "measured": "2026-11-01", "bare_microbatch_ms": 90.0}}}
+    new = {"micro_batch": 1, "checkpoint_layers": 0, "device": "H100", "bare_microbatch_ms": 30.0,
+           "stages": {"0": {"step_ms": 6.0}}}
     keep_unmeasured_stages(new, old)
-    assert new["stages"] == {"0": {"step_ms": 6.0}, "1": {"step_ms": 16.0, "measured": "2026-11-25"},
-                             "3": {"step_ms": 97.0, "measured": "2026-11-01"}}
+    assert new["stages"] == {"0": {"step_ms": 6.0},
+                             "1": {"step_ms": 16.0, "measured": "2026-11-25", "bare_microbatch_ms": 60.0},
+                             "3": {"step_ms": 97.0, "measured": "2026-11-01", "bare_microbatch_ms": 90.0}}
     other = {"micro_batch": 4, "checkpoint_layers": 0, "device": "H100", "stages": {"0": {"step_ms": 9.0}}}
     keep_unmeasured_stages(other, old)                # measured another way: nothing carried over
     assert list(other["stages"]) == ["0"]
