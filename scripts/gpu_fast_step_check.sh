@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 21 on one H100 (PROFILES=profiles/h200 on an H200): DeepSpeed's ZeRO-0 optimizer step and ZeRO-2's norm and overflow check in multi-tensor
-# ops (backends/deepspeed/fast_step.py, fast_clip.py).
+# Session 21 on one H100 (PROFILES=profiles/h200 on an H200): DeepSpeed's ZeRO-0 optimizer step and ZeRO-2's norm
+# and overflow check in multi-tensor ops (backends/deepspeed/fast_step.py, fast_clip.py).
 #   1. ENGINE_MODELS' engine blocks: ZeRO-0 and ZeRO-2 re-measured into copies of $PROFILES/<m>.json (stages 1
 #      and 3 kept, autotune/profile_engine.keep_unmeasured_stages); for AB_MODEL also DeepSpeed's own step and checks
 #      on the same machine (--no-update) -> OUT/engine.tgz, OUT/engine_log.txt

@@ -18,10 +18,11 @@ is replaced in the plain case: backends/deepspeed/fast_step.py.)
 
 ZeRO-1/2's `DeepSpeedZeroOptimizer` (ZeRO-2 with bf16 on one device, ZeRO-1/2 with fp16) tests each
 gradient of its partition for inf/NaN with a max and a min (ten kernels a tensor) and takes each
-tensor's norm after an fp64 copy of it: ~8,300 kernels a step for BERT-large's 394 tensors, against
-~20 for its ZeRO-1 bf16 optimizer. `zero_overflow` and `zero_grad_norm` below take one
-`torch._foreach_norm` each (fp64 accumulation as DeepSpeed's, without the copies) and keep DeepSpeed's
-reductions over the data- and model-parallel groups.
+tensor's norm after an fp64 copy of it: ~8,300 dispatched ops in a ZeRO-2 step of a BERT-large-shaped
+model's 394 tensors on CPU. `zero_overflow` and `zero_grad_norm` below take one `torch._foreach_norm` each
+(fp64 accumulation as DeepSpeed's, without the copies) and keep DeepSpeed's reductions over the data- and
+model-parallel groups: ~2,400 ops, nearly all of them views and detaches (no kernel). On one H100 BERT-L's
+ZeRO-2 step went from 38.9 to 6.1 ms (profiles/h100/runs/s21).
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def zero_grad_norm(self, gradients, params, norm_type=2):
     if float(norm_type) != 2.0:
         return _ORIGINAL_ZERO_NORM(self, gradients, params, norm_type)
     grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
-    keep = [g.detach() for g, p in zip(grads, params)
-            if not getattr(p, PIPE_REPLICATED, False) and (ds_utils.is_model_parallel_parameter(p) or self.model_parallel_rank == 0)]
+    keep = [g.detach() for g, p in zip(grads, params) if not getattr(p, PIPE_REPLICATED, False)
+            and (ds_utils.is_model_parallel_parameter(p) or self.model_parallel_rank == 0)]
     if any(g.is_sparse for g in keep):
         return _ORIGINAL_ZERO_NORM(self, gradients, params, norm_type)
     if keep:
