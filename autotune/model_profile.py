@@ -412,10 +412,10 @@ class ModelProfile:
         return (self.engine.get("stages") or {}).get(str(int(zero))) if self.engine else None
 
     def engine_stage_host_speed(self, zero: int) -> float:
-        """How much faster this block's host ran than the one that measured stage `zero`: the block's bare
-        forward + backward (launch-bound: the host's speed) over the bare time the stage was measured beside,
-        when a partial re-measurement kept the stage from an earlier block (profile_engine.keep_unmeasured_stages);
-        1 for a stage measured with the block. The engine's overheads are host work (hooks, per-tensor loops), so
+        """The factor on stage `zero`'s engine overheads for this block's host: the block's bare forward +
+        backward (launch-bound: the host's speed) over the bare time the stage was measured beside, when a
+        partial re-measurement kept the stage from an earlier block (profile_engine.keep_unmeasured_stages;
+        below 1 when this block's host ran faster); 1 for a stage measured with the block. The engine's overheads are host work (hooks, per-tensor loops), so
         a kept stage's are scaled by it: session 21's H100 ran BERT-L's bare step in 30.7 ms where the
         2026-11-25 one, whose ZeRO-1 and ZeRO-3 stages were kept, took 59.6."""
         stage = self.engine_stage(zero) or {}

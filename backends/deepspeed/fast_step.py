@@ -4,9 +4,11 @@ With torch's AdamW (train.py's default), DeepSpeed 0.19 wraps a bf16 or fp16 mod
 `FP16_UnfusedOptimizer`. Its step walks the parameter tensors five times in Python: an overflow check,
 a per-tensor norm (cast, norm, square, add), a cast of each gradient to its fp32 master, a multiply for
 clipping, and a copy of each master back into the model; it reads the norm back on the host before
-the optimizer runs. For BERT-large's 394 tensors that is ~2,800 kernel launches: 55 ms a step on one
-H100 and 44 ms on one H200 (the engine profiles' ZeRO-0 `step_ms`), about 40 % of a graphed step at
-micro-batch 8, and its host time changes from process to process (30-52 ms on one H200, session 20).
+the optimizer runs. For BERT-large's 394 tensors that is ~2,400 kernels (counted on CPU): 30.5 ms a step
+on one H100 (the engine profile's ZeRO-0 `step_ms`, session 21; 55.5 on the 2026-11-25 one, 44 on one H200),
+up to two thirds of a graphed step at a quarter of the anchor batch, and its host time changed from process
+to process (30-52 ms on one H200, session 20). With `step` below: 11.0 ms on that H100, 29 ops however many
+tensors.
 
 `step` below computes the same update: the gradients are cast into one flat fp32 buffer whose views
 become the masters' `.grad` (one `_foreach_copy_`), the norm is one reduction over that buffer,
