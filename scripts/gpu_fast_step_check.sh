@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Session 21 on one H100 (PROFILES=profiles/h200 on an H200): DeepSpeed's ZeRO-0 optimizer step and ZeRO-2's norm
 # and overflow check in multi-tensor ops (backends/deepspeed/fast_step.py, fast_clip.py).
-#   1. ENGINE_MODELS' engine blocks: ZeRO-0 and ZeRO-2 re-measured into copies of $PROFILES/<m>.json (stages 1
-#      and 3 kept, autotune/profile_engine.keep_unmeasured_stages); for AB_MODEL also DeepSpeed's own step and checks
-#      on the same machine (--no-update) -> OUT/engine.tgz, OUT/engine_log.txt
+#   1. ENGINE_MODELS' engine blocks: the ENGINE_ZERO stages (default 0,2) re-measured into copies of
+#      $PROFILES/<m>.json (the others kept, autotune/profile_engine.keep_unmeasured_stages); for AB_MODEL also
+#      DeepSpeed's own ZeRO-0 step and ZeRO-2 checks on the same machine (--no-update) -> OUT/engine.tgz,
+#      OUT/engine_log.txt
 #   2. SWEEP_MODELS' graphed bf16 sweeps (scripts/gpu_graphed_sweep.sh, SHARED=1), at most SWEEP_SECONDS each
 #      -> OUT/<model>.jsonl, <model>_log.txt, gpu_<model>.csv (3 files a model; a device call returns 8)
-# Usage: [ENGINE_MODELS=...] [AB_MODEL=bert-large] [SWEEP_MODELS=bert-large] [SWEEP_SECONDS=380]
+# Usage: [ENGINE_MODELS=...] [ENGINE_ZERO=0,2] [AB_MODEL=bert-large] [SWEEP_MODELS=bert-large] [SWEEP_SECONDS=380]
 #        bash scripts/gpu_fast_step_check.sh OUT
 set -u
 out=$(mkdir -p "${1:?usage: gpu_fast_step_check.sh OUT}" && cd "$1" && pwd)
@@ -19,7 +20,7 @@ mkdir -p "$out/engine"
 keep='profile_engine|rror'
 for m in ${ENGINE_MODELS-bert-large vit-large swin-base t5-large}; do
   cp "$prof/$m.json" "$out/engine/$m.json"
-  timeout 120 python autotune/profile_engine.py --model "$m" --model-profile "$out/engine/$m.json" --zero 0,2 \
+  timeout 120 python autotune/profile_engine.py --model "$m" --model-profile "$out/engine/$m.json" --zero "${ENGINE_ZERO:-0,2}" \
     --stage-seconds 8 --out "$out/engine/engine_$m.json" 2>&1 | grep -E "$keep" | tee -a "$log"
 done
 ab=${AB_MODEL-bert-large}
