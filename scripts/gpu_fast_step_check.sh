@@ -20,7 +20,8 @@ mkdir -p "$out/engine"
 keep='profile_engine|rror'
 for m in ${ENGINE_MODELS-bert-large vit-large swin-base t5-large}; do
   cp "$prof/$m.json" "$out/engine/$m.json"
-  timeout 120 python autotune/profile_engine.py --model "$m" --model-profile "$out/engine/$m.json" --zero "${ENGINE_ZERO:-0,2}" \
+  timeout 120 python autotune/profile_engine.py --model "$m" --model-profile "$out/engine/$m.json" \
+    --zero "${ENGINE_ZERO:-0,2}" \
     --stage-seconds 8 --out "$out/engine/engine_$m.json" 2>&1 | grep -E "$keep" | tee -a "$log"
 done
 ab=${AB_MODEL-bert-large}
