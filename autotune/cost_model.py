@@ -293,7 +293,7 @@ class CostModel:
         mb = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3
         step = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - self.optimizer_s(self.spec.params_total(1)))
         # host work, measured in place (no launch_scale); a stage kept from an earlier block at that host's speed
-        k = self.cal.host * prof.engine_stage_host_speed(zero)
+        k = self.cal.host * prof.engine_stage_host_speed(stage)
         return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
 
     def optimizer_s(self, local_params: float) -> float:

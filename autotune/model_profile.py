@@ -411,14 +411,14 @@ class ModelProfile:
         step_transient_bytes_per_param, ...), or None when that stage was not measured."""
         return (self.engine.get("stages") or {}).get(str(int(zero))) if self.engine else None
 
-    def engine_stage_host_speed(self, zero: int) -> float:
-        """The factor on stage `zero`'s engine overheads for this block's host: the block's bare forward +
-        backward (launch-bound: the host's speed) over the bare time the stage was measured beside, when a
-        partial re-measurement kept the stage from an earlier block (profile_engine.keep_unmeasured_stages;
-        below 1 when this block's host ran faster); 1 for a stage measured with the block. The engine's overheads are host work (hooks, per-tensor loops), so
-        a kept stage's are scaled by it: session 21's H100 ran BERT-L's bare step in 30.7 ms where the
-        2026-11-25 one, whose ZeRO-1 and ZeRO-3 stages were kept, took 59.6."""
-        stage = self.engine_stage(zero) or {}
+    def engine_stage_host_speed(self, stage: dict) -> float:
+        """The factor on an engine stage's overheads (`stage`: engine_stage's dict) for this block's host: the
+        block's bare forward + backward (launch-bound: the host's speed) over the bare time the stage was measured
+        beside, when a partial re-measurement kept the stage from an earlier block (profile_engine.
+        keep_unmeasured_stages; below 1 when this block's host ran faster); 1 for a stage measured with the block.
+        The engine's overheads are host work (hooks, per-tensor loops), so a kept stage's are scaled by it: session
+        21's H100 ran BERT-L's bare step in 30.7 ms where the 2026-11-25 one, whose ZeRO-1 and ZeRO-3 stages were
+        kept, took 59.6."""
         now, then = (self.engine or {}).get("bare_microbatch_ms"), stage.get("bare_microbatch_ms")
         return now / then if now and then else 1.0
 
