@@ -17,6 +17,16 @@ runs steps of two micro-batches of `--micro-batch` samples and times, with a dev
 and stores per stage: the engine's cost per micro-batch (microbatch - bare) and per step (boundary -
 microbatch), with the memory the optimizer step allocates above what it finds (bytes per parameter).
 The cost model (autotune/cost_model.py) spreads both over the layers by their parameter tensors.
+
+Those times are host work at a launch-bound micro-batch, synchronised on both sides: a GPU-bound step hides
+much of them (its host runs ahead, queueing the optimizer during the backward) and shows what they hold
+on the GPU instead (ZeRO-1/2's gradient copies, a sync that lets the GPU run dry). So, on CUDA, stages 0-2
+are also run as train.py runs them at a GPU-bound micro-batch (`--step-micro-batch`, by default the
+smallest the cost model sees GPU-bound with the ZeRO-2 hooks), eager and as CUDA graphs, two micro-batches
+a step, and the block keeps per stage and mode (`in_step`): the step's wall time, when the device had
+finished the last backward (train.py's device_backward_s), and the tail after it. Beside them
+(`bare_gpu`): the GPU time of the whole model's forward + backward without an engine at that micro-batch
+and two smaller ones, queued behind a spin kernel so the GPU runs it without launch gaps.
 The profile's precision is the one measured. ZeRO-3 runs last: DeepSpeed leaves its buffers behind.
 """
 from __future__ import annotations
@@ -51,6 +61,8 @@ class Options:
     checkpoint_layers: int
     stage_seconds: float = 60.0      # timed steps stop after this (at least 2): ZeRO-3 steps take seconds
     seed: int = 1234
+    step_micro_batch: int | None = None   # the in-step runs' micro-batch; None: step_micro_batch_for's choice
+    in_step: bool = True                  # also time stages 0-2 inside GPU-bound steps (CUDA only)
 
 
 # ---------------------------------------------------------------------- timing helpers
@@ -258,8 +270,143 @@ def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
     return out
 
 
-def run(opts: Options, spec, progress=print) -> dict:
-    """The engine block for the profile: per stage, overhead per micro-batch and per step, and raw data."""
+# ---------------------------------------------------------------------- on the device timeline of a GPU-bound step
+IN_STEP_STAGES = (0, 1, 2)        # ZeRO-3 steps are host-bound at any batch (hooks and gathers per tensor)
+IN_STEP_CHUNKS = 2                # an accumulating micro-batch and a boundary one, as the engine blocks run
+STEP_BATCHES = (8, 16, 32, 64, 128, 256)
+GPU_BOUND_MARGIN = 1.5            # GPU sum over host sum (ZeRO-2 hooks included) the in-step batch must reach
+MEMORY_SHARE = 0.7                # of the device, at most, for the in-step runs' predicted peak
+SPIN_MS = 250.0                   # the spin the bare GPU timing queues first: longer than any model's launches
+
+
+def step_micro_batch_for(spec, profile: ModelProfile, block: dict, device_gb: float) -> int:
+    """The in-step runs' micro-batch: the smallest of STEP_BATCHES at which the cost model (this profile with the
+    new block, uncalibrated) sees an eager ZeRO-2 step of two micro-batches GPU-bound by GPU_BOUND_MARGIN (the
+    hooks' host work is the largest of stages 0-2), among those whose predicted ZeRO-1 peak (the largest of
+    stages 0-2) stays under MEMORY_SHARE of the device; the largest that fits when none is that GPU-bound."""
+    from autotune.calibrate import evaluate_run
+    from autotune.cost_model import Calibration
+    from autotune.hardware import load_hardware
+
+    prof = ModelProfile.from_dict({**profile.to_dict(), "engine": block})
+    hw = load_hardware("1xH100").with_layout(1, gpu_memory_gb=device_gb)
+    fits = []
+    for b in STEP_BATCHES:
+        def predicted(zero: int):
+            return evaluate_run(_in_step_plan(spec.num_layers, b, zero, prof.precision, spec.name), spec, hw, prof,
+                                Calibration())
+        if predicted(1).stage_memory[0]["total_mb"] > MEMORY_SHARE * device_gb * 1024:
+            break
+        fits.append(b)
+        z2 = predicted(2).stage_costs[0]
+        if z2.gpu_s >= GPU_BOUND_MARGIN * z2.host_s:
+            return b
+    return fits[-1] if fits else STEP_BATCHES[0]
+
+
+def _in_step_plan(num_layers: int, b: int, zero: int, precision: str, model: str, graphs: bool = False):
+    from autotune.plan import Plan
+
+    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=IN_STEP_CHUNKS * b, chunks=IN_STEP_CHUNKS,
+                        zero_stage=zero, precision=precision, model={"name": model})
+    plan.cuda_graphs = graphs
+    return plan
+
+
+def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, graphs: bool) -> dict:
+    """train.py's steps at one ZeRO stage, two micro-batches of b samples (CUDA graphs or eager): medians of the
+    step's wall time between syncs, of when the device had finished the last backward (before the optimizer
+    step: StepResult.device_backward_s) and of the tail after it, as train.py records them."""
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import build_engine
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from backends.megatron.random import seed_everything
+
+    plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs)
+    groups = build_parallel_groups(plan)
+    seed_everything(opts.seed, groups.rng_rank, groups.pp_rank)
+    adapter, seq = _sequence(choice, groups, opts.seed)
+    trainer = build_engine(plan, groups, seq, cuda_graphs=graphs)
+    data = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed, seq_len=choice.seq_len)
+    micro = trainer.to_device(data.micro_batches(0))
+    for _ in range(max(2, opts.warmup)):          # a graphed run captures at the end of its first step
+        trainer.train_step(micro)
+    step, backward = [], []
+    with automatic_gc_off():
+        for _ in range(opts.reps):
+            _sync()
+            t0 = time.perf_counter()
+            r = trainer.train_step(micro)
+            _sync()
+            step.append((time.perf_counter() - t0) * 1e3)
+            backward.append(r.device_backward_s() * 1e3)
+    trainer.destroy()
+    destroy_parallel_groups()
+    return {"micro_batch": b, "chunks": IN_STEP_CHUNKS, "step_ms": statistics.median(step),
+            "device_backward_ms": statistics.median(backward),
+            "tail_ms": statistics.median(s - d for s, d in zip(step, backward)),
+            "step_ms_all": [round(x, 3) for x in step], "device_backward_ms_all": [round(x, 3) for x in backward]}
+
+
+def measure_bare_gpu(opts: Options, choice, num_layers: int, batch_sizes: list[int]) -> dict:
+    """GPU ms of the whole model's forward + backward without an engine (train.py's pp = 1 module, gradients
+    dropped), per batch size, each queued behind a SPIN_MS spin so the GPU runs it without launch gaps: the
+    embeddings', head's and layers' GPU time together, as a graphed or GPU-bound step runs them. A repetition
+    whose spin ended before the host had queued the backward is dropped."""
+    import torch
+
+    from autotune.profile_model import Clock
+    from autotune.plan import Plan
+    from backends.data import SyntheticData
+    from backends.deepspeed.engine import _to, device
+    from backends.deepspeed.layers import SequentialWithLoss
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from model_zoo.common import TORCH_DTYPES
+
+    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=1, chunks=1, precision=opts.precision,
+                        model={"name": opts.model})
+    adapter, seq = _sequence(choice, build_parallel_groups(plan), opts.seed)
+    dtype = TORCH_DTYPES[opts.precision]
+    model = SequentialWithLoss(seq, [0] * seq.num_layers).to(device(), dtype=dtype).train()
+    clock = Clock(device())
+    out = {"batch_sizes": [], "gpu_ms": [], "dropped": []}
+    for b in batch_sizes:
+        p = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=opts.precision,
+                         model={"name": opts.model})
+        inputs, labels = SyntheticData(adapter, choice.config, choice.task, p, 0, opts.seed,
+                                       seq_len=choice.seq_len).micro_batches(0)[0]
+        inputs, labels = _to(inputs, device(), dtype), _to(labels, device())
+        times, dropped = [], 0
+        with automatic_gc_off():
+            for i in range(opts.warmup + opts.reps):
+                clock.sync()
+                clock.sleep(SPIN_MS)
+                a = clock.mark()
+                model(inputs, labels).backward()
+                c = clock.mark()
+                spun = not clock.reached(a)
+                clock.sync()
+                for q in model.parameters():
+                    q.grad = None
+                if i >= opts.warmup:
+                    if spun:
+                        times.append(clock.ms(a, c))
+                    else:
+                        dropped += 1
+        del inputs, labels
+        if times:
+            out["batch_sizes"].append(b)
+            out["gpu_ms"].append(statistics.median(times))
+            out["dropped"].append(dropped)
+        torch.cuda.empty_cache()
+    del model, seq
+    destroy_parallel_groups()
+    return out
+
+
+def run(opts: Options, spec, progress=print, profile: ModelProfile | None = None) -> dict:
+    """The engine block for the profile: per stage, overhead per micro-batch and per step, and raw data; on
+    CUDA with `profile` (the layer profile, to pick the in-step micro-batch) also the in-step timings."""
     from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
 
     import train
@@ -277,22 +424,67 @@ def run(opts: Options, spec, progress=print) -> dict:
     _free()
     destroy_parallel_groups()
     progress(f"bare forward+backward: {bare:.2f} ms at micro-batch {opts.micro_batch}")
-    stages = {}
+    block = {"micro_batch": opts.micro_batch, "checkpoint_layers": opts.checkpoint_layers,
+             "bare_microbatch_ms": bare, "param_tensors": tensors,
+             "tensors_total": sum(tensors["layers"][nm] for nm in names) + tensors["first"] + tensors["last"],
+             "stages": {}}
+    in_step = opts.in_step and profile is not None and _cuda()
     for z in sorted(opts.zero):
+        if z == 3 and in_step:        # the in-step runs (stages 0-2) before ZeRO-3, which leaves buffers behind
+            measure_in_steps(opts, choice, spec, profile, block, progress)
+            in_step = False
         r = measure_stage(opts, choice, z, n)
         _free()                                    # the stage's engine and model are unreachable now
         r["overhead_microbatch_ms"] = max(0.0, r["microbatch_ms"] - bare)
         r["step_ms"] = max(0.0, r["boundary_ms"] - r["microbatch_ms"])
-        stages[str(z)] = r
+        block["stages"][str(z)] = r
         progress(f"ZeRO-{z}: micro-batch {r['microbatch_ms']:.2f} ms (engine +{r['overhead_microbatch_ms']:.2f}), "
                  f"step +{r['step_ms']:.2f} ms, optimizer-step transient "
                  f"{r['step_transient_bytes_per_param']:.2f} B/param, states {r['states_mb']:.0f} MB")
-    return {"micro_batch": opts.micro_batch, "checkpoint_layers": opts.checkpoint_layers,
-            "bare_microbatch_ms": bare, "param_tensors": tensors,
-            "tensors_total": sum(tensors["layers"][nm] for nm in names) + tensors["first"] + tensors["last"],
-            "stages": stages, "seconds": round(time.perf_counter() - t0, 1),
-            "command": " ".join(["python", "autotune/profile_engine.py", *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d")}
+    if in_step:
+        measure_in_steps(opts, choice, spec, profile, block, progress)
+    block.update(seconds=round(time.perf_counter() - t0, 1),
+                 command=" ".join(["python", "autotune/profile_engine.py", *sys.argv[1:]]),
+                 date=time.strftime("%Y-%m-%d"))
+    return block
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: dict, progress=print) -> None:
+    """The in-step timings of the measured stages among 0-2 (eager, then graphed) and the bare GPU times, into
+    `block` (stages[z]["in_step"] = {"eager": ..., "graphed": ...}; "bare_gpu")."""
+    import torch
+
+    from backends.megatron.groups import destroy_parallel_groups
+
+    device_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    b = opts.step_micro_batch or step_micro_batch_for(spec, profile, block, device_gb)
+    n = spec.num_layers
+    for z in (z for z in sorted(opts.zero) if z in IN_STEP_STAGES):
+        modes = {}
+        for mode, graphs in (("eager", False), ("graphed", True)):
+            try:
+                r = measure_in_step(opts, choice, z, n, b, graphs)
+            except torch.cuda.OutOfMemoryError:      # the block stays usable without this mode
+                progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: out of memory, not measured")
+                destroy_parallel_groups()
+                continue
+            finally:
+                _free()
+            modes[mode] = r
+            progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last backward done "
+                     f"at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
+        block["stages"][str(z)]["in_step"] = modes
+    block["bare_gpu"] = measure_bare_gpu(opts, choice, n, [max(1, b // 4), max(1, b // 2), b])
+    _free()
+    bg = block["bare_gpu"]
+    progress("bare forward+backward GPU time: " + ", ".join(
+        f"{g:.2f} ms at {x}" for x, g in zip(bg["batch_sizes"], bg["gpu_ms"])))
 
 
 def keep_unmeasured_stages(block: dict, old: dict | None) -> None:
@@ -323,6 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="stop timing a stage after this many seconds (at least 2 steps; default 60)")
     ap.add_argument("--checkpoint-layers", type=int, default=0,
                     help="checkpoint the first K layers (a diagnostic of memory phases; use with --out)")
+    ap.add_argument("--step-micro-batch", type=int, default=None,
+                    help="micro-batch of the in-step timings (CUDA; default: the smallest the cost model sees "
+                         "GPU-bound with ZeRO-2's hooks)")
+    ap.add_argument("--no-in-step", action="store_true", help="skip the in-step timings and the bare GPU times")
     ap.add_argument("--out", default=None, help="also write the block to this JSON file")
     ap.add_argument("--no-update", action="store_true", help="do not write the block into --model-profile")
     return ap.parse_args(argv)
@@ -341,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         zero = [int(z) for z in args.zero.split(",") if z.strip()]
         if not zero or any(z not in (0, 1, 2, 3) for z in zero):
             raise ValueError(f"--zero {args.zero!r}: give stages among 0,1,2,3, e.g. 0,1,2,3")
-        if args.micro_batch < 1:
-            raise ValueError("--micro-batch must be at least 1")
+        if args.micro_batch < 1 or args.step_micro_batch is not None and args.step_micro_batch < 1:
+            raise ValueError("--micro-batch and --step-micro-batch must be at least 1")
         if args.reps is not None and args.reps < 2 or args.warmup is not None and args.warmup < 0:
             raise ValueError("--reps must be at least 2 and --warmup at least 0")
         spec = get_model_spec(args.model, precision=profile.precision, task=args.task)
@@ -357,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero,
                    micro_batch=args.micro_batch, reps=args.reps if args.reps is not None else (8 if gpu else 2),
                    warmup=args.warmup if args.warmup is not None else (3 if gpu else 1), checkpoint_layers=args.checkpoint_layers,
-                   stage_seconds=args.stage_seconds)
-    block = run(opts, spec, progress=lambda s: print(f"[profile_engine {opts.model}] {s}", flush=True))
+                   stage_seconds=args.stage_seconds, step_micro_batch=args.step_micro_batch,
+                   in_step=not args.no_in_step)
+    block = run(opts, spec, progress=lambda s: print(f"[profile_engine {opts.model}] {s}", flush=True),
+                profile=profile)
     block["device"] = torch.cuda.get_device_name() if gpu else "cpu"
     keep_unmeasured_stages(block, profile.engine)
     if args.out:
