@@ -84,7 +84,10 @@ class Cost:
     tp_comm_s: float = 0.0        # per step: TP all-reduces (synchronous, on the critical path)
     dp_exposed_s: float = 0.0     # per step: DP/ZeRO communication not hidden behind compute
     dp_tail_s: float = 0.0        # per step: gradient sync after the last micro-batch (ZeRO 0/1)
-    optimizer_s: float = 0.0      # per step: the optimizer update of this piece's parameters
+    optimizer_s: float = 0.0      # per step: the optimizer update of this piece's parameters as a GPU-bound step
+                                  # exposes it (its host work queued during the backward)
+    optimizer_host_s: float = 0.0  # the same update with its host work in series (a step whose host is not
+                                   # ahead of the GPU when the backward ends); 0: optimizer_s in either case
     states_bytes: float = 0.0     # held through the activation phase: parameters, master weights, optimizer
                                   # states, persistent gradient buffers (+ accumulated gradients when chunks > 1)
     act_bytes: float = 0.0        # activations held for backward (all in-flight micro-batches)
@@ -99,7 +102,15 @@ class Cost:
 
     @property
     def time_s(self) -> float:
-        return self.compute_s + self.tp_comm_s + self.dp_exposed_s + self.dp_tail_s + self.optimizer_s
+        return self.compute_s + self.tp_comm_s + self.dp_exposed_s + self.dp_tail_s + self.optimizer_tail_s
+
+    @property
+    def optimizer_tail_s(self) -> float:
+        """The optimizer step after the last backward: as a GPU-bound step exposes it (its host work queued while
+        the GPU still runs the backward), unless the host is not far enough ahead to hide that: the serial step
+        less the host's lead, the GPU sum over the host sum (none on a launch-bound step)."""
+        lead = max(0.0, self.gpu_s - self.host_s) if self.host_s else 0.0
+        return max(self.optimizer_s, self.optimizer_host_s - lead)
 
     @staticmethod
     def time_of(c: "Cost") -> float:
@@ -125,7 +136,7 @@ class Cost:
         """Seconds per step by part, as the step time adds them (compute overlapped; its host and GPU sums)."""
         d = {"compute": self.overlapped_compute_s, "compute_host": self.host_s, "compute_gpu": self.gpu_s,
              "tp_comm": self.tp_comm_s, "dp_exposed": self.dp_exposed_s, "dp_tail": self.dp_tail_s,
-             "optimizer": self.optimizer_s}
+             "optimizer": self.optimizer_tail_s}
         return {k: round(v, digits) for k, v in d.items()} if digits is not None else d
 
     @property
@@ -159,6 +170,18 @@ class Calibration:
     def from_dict(cls, d: dict | None) -> "Calibration":
         known = set(cls.__dataclass_fields__)
         return cls(**{k: float(v) for k, v in (d or {}).items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class EngineCost:
+    """What DeepSpeed's engine adds for one piece of the model (CostModel.engine_costs), in seconds."""
+
+    microbatch_host_s: float = 0.0   # per micro-batch: hooks' host work (launch-bound engine block)
+    microbatch_gpu_s: float = 0.0    # per micro-batch: what a GPU-bound step shows on the device (gradient copies,
+                                     # waits that let the GPU run dry): the in-step timings
+    step_s: float = 0.0              # per step, beyond the analytic optimizer: as a GPU-bound step exposes it
+    step_serial_s: float = 0.0       # per step, host work and GPU work in series
+    step_bytes_per_param: float = 0.0
 
 
 class CostModel:
@@ -257,13 +280,13 @@ class CostModel:
             return GRAPHED_LAYER_HOST_MS[kind] * self.cal.host, g
         return lookup
 
-    def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine_mb: float, m: int,
-                        serial: float) -> tuple[float, float]:
+    def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine: EngineCost, m: int,
+                        serial: float, engine_factor: float = 1.0) -> tuple[float, float]:
         """(host s, GPU s) per step of one piece's `kinds` ('fwd', 'bwd', 'recompute') over m micro-batches,
-        with the engine's hooks (`engine_mb` s a micro-batch: host work, run while the GPU is still busy with
-        the backward they follow) on the host side. `lookup(kind, host, gpu)` gives the profile's (host ms,
-        GPU ms) or None. Without them, or on a device the host does not run ahead of (a CPU profile):
-        (0, serial), everything in series."""
+        with the engine's per-micro-batch work (times `engine_factor`) on both sides: its hooks' host work, run
+        while the GPU is still busy with the backward they follow, and what they put on the device. `lookup(kind,
+        host, gpu)` gives the profile's (host ms, GPU ms) or None. Without them, or on a device the host does not
+        run ahead of (a CPU profile): (0, serial), everything in series."""
         prof = self.profile
         if prof is None or not prof.asynchronous:
             return 0.0, serial
@@ -273,28 +296,42 @@ class CostModel:
             if parts is None:
                 return 0.0, serial
             host, gpu = host + parts[0] / 1e3, gpu + parts[1] / 1e3
-        return m * (host + engine_mb), m * gpu
+        return (m * (host + engine_factor * engine.microbatch_host_s),
+                m * (gpu + engine_factor * engine.microbatch_gpu_s))
 
     # ------------------------------------------------------------------ DeepSpeed's engine
-    def engine_costs(self, part: str, zero: int) -> tuple[float, float, float]:
-        """(s per micro-batch, s per step, optimizer-step transient bytes per local parameter) that
-        DeepSpeed's engine adds for one layer of type `part` ('first'/'last': embeddings/head).
+    def engine_costs(self, part: str, setting: Setting) -> EngineCost:
+        """What DeepSpeed's engine adds for one layer of type `part` ('first'/'last': embeddings/head) at the
+        setting's ZeRO stage.
 
-        From the profile's engine block (autotune/profile_engine.py): the whole model's measured overhead
-        at this ZeRO stage times the part's share of parameter tensors (hooks and the optimizer's loops
-        run per tensor). The step overhead leaves out the analytic optimizer time (bytes / memory
-        bandwidth, `optimizer_s`), which shrinks with ZeRO sharding. Zeros without an engine block.
+        From the profile's engine block (autotune/profile_engine.py): the whole model's measured overheads at
+        this stage times the part's share of parameter tensors (hooks and the optimizer's loops run per tensor).
+        The launch-bound block gives the hooks' host work per micro-batch and the step with host and GPU in
+        series; the in-step timings of a GPU-bound step (of the setting's mode, graphed or eager) give what
+        the device shows: per micro-batch, how much later the last backward ended than at ZeRO-0, and the
+        tail after it. The step overheads leave out the analytic optimizer time (bytes / memory bandwidth,
+        `optimizer_s`), which shrinks with ZeRO sharding. Zeros without an engine block.
         """
         prof = self.profile
-        stage = prof.engine_stage(zero) if prof is not None else None
+        stage = prof.engine_stage(setting.zero) if prof is not None else None
         share = prof.engine_tensor_share(part) if stage else None
         if not stage or share is None:
-            return 0.0, 0.0, 0.0
-        mb = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3
-        step = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - self.optimizer_s(self.spec.params_total(1)))
+            return EngineCost()
+        optimizer = self.optimizer_s(self.spec.params_total(1))
         # host work, measured in place (no launch_scale); a stage kept from an earlier block at that host's speed
         k = self.cal.host * prof.engine_stage_host_speed(stage)
-        return mb * share * k, step * share * k, float(stage.get("step_transient_bytes_per_param", 0.0))
+        mb_host = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3 * share * k
+        serial = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - optimizer) * share * k
+        mode = "graphed" if setting.cuda_graphs else "eager"
+        now, ref = prof.engine_in_step(setting.zero, mode), prof.engine_in_step(0, mode)
+        if now is None:
+            step, mb_gpu = serial, 0.0
+        else:
+            step = max(0.0, now["tail_ms"] / 1e3 - optimizer) * share
+            same = ref is not None and (ref["micro_batch"], ref["chunks"]) == (now["micro_batch"], now["chunks"])
+            mb_gpu = max(0.0, now["device_backward_ms"] - ref["device_backward_ms"]) / 1e3 / now["chunks"] * share \
+                if same else 0.0
+        return EngineCost(mb_host, mb_gpu, step, serial, float(stage.get("step_transient_bytes_per_param", 0.0)))
 
     def optimizer_s(self, local_params: float) -> float:
         """Analytic Adam step of `local_params` parameters: its bytes at the device's memory bandwidth."""
@@ -376,14 +413,14 @@ class CostModel:
         if graphed:
             lookup = self.graphed_lookup(lt, b)
             fwd, bwd = (max(lookup(k, self.cal.host, self.cal.compute_scale)) / 1e3 for k in ("fwd", "bwd"))
-        engine_mb, engine_step, step_bpp = self.engine_costs(lt.name, setting.zero)
-        if s.checkpoint and setting.zero == 3:
-            # Recompute runs ZeRO-3's forward hooks again (gather, release): taken as the forward half of
-            # the measured per-micro-batch hook work (backward's hooks gather again and reduce).
-            engine_mb *= 1 + ZERO3_FORWARD_HOOK_SHARE
+        eng = self.engine_costs(lt.name, setting)
+        # Recompute runs ZeRO-3's forward hooks again (gather, release): taken as the forward half of the
+        # measured per-micro-batch hook work (backward's hooks gather again and reduce).
+        hooks = 1 + ZERO3_FORWARD_HOOK_SHARE if s.checkpoint and setting.zero == 3 else 1.0
+        engine_mb = hooks * max(eng.microbatch_host_s, eng.microbatch_gpu_s)
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
         host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"),
-                                         engine_mb, m, compute)
+                                         eng, m, compute, hooks)
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -433,13 +470,14 @@ class CostModel:
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_workspace_bytes(lt, s.tp, s.checkpoint) * b   # while it runs backward
         local = shard / zero_dp if setting.zero >= 1 else shard
-        optimizer = self.optimizer_s(local) + engine_step
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
-                    optimizer_s=optimizer, states_bytes=held, act_bytes=act, transient_bytes=transient,
+                    optimizer_s=self.optimizer_s(local) + eng.step_s,
+                    optimizer_host_s=self.optimizer_s(local) + eng.step_serial_s,
+                    states_bytes=held, act_bytes=act, transient_bytes=transient,
                     accum_bytes=accum, regrad_bytes=regrad,
-                    step_bytes=local * step_bpp,
+                    step_bytes=local * eng.step_bytes_per_param,
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
-                            "engine_microbatch_s": engine_mb, "engine_step_s": engine_step, **states_detail})
+                            "engine_microbatch_s": engine_mb, "engine_step_s": eng.step_s, **states_detail})
 
     def redistribution_s(self, lt: LayerType, prev: LayerStrategy, nxt: LayerStrategy, setting: Setting) -> float:
         """Per-step cost of re-laying out the activation between two layers with different TP layouts.
@@ -510,17 +548,18 @@ class CostModel:
         states, detail = self.states_bytes(shard, zero_dp, setting.zero)
         inflight = setting.inflight(stage)
         local = shard / zero_dp if setting.zero >= 1 else shard
-        engine_mb, engine_step, step_bpp = self.engine_costs(part, setting.zero)
+        eng = self.engine_costs(part, setting)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
-        compute = m * (fwd + bwd + engine_mb)
+        compute = m * (fwd + bwd + max(eng.microbatch_host_s, eng.microbatch_gpu_s))
         host, gpu = self.compute_parts_s(lambda kind, h, g: prof.other_time_parts_ms(part, vtp, b, kind, h, g),
-                                         ("fwd", "bwd"), engine_mb, m, compute)
+                                         ("fwd", "bwd"), eng, m, compute)
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu,
                     tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
-                    optimizer_s=self.optimizer_s(local) + engine_step,
+                    optimizer_s=self.optimizer_s(local) + eng.step_s,
+                    optimizer_host_s=self.optimizer_s(local) + eng.step_serial_s,
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,
                     transient_bytes=workspace * b, accum_bytes=accum, regrad_bytes=regrad,
-                    step_bytes=local * step_bpp,
+                    step_bytes=local * eng.step_bytes_per_param,
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline
@@ -546,7 +585,7 @@ class CostModel:
         m = setting.chunks
         per_mb = [c.microbatch_s / m + p for c, p in zip(stage_costs, stage_p2p_s)]
         body = sum(per_mb) + (m - 1) * max(per_mb)
-        tail = max(c.dp_tail_s + c.optimizer_s for c in stage_costs)
+        tail = max(c.dp_tail_s + c.optimizer_tail_s for c in stage_costs)
         return body + tail + self.cal.step_overhead_s
 
     def budget_bytes(self, gpu_memory_gb: float) -> float:

@@ -411,6 +411,12 @@ class ModelProfile:
         step_transient_bytes_per_param, ...), or None when that stage was not measured."""
         return (self.engine.get("stages") or {}).get(str(int(zero))) if self.engine else None
 
+    def engine_in_step(self, zero: int, mode: str) -> dict | None:
+        """The in-step timings of one ZeRO stage in `mode` ('eager' or 'graphed': micro_batch, chunks, step_ms,
+        device_backward_ms, tail_ms), or None where that stage and mode were not timed in a step."""
+        stage = self.engine_stage(zero)
+        return ((stage or {}).get("in_step") or {}).get(mode)
+
     def engine_stage_host_speed(self, stage: dict) -> float:
         """The factor on an engine stage's overheads (`stage`: engine_stage's dict) for this block's host: the
         block's bare forward + backward (launch-bound: the host's speed) over the bare time the stage was measured

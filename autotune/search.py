@@ -497,6 +497,7 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.dp_exposed_s += c.dp_exposed_s
         out.dp_tail_s += c.dp_tail_s
         out.optimizer_s += c.optimizer_s
+        out.optimizer_host_s += c.optimizer_host_s
         out.states_bytes += c.states_bytes
         out.act_bytes += c.act_bytes
         out.transient_bytes = max(out.transient_bytes, c.transient_bytes)

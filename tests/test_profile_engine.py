@@ -306,3 +306,93 @@ def test_a_partial_run_keeps_the_stages_it_did_not_measure():
     other = {"micro_batch": 4, "checkpoint_layers": 0, "device": "H100", "stages": {"0": {"step_ms": 9.0}}}
     keep_unmeasured_stages(other, old)                # measured another way: nothing carried over
     assert list(other["stages"]) == ["0"]
+
+
+# ---------------------------------------------------------------------- d) in-step timings
+def _in_step(backward_ms: float, tail_ms: float, b: int = 8) -> dict:
+    return {"micro_batch": b, "chunks": 2, "step_ms": backward_ms + tail_ms, "device_backward_ms": backward_ms,
+            "tail_ms": tail_ms}
+
+
+def _in_step_block() -> dict:
+    """Stages 0 and 2 with in-step timings: eager ZeRO-2 ends its backward 20 ms after ZeRO-0 over two
+    micro-batches and its tail is 14 ms; graphed, 6 ms later and 9 ms."""
+    block = _block()
+    block["stages"]["2"] = {"overhead_microbatch_ms": 30.0, "step_ms": 40.0, "step_transient_bytes_per_param": 0.0}
+    block["stages"]["0"]["in_step"] = {"eager": _in_step(100.0, 10.0), "graphed": _in_step(90.0, 8.0)}
+    block["stages"]["2"]["in_step"] = {"eager": _in_step(120.0, 14.0), "graphed": _in_step(96.0, 9.0)}
+    return block
+
+
+@pytest.mark.parametrize("graphs, later_ms, tail_ms", [(False, 20.0, 14.0), (True, 6.0, 9.0)])
+def test_in_step_timings_put_engine_work_on_the_device(model_parts, monkeypatch, graphs, later_ms, tail_ms):
+    """Per micro-batch the GPU side carries the stage's later backward end over ZeRO-0 (per micro-batch), the host
+    side the launch-bound hook work; the step is the in-step tail less the analytic optimizer, by tensor share."""
+    profile, spec, hw = model_parts
+    monkeypatch.setattr(profile, "device_type", "cuda")     # a profile whose host runs ahead of the device
+    lt = spec.layer_types[0]
+    setting = Setting(world=1, pp=1, zero=2, chunks=2, global_bsz=8, cuda_graphs=graphs)
+    profile.engine = _in_step_block()
+    try:
+        on = CostModel(spec, hw, profile).layer_cost(lt, LayerStrategy(), setting, stage=0)
+        profile.engine = {}
+        off = CostModel(spec, hw, profile).layer_cost(lt, LayerStrategy(), setting, stage=0)
+    finally:
+        profile.engine = {}
+    share = 16 / BLOCK_N
+    opt_ms = spec.params_total(1) * 30 / (hw.mem_bw_gbps * 1e9) * 1e3
+    assert on.gpu_s - off.gpu_s == pytest.approx(2 * later_ms / 2 * 1e-3 * share, rel=1e-9)
+    assert on.host_s - off.host_s == pytest.approx(2 * 30.0 * 1e-3 * share, rel=1e-9)
+    assert on.optimizer_s - off.optimizer_s == pytest.approx((tail_ms - opt_ms) * 1e-3 * share, rel=1e-9)
+    assert on.optimizer_host_s - off.optimizer_host_s == pytest.approx((40.0 - opt_ms) * 1e-3 * share, rel=1e-9)
+
+
+def test_in_step_of_another_micro_batch_than_zero0_adds_no_device_work(model_parts, monkeypatch):
+    profile, spec, hw = model_parts
+    monkeypatch.setattr(profile, "device_type", "cuda")
+    block = _in_step_block()
+    block["stages"]["0"]["in_step"]["eager"] = _in_step(50.0, 10.0, b=4)     # not comparable: another batch
+    profile.engine = block
+    try:
+        eng = CostModel(spec, hw, profile).engine_costs("bert_enc", Setting(world=1, pp=1, zero=2, chunks=2,
+                                                                              global_bsz=8))
+    finally:
+        profile.engine = {}
+    assert eng.microbatch_gpu_s == 0.0 and eng.step_s > 0
+
+
+@pytest.mark.parametrize("host, gpu, expect", [
+    (2.0, 4.0, 3.0),     # the host 2 s ahead: 5 - 2 of the serial step shows, above the device's 1
+    (2.0, 10.0, 1.0),    # far ahead: the device's part alone
+    (6.0, 4.0, 5.0),     # launch-bound: the whole serial step
+    (0.0, 4.0, 5.0),     # no host/GPU split (CPU profile): serial
+])
+def test_optimizer_tail_hides_host_work_behind_the_hosts_lead(host, gpu, expect):
+    c = Cost(host_s=host, gpu_s=gpu, optimizer_s=1.0, optimizer_host_s=5.0)
+    assert c.optimizer_tail_s == pytest.approx(expect)
+    assert Cost(optimizer_s=1.0).optimizer_tail_s == 1.0          # no serial figure: the device's
+
+
+def test_in_step_on_cpu_times_train_steps():
+    """measure_in_step on CPU (bert-test, ZeRO-0): the last backward ends inside the step, the tail is the rest."""
+    from autotune import profile_engine as pe
+    from backends.megatron.groups import init_distributed
+
+    import train
+
+    init_distributed()
+    opts = pe.Options(model="bert-test", task=None, precision="bf16", zero=[0], micro_batch=1, reps=2, warmup=1,
+                      checkpoint_layers=0)
+    spec = get_model_spec("bert-test", precision="bf16")
+    r = pe.measure_in_step(opts, train.resolve_model("bert-test", None, None), 0, spec.num_layers, 2, False)
+    assert (r["micro_batch"], r["chunks"]) == (2, pe.IN_STEP_CHUNKS)
+    assert len(r["step_ms_all"]) == len(r["device_backward_ms_all"]) == 2
+    for s, d in zip(r["step_ms_all"], r["device_backward_ms_all"]):
+        assert 0 < d < s
+    assert 0 < r["tail_ms"] < r["step_ms"]
+
+
+def test_cpu_block_has_no_in_step_timings(files):
+    with open(files["engine"]) as f:
+        eng = json.load(f)["engine"]
+    assert "bare_gpu" not in eng and all("in_step" not in st for st in eng["stages"].values())
