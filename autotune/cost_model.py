@@ -508,9 +508,15 @@ class CostModel:
         fwd = bwd = None
         workspace = None
         scaled = False
+        lookup = None
         if prof is not None:
-            fwd = prof.other_time_ms(part, vtp, b, "fwd", self.launch_scale, self.cal.compute_scale)
-            bwd = prof.other_time_ms(part, vtp, b, "bwd", self.launch_scale, self.cal.compute_scale)
+            # GPU lines corrected to the in-place GPU time (ModelProfile.other_gpu_ratio) where measured
+            ratio = (prof.other_gpu_ratio(b) if vtp == 1 and prof.asynchronous else None) or 1.0
+
+            def lookup(kind: str, h: float, g: float) -> tuple[float, float] | None:
+                return prof.other_time_parts_ms(part, vtp, b, kind, h, g * ratio)
+            fwd, bwd = (max(p) if (p := lookup(k, self.launch_scale, self.cal.compute_scale)) else None
+                        for k in ("fwd", "bwd"))
             scaled = fwd is not None and bwd is not None
             a = prof.other_act_bytes(part, vtp)
             if a is not None:
@@ -551,8 +557,7 @@ class CostModel:
         eng = self.engine_costs(part, setting)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
         compute = m * (fwd + bwd + max(eng.microbatch_host_s, eng.microbatch_gpu_s))
-        host, gpu = self.compute_parts_s(lambda kind, h, g: prof.other_time_parts_ms(part, vtp, b, kind, h, g),
-                                         ("fwd", "bwd"), eng, m, compute)
+        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd"), eng, m, compute)
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu,
                     tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + eng.step_s,

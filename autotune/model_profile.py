@@ -417,6 +417,30 @@ class ModelProfile:
         stage = self.engine_stage(zero)
         return ((stage or {}).get("in_step") or {}).get(mode)
 
+    def other_gpu_ratio(self, b: float) -> float | None:
+        """Measured over profiled GPU time of the embeddings and head together (TP 1) at micro-batch b: what the
+        engine block's bare whole-model GPU times (`bare_gpu`, queued behind a spin: no launch gaps) leave after
+        the layers' GPU lines, a line c + m b (c, m >= 0) through those residuals, over the two entries' own GPU
+        lines at b. Those entries are timed in the HF task model in stream order, without a host/GPU split,
+        so their GPU lines hold their launch time (~1 ms a phase where the GPU needs tens of microseconds:
+        the vision models' patch embedding and pooled head); in a step whose host runs ahead that time hides.
+        None without bare_gpu at two batch sizes or without the entries' fits."""
+        bare = (self.engine or {}).get("bare_gpu") or {}
+        bs, measured = bare.get("batch_sizes") or [], bare.get("gpu_ms") or []
+        entries = [(lt.count, lt.tp.get(1)) for lt in self.layer_types.values()]
+        others = [self._other_entry(part, 1) for part in ("first", "last")]
+        if len(bs) < 2 or any(e is None or not {"fwd", "bwd"} <= set(e.fits) for _, e in entries) or \
+                any(e is None or not {"fwd", "bwd"} <= set(e.fits) for e in others):
+            return None
+
+        def gpu(e: Entry, x: float) -> float:
+            return sum(e.fits[k].parts(x)[1] for k in ("fwd", "bwd"))
+
+        residual = [t - sum(n * gpu(e, x) for n, e in entries) for x, t in zip(bs, measured)]
+        c, m = _line([float(x) for x in bs], [max(r, 0.0) for r in residual], [1.0] * len(bs))
+        own = sum(gpu(e, b) for e in others)
+        return (c + m * b) / own if own > 0 else None
+
     def engine_stage_host_speed(self, stage: dict) -> float:
         """The factor on an engine stage's overheads (`stage`: engine_stage's dict) for this block's host: the
         block's bare forward + backward (launch-bound: the host's speed) over the bare time the stage was measured

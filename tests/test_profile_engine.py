@@ -396,3 +396,41 @@ def test_cpu_block_has_no_in_step_timings(files):
     with open(files["engine"]) as f:
         eng = json.load(f)["engine"]
     assert "bare_gpu" not in eng and all("in_step" not in st for st in eng["stages"].values())
+
+
+def test_other_gpu_time_from_bare_whole_model(model_parts, monkeypatch):
+    """bare_gpu built as the layers' GPU lines plus 0.5 + 0.01 b ms: the embeddings and head get that residual as
+    their GPU time, split by their own GPU lines; their host floors stay as profiled."""
+    profile, spec, hw = model_parts
+    monkeypatch.setattr(profile, "device_type", "cuda")
+
+    def gpu(e, x):
+        return e.fits["fwd"].parts(x)[1] + e.fits["bwd"].parts(x)[1]
+    layers = sum(lt.count * gpu(lt.tp[1], 0) for lt in profile.layer_types.values())
+    per_b = sum(lt.count * (gpu(lt.tp[1], 1) - gpu(lt.tp[1], 0)) for lt in profile.layer_types.values())
+    bs = [2, 4, 8]
+    block = _block()
+    block["stages"]["0"]["overhead_microbatch_ms"] = 0.0          # the embeddings' and head's own times alone
+    block["bare_gpu"] = {"batch_sizes": bs, "gpu_ms": [layers + per_b * x + 0.5 + 0.01 * x for x in bs]}
+    setting = Setting(world=1, pp=1, zero=0, chunks=1, global_bsz=6)
+    first, last = profile._other_entry("first", 1), profile._other_entry("last", 1)
+    own = gpu(first, 6) + gpu(last, 6)
+    profile.engine = block
+    try:
+        assert profile.other_gpu_ratio(6) == pytest.approx((0.5 + 0.06) / own, rel=1e-6)
+        cm = CostModel(spec, hw, profile)
+        costs = [cm.other_cost(part, setting, 0, 1) for part in ("first", "last")]
+    finally:
+        profile.engine = {}
+    assert sum(c.gpu_s for c in costs) == pytest.approx((0.5 + 0.06) * 1e-3, rel=1e-6)
+    hosts = [sum(e.fits[k].parts(6)[0] for k in ("fwd", "bwd")) * cm.launch_scale for e in (first, last)]
+    assert [c.host_s for c in costs] == pytest.approx([h * 1e-3 for h in hosts], rel=1e-9)
+
+
+def test_other_gpu_ratio_needs_two_batch_sizes(model_parts):
+    profile, _, _ = model_parts
+    profile.engine = {**_block(), "bare_gpu": {"batch_sizes": [8], "gpu_ms": [5.0]}}
+    try:
+        assert profile.other_gpu_ratio(8) is None
+    finally:
+        profile.engine = {}
