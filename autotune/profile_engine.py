@@ -350,9 +350,11 @@ def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, g
 
 def measure_bare_gpu(opts: Options, choice, num_layers: int, batch_sizes: list[int]) -> dict:
     """GPU ms of the whole model's forward + backward without an engine (train.py's pp = 1 module, gradients
-    dropped), per batch size, each queued behind a SPIN_MS spin so the GPU runs it without launch gaps: the
-    embeddings', head's and layers' GPU time together, as a graphed or GPU-bound step runs them. A repetition
-    whose spin ended before the host had queued the backward is dropped."""
+    dropped), per batch size: back-to-back iterations with nothing read back, timed between the ends of the 2nd
+    and later ones, so at a GPU-bound batch the host runs ahead and the GPU runs the queue as a GPU-bound
+    step does (a spin in front does not hold: a whole model's launches fill the launch queue first). The
+    embeddings', head's and layers' GPU time together; `queued_ms`, the host's time per iteration beside it,
+    tells a point that was not GPU-bound (near gpu_ms)."""
     import torch
 
     from autotune.profile_model import Clock
@@ -369,39 +371,43 @@ def measure_bare_gpu(opts: Options, choice, num_layers: int, batch_sizes: list[i
     dtype = TORCH_DTYPES[opts.precision]
     model = SequentialWithLoss(seq, [0] * seq.num_layers).to(device(), dtype=dtype).train()
     clock = Clock(device())
-    out = {"batch_sizes": [], "gpu_ms": [], "dropped": []}
+    out = {"batch_sizes": [], "gpu_ms": [], "queued_ms": []}
     for b in batch_sizes:
         p = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=opts.precision,
                          model={"name": opts.model})
         inputs, labels = SyntheticData(adapter, choice.config, choice.task, p, 0, opts.seed,
                                        seq_len=choice.seq_len).micro_batches(0)[0]
         inputs, labels = _to(inputs, device(), dtype), _to(labels, device())
-        times, dropped = [], 0
+
+        def once() -> None:
+            model(inputs, labels).backward()
+            for q in model.parameters():
+                q.grad = None
         with automatic_gc_off():
-            for i in range(opts.warmup + opts.reps):
-                clock.sync()
-                clock.sleep(SPIN_MS)
-                a = clock.mark()
-                model(inputs, labels).backward()
-                c = clock.mark()
-                spun = not clock.reached(a)
-                clock.sync()
-                for q in model.parameters():
-                    q.grad = None
-                if i >= opts.warmup:
-                    if spun:
-                        times.append(clock.ms(a, c))
-                    else:
-                        dropped += 1
+            for _ in range(opts.warmup):
+                once()
+            clock.sync()
+            t0 = time.perf_counter()
+            marks = [clock.mark()]
+            for _ in range(opts.reps + 1):
+                once()
+                marks.append(clock.mark())
+            queued = (time.perf_counter() - t0) * 1e3 / (opts.reps + 1)
+            clock.sync()
+        out["batch_sizes"].append(b)
+        out["gpu_ms"].append(statistics.median(clock.ms(a, c) for a, c in zip(marks[1:-1], marks[2:])))
+        out["queued_ms"].append(queued)
         del inputs, labels
-        if times:
-            out["batch_sizes"].append(b)
-            out["gpu_ms"].append(statistics.median(times))
-            out["dropped"].append(dropped)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     del model, seq
     destroy_parallel_groups()
     return out
+
+
+def bare_gpu_sizes(b: int) -> list[int]:
+    """The bare GPU times' batch sizes: the in-step micro-batch, a half and a quarter of it."""
+    return sorted({max(1, b // 4), max(1, b // 2), b})
 
 
 def run(opts: Options, spec, progress=print, profile: ModelProfile | None = None) -> dict:
@@ -480,11 +486,14 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
             progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last backward done "
                      f"at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
         block["stages"][str(z)]["in_step"] = modes
-    block["bare_gpu"] = measure_bare_gpu(opts, choice, n, [max(1, b // 4), max(1, b // 2), b])
+    add_bare_gpu(opts, choice, n, b, block, progress)
+
+
+def add_bare_gpu(opts: Options, choice, num_layers: int, b: int, block: dict, progress=print) -> None:
+    block["bare_gpu"] = bg = measure_bare_gpu(opts, choice, num_layers, bare_gpu_sizes(b))
     _free()
-    bg = block["bare_gpu"]
     progress("bare forward+backward GPU time: " + ", ".join(
-        f"{g:.2f} ms at {x}" for x, g in zip(bg["batch_sizes"], bg["gpu_ms"])))
+        f"{g:.2f} ms at {x} (host {q:.2f})" for x, g, q in zip(bg["batch_sizes"], bg["gpu_ms"], bg["queued_ms"])))
 
 
 def keep_unmeasured_stages(block: dict, old: dict | None) -> None:
@@ -519,9 +528,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="micro-batch of the in-step timings (CUDA; default: the smallest the cost model sees "
                          "GPU-bound with ZeRO-2's hooks)")
     ap.add_argument("--no-in-step", action="store_true", help="skip the in-step timings and the bare GPU times")
+    ap.add_argument("--bare-gpu-only", action="store_true",
+                    help="only (re)measure the bare GPU times into the profile's engine block, at its in-step "
+                         "micro-batch (or --step-micro-batch)")
     ap.add_argument("--out", default=None, help="also write the block to this JSON file")
     ap.add_argument("--no-update", action="store_true", help="do not write the block into --model-profile")
     return ap.parse_args(argv)
+
+
+def bare_gpu_only(args: argparse.Namespace, profile: ModelProfile, spec) -> int:
+    """--bare-gpu-only: the bare GPU times added to the profile's existing engine block."""
+    import train
+    from backends.megatron.groups import init_distributed
+
+    block = dict(profile.engine or {})
+    in_step = [m for z in IN_STEP_STAGES for m in ((block.get("stages") or {}).get(str(z), {}).get("in_step") or {})
+               .values()]
+    b = args.step_micro_batch or (in_step[0]["micro_batch"] if in_step else None)
+    if b is None:
+        print("error: --bare-gpu-only needs an engine block with in-step timings or --step-micro-batch",
+              file=sys.stderr)
+        return 2
+    init_distributed()
+    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=[], micro_batch=1,
+                   reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
+    add_bare_gpu(opts, train.resolve_model(args.model, args.task, None), spec.num_layers, b, block,
+                 lambda s: print(f"[profile_engine {args.model}] {s}", flush=True))
+    ModelProfile.set_block(args.model_profile, "engine", block)
+    print(f"wrote the bare GPU times into {args.model_profile}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ProfileError, ModelInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.bare_gpu_only:
+        return bare_gpu_only(args, profile, spec)
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero,
                    micro_batch=args.micro_batch, reps=args.reps if args.reps is not None else (8 if gpu else 2),
                    warmup=args.warmup if args.warmup is not None else (3 if gpu else 1), checkpoint_layers=args.checkpoint_layers,
