@@ -126,6 +126,25 @@ class TimeFit:
                    float(step.get("floor", 0.0)))
 
 
+HALVED_SHARE = 0.6     # a GPU-bound point at half the batch takes at most this share of the time
+
+
+def gpu_bound_points(bare: dict) -> tuple[list[int], list[float]]:
+    """The engine block's bare GPU times (batch sizes, ms) at which the GPU set the pace: from the largest batch
+    down, while each smaller one took at most HALVED_SHARE of the next larger one's time per halving (a GPU-bound
+    whole model is nearly proportional to its batch; a launch-bound one stays flat: Swin-B's eager forward +
+    backward took 94.0 ms at 64 and 94.1 at 128 on one H100, 174.5 at 256)."""
+    pts = sorted(zip(bare.get("batch_sizes") or [], bare.get("gpu_ms") or []), reverse=True)
+    keep = pts[:1]
+    for b, t in pts[1:]:
+        big_b, big_t = keep[-1]
+        if t > big_t * HALVED_SHARE ** math.log2(big_b / b):
+            break
+        keep.append((b, t))
+    keep.reverse()
+    return [b for b, _ in keep], [t for _, t in keep]
+
+
 def _line(bs: list[float], ts: list[float], ws: list[float] | None = None) -> tuple[float, float]:
     """Weighted least squares c + m*b, with c, m >= 0; weights 1/t^2 (relative error) unless given."""
     if len(bs) == 1:
@@ -424,9 +443,8 @@ class ModelProfile:
         lines at b. Those entries are timed in the HF task model in stream order, without a host/GPU split,
         so their GPU lines hold their launch time (~1 ms a phase where the GPU needs tens of microseconds:
         the vision models' patch embedding and pooled head); in a step whose host runs ahead that time hides.
-        None without bare_gpu at two batch sizes or without the entries' fits."""
-        bare = (self.engine or {}).get("bare_gpu") or {}
-        bs, measured = bare.get("batch_sizes") or [], bare.get("gpu_ms") or []
+        None without bare_gpu at two GPU-bound batch sizes (gpu_bound_points) or without the entries' fits."""
+        bs, measured = gpu_bound_points((self.engine or {}).get("bare_gpu") or {})
         entries = [(lt.count, lt.tp.get(1)) for lt in self.layer_types.values()]
         others = [self._other_entry(part, 1) for part in ("first", "last")]
         if len(bs) < 2 or any(e is None or not {"fwd", "bwd"} <= set(e.fits) for _, e in entries) or \

@@ -12,7 +12,7 @@ import pytest
 
 from autotune.cost_model import Cost, CostModel, LayerStrategy, Setting
 from autotune.hardware import load_hardware
-from autotune.model_profile import ModelProfile
+from autotune.model_profile import ModelProfile, gpu_bound_points
 from autotune.search import stage_memory
 from model_zoo import get_model_spec
 
@@ -373,14 +373,12 @@ def test_optimizer_tail_hides_host_work_behind_the_hosts_lead(host, gpu, expect)
     assert Cost(optimizer_s=1.0).optimizer_tail_s == 1.0          # no serial figure: the device's
 
 
-def test_in_step_on_cpu_times_train_steps():
+def test_in_step_on_cpu_times_train_steps(world_of_one):
     """measure_in_step on CPU (bert-test, ZeRO-0): the last backward ends inside the step, the tail is the rest."""
     from autotune import profile_engine as pe
-    from backends.megatron.groups import init_distributed
 
     import train
 
-    init_distributed()
     opts = pe.Options(model="bert-test", task=None, precision="bf16", zero=[0], micro_batch=1, reps=2, warmup=1,
                       checkpoint_layers=0)
     spec = get_model_spec("bert-test", precision="bf16")
@@ -408,13 +406,14 @@ def test_other_gpu_time_from_bare_whole_model(model_parts, monkeypatch):
         return e.fits["fwd"].parts(x)[1] + e.fits["bwd"].parts(x)[1]
     layers = sum(lt.count * gpu(lt.tp[1], 0) for lt in profile.layer_types.values())
     per_b = sum(lt.count * (gpu(lt.tp[1], 1) - gpu(lt.tp[1], 0)) for lt in profile.layer_types.values())
-    bs = [2, 4, 8]
+    bs = [256, 512, 1024]            # large enough that halving the batch nearly halves the time (GPU-bound)
     block = _block()
     block["stages"]["0"]["overhead_microbatch_ms"] = 0.0          # the embeddings' and head's own times alone
     block["bare_gpu"] = {"batch_sizes": bs, "gpu_ms": [layers + per_b * x + 0.5 + 0.01 * x for x in bs]}
     setting = Setting(world=1, pp=1, zero=0, chunks=1, global_bsz=6)
     first, last = profile._other_entry("first", 1), profile._other_entry("last", 1)
     own = gpu(first, 6) + gpu(last, 6)
+    assert gpu_bound_points(block["bare_gpu"])[0] == bs
     profile.engine = block
     try:
         assert profile.other_gpu_ratio(6) == pytest.approx((0.5 + 0.06) / own, rel=1e-6)
@@ -434,3 +433,12 @@ def test_other_gpu_ratio_needs_two_batch_sizes(model_parts):
         assert profile.other_gpu_ratio(8) is None
     finally:
         profile.engine = {}
+
+
+def test_gpu_bound_points_drop_launch_bound_batches():
+    """Swin-B's bare times on one H100 (94.0 ms at 64, 94.1 at 128, 174.5 at 256): 64 did not follow the batch
+    down (launch-bound), 128 did; and a point between a GPU-bound pair by the halving rule: 0.6^2 of 200 = 72."""
+    assert gpu_bound_points({"batch_sizes": [64, 128, 256], "gpu_ms": [94.0, 94.1, 174.5]}) == ([128, 256], [94.1, 174.5])
+    assert gpu_bound_points({"batch_sizes": [16, 64], "gpu_ms": [71.0, 200.0]}) == ([16, 64], [71.0, 200.0])
+    assert gpu_bound_points({"batch_sizes": [16, 64], "gpu_ms": [73.0, 200.0]}) == ([64], [200.0])
+    assert gpu_bound_points({}) == ([], [])
