@@ -48,6 +48,20 @@ def run_bound(plan: Plan, spec, hw, profile) -> str:
 SEEN_SHARE = 0.25     # a run sees a time factor when its predicted step moves by >= this share of the factor's change
 
 
+def host_field(plans: list[Plan]) -> str:
+    """The Calibration field a fitted host factor goes to: graphed_host_scale when every run was graphed (their
+    host-bound steps time the replays), else host_scale."""
+    return "graphed_host_scale" if plans and all(p.cuda_graphs for p in plans) else "host_scale"
+
+
+def host_factors(field: str, h: float | None) -> dict:
+    """Calibration fields for a host factor h fitted into `field` (host_field); a graphed one leaves the eager host at
+    1 (host_scale None would follow compute_scale)."""
+    if h is None:
+        return {}
+    return {field: h, "host_scale": 1.0} if field == "graphed_host_scale" else {field: h}
+
+
 def factors_seen(plan: Plan, spec, hw, profile) -> str:
     """Which time factors a run's step responds to: 'host', 'GPU', 'both', or '?' (no host/GPU split).
 
@@ -60,7 +74,7 @@ def factors_seen(plan: Plan, spec, hw, profile) -> str:
     if ev.stage_costs[0].bound == "?":
         return "?"
     t0 = ev.step_time_s
-    host = predict_run(plan, spec, hw, profile, Calibration(host_scale=1.1))[0] - t0
+    host = predict_run(plan, spec, hw, profile, Calibration(**host_factors(host_field([plan]), 1.1)))[0] - t0
     gpu = predict_run(plan, spec, hw, profile, Calibration(compute_scale=1.1, host_scale=1.0))[0] - t0
     seen = [name for name, d in (("host", host), ("GPU", gpu)) if d >= SEEN_SHARE * 0.1 * t0]
     return "both" if len(seen) == 2 else (seen[0] if seen else "GPU")
@@ -75,7 +89,8 @@ def _grid(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + step * i, 4) for i in range(int(round((hi - lo) / step)) + 1)]
 
 
-def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, float | None, float, float]:
+def fit_time(runs, predict, split_host: bool | str = False,
+             field: str = "host_scale") -> tuple[float, float | None, float, float]:
     """(compute_scale, host_scale, comm_scale, step_overhead_s) minimising squared relative step-time error.
 
     compute_scale scales the profile's GPU lines, host_scale its launch floors and the engine's host work:
@@ -105,7 +120,7 @@ def fit_time(runs, predict, split_host: bool | str = False) -> tuple[float, floa
     w = [1 / m ** 2 for m in measured]
 
     def score(a: float, h: float, b: float) -> tuple[float, float]:
-        preds = [predict(r, Calibration(compute_scale=a, host_scale=h, comm_scale=b))[0] for r in runs]
+        preds = [predict(r, Calibration(compute_scale=a, comm_scale=b, **host_factors(field, h)))[0] for r in runs]
         d = sum(wi * (m - p) for wi, m, p in zip(w, measured, preds)) / sum(w) if len(runs) >= 4 else 0.0
         err = sum(((p + d - m) / m) ** 2 for p, m in zip(preds, measured))
         return err + PRIOR * (math.log(a) ** 2 + math.log(h) ** 2), d
@@ -193,10 +208,11 @@ def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], m
     if split_host == "bound":
         fit_runs = [{**r, "bound": factors_seen(r["plan"], spec, hw, profile)} for r in fit_runs]
 
-    a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host)
+    field = host_field([r["plan"] for r in fit_runs])
+    a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host, field)
     s, o = fit_memory(fit_runs, predict)
-    cal = Calibration(compute_scale=a, host_scale=h, comm_scale=b, step_overhead_s=d, activation_scale=s,
-                      memory_offset_mb=o)
+    cal = Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d, activation_scale=s, memory_offset_mb=o,
+                      **host_factors(field, h))
     out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
     if split_host == "bound":
         out["fitted_bounds"] = [r["bound"] for r in fit_runs]
