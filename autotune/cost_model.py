@@ -517,13 +517,12 @@ class CostModel:
         fwd = bwd = None
         workspace = None
         scaled = False
-        lookup = None
-        if prof is not None:
-            # GPU lines corrected to the in-place GPU time (ModelProfile.other_gpu_ratio) where measured
-            ratio = (prof.other_gpu_ratio(b) if vtp == 1 and prof.asynchronous else None) or 1.0
+        # GPU lines corrected to the in-place GPU time (ModelProfile.other_gpu_ratio) where measured
+        ratio = (prof.other_gpu_ratio(b) if prof is not None and vtp == 1 and prof.asynchronous else None) or 1.0
 
-            def lookup(kind: str, h: float, g: float) -> tuple[float, float] | None:
-                return prof.other_time_parts_ms(part, vtp, b, kind, h, g * ratio)
+        def lookup(kind: str, h: float, g: float) -> tuple[float, float] | None:
+            return prof.other_time_parts_ms(part, vtp, b, kind, h, g * ratio)
+        if prof is not None:
             fwd, bwd = (max(p) if (p := lookup(k, self.launch_scale, self.cal.compute_scale)) else None
                         for k in ("fwd", "bwd"))
             scaled = fwd is not None and bwd is not None

@@ -26,7 +26,7 @@ smallest the cost model sees GPU-bound with the ZeRO-2 hooks), eager and as CUDA
 a step, and the block keeps per stage and mode (`in_step`): the step's wall time, when the device had
 finished the last backward (train.py's device_backward_s), and the tail after it. Beside them
 (`bare_gpu`): the GPU time of the whole model's forward + backward without an engine at that micro-batch
-and two smaller ones, queued behind a spin kernel so the GPU runs it without launch gaps.
+and two smaller ones, back to back with nothing read back (at a GPU-bound batch the host runs ahead).
 The profile's precision is the one measured. ZeRO-3 runs last: DeepSpeed leaves its buffers behind.
 """
 from __future__ import annotations
@@ -187,6 +187,13 @@ def _plan(opts: Options, num_layers: int, zero: int):
                         model={"name": opts.model})
 
 
+def bare_step(model, inputs, labels) -> None:
+    """One forward + backward of the bare pp = 1 module, gradients dropped (no engine accumulates them)."""
+    model(inputs, labels).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
 def measure_bare(opts: Options, choice, plan, adapter, seq) -> float:
     """Median ms of forward + backward of the pp=1 model without an engine (gradients dropped each time)."""
     from backends.data import SyntheticData
@@ -199,16 +206,10 @@ def measure_bare(opts: Options, choice, plan, adapter, seq) -> float:
     inputs, labels = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed,
                                    seq_len=choice.seq_len).micro_batches(0)[0]
     inputs, labels = _to(inputs, device(), dtype), _to(labels, device())
-
-    def once() -> None:
-        model(inputs, labels).backward()
-        for p in model.parameters():
-            p.grad = None
-
     for _ in range(opts.warmup):
-        once()
+        bare_step(model, inputs, labels)
     with automatic_gc_off():       # as train.py trains
-        return statistics.median(_timed(once) for _ in range(opts.reps))
+        return statistics.median(_timed(lambda: bare_step(model, inputs, labels)) for _ in range(opts.reps))
 
 
 def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
@@ -276,7 +277,6 @@ IN_STEP_CHUNKS = 2                # an accumulating micro-batch and a boundary o
 STEP_BATCHES = (8, 16, 32, 64, 128, 256)
 GPU_BOUND_MARGIN = 1.5            # GPU sum over host sum (ZeRO-2 hooks included) the in-step batch must reach
 MEMORY_SHARE = 0.7                # of the device, at most, for the in-step runs' predicted peak
-SPIN_MS = 250.0                   # the spin the bare GPU timing queues first: longer than any model's launches
 
 
 def step_micro_batch_for(spec, profile: ModelProfile, block: dict, device_gb: float) -> int:
@@ -348,7 +348,7 @@ def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, g
             "step_ms_all": [round(x, 3) for x in step], "device_backward_ms_all": [round(x, 3) for x in backward]}
 
 
-def measure_bare_gpu(opts: Options, choice, num_layers: int, batch_sizes: list[int]) -> dict:
+def measure_bare_gpu(opts: Options, batch_sizes: list[int]) -> dict:
     """GPU ms of the whole model's forward + backward without an engine (train.py's pp = 1 module, gradients
     dropped), per batch size: back-to-back iterations with nothing read back, timed between the ends of the 2nd
     and later ones, so at a GPU-bound batch the host runs ahead and the GPU runs the queue as a GPU-bound
@@ -358,39 +358,21 @@ def measure_bare_gpu(opts: Options, choice, num_layers: int, batch_sizes: list[i
     import torch
 
     from autotune.profile_model import Clock
-    from autotune.plan import Plan
-    from backends.data import SyntheticData
-    from backends.deepspeed.engine import _to, device
-    from backends.deepspeed.layers import SequentialWithLoss
-    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
-    from model_zoo.common import TORCH_DTYPES
+    from backends.megatron.groups import destroy_parallel_groups
 
-    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=1, chunks=1, precision=opts.precision,
-                        model={"name": opts.model})
-    adapter, seq = _sequence(choice, build_parallel_groups(plan), opts.seed)
-    dtype = TORCH_DTYPES[opts.precision]
-    model = SequentialWithLoss(seq, [0] * seq.num_layers).to(device(), dtype=dtype).train()
-    clock = Clock(device())
+    model, seq, batch = one_rank_net(opts.model, opts.task, opts.precision, opts.seed)
+    clock = Clock(next(model.parameters()).device)
     out = {"batch_sizes": [], "gpu_ms": [], "queued_ms": []}
     for b in batch_sizes:
-        p = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=b, chunks=1, precision=opts.precision,
-                         model={"name": opts.model})
-        inputs, labels = SyntheticData(adapter, choice.config, choice.task, p, 0, opts.seed,
-                                       seq_len=choice.seq_len).micro_batches(0)[0]
-        inputs, labels = _to(inputs, device(), dtype), _to(labels, device())
-
-        def once() -> None:
-            model(inputs, labels).backward()
-            for q in model.parameters():
-                q.grad = None
+        inputs, labels = batch(b)
         with automatic_gc_off():
             for _ in range(opts.warmup):
-                once()
+                bare_step(model, inputs, labels)
             clock.sync()
             t0 = time.perf_counter()
             marks = [clock.mark()]
             for _ in range(opts.reps + 1):
-                once()
+                bare_step(model, inputs, labels)
                 marks.append(clock.mark())
             queued = (time.perf_counter() - t0) * 1e3 / (opts.reps + 1)
             clock.sync()
@@ -486,11 +468,11 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
             progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last backward done "
                      f"at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
         block["stages"][str(z)]["in_step"] = modes
-    add_bare_gpu(opts, choice, n, b, block, progress)
+    add_bare_gpu(opts, b, block, progress)
 
 
-def add_bare_gpu(opts: Options, choice, num_layers: int, b: int, block: dict, progress=print) -> None:
-    block["bare_gpu"] = bg = measure_bare_gpu(opts, choice, num_layers, bare_gpu_sizes(b))
+def add_bare_gpu(opts: Options, b: int, block: dict, progress=print) -> None:
+    block["bare_gpu"] = bg = measure_bare_gpu(opts, bare_gpu_sizes(b))
     _free()
     progress("bare forward+backward GPU time: " + ", ".join(
         f"{g:.2f} ms at {x} (host {q:.2f})" for x, g, q in zip(bg["batch_sizes"], bg["gpu_ms"], bg["queued_ms"])))
@@ -538,9 +520,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bare_gpu_only(args: argparse.Namespace, profile: ModelProfile, spec) -> int:
     """--bare-gpu-only: the bare GPU times added to the profile's existing engine block."""
-    import train
-    from backends.megatron.groups import init_distributed
-
     block = dict(profile.engine or {})
     in_step = [m for z in IN_STEP_STAGES for m in ((block.get("stages") or {}).get(str(z), {}).get("in_step") or {})
                .values()]
@@ -549,11 +528,9 @@ def bare_gpu_only(args: argparse.Namespace, profile: ModelProfile, spec) -> int:
         print("error: --bare-gpu-only needs an engine block with in-step timings or --step-micro-batch",
               file=sys.stderr)
         return 2
-    init_distributed()
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=[], micro_batch=1,
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
-    add_bare_gpu(opts, train.resolve_model(args.model, args.task, None), spec.num_layers, b, block,
-                 lambda s: print(f"[profile_engine {args.model}] {s}", flush=True))
+    add_bare_gpu(opts, b, block, lambda s: print(f"[profile_engine {args.model}] {s}", flush=True))
     ModelProfile.set_block(args.model_profile, "engine", block)
     print(f"wrote the bare GPU times into {args.model_profile}")
     return 0

@@ -406,7 +406,7 @@ def test_other_gpu_time_from_bare_whole_model(model_parts, monkeypatch):
         return e.fits["fwd"].parts(x)[1] + e.fits["bwd"].parts(x)[1]
     layers = sum(lt.count * gpu(lt.tp[1], 0) for lt in profile.layer_types.values())
     per_b = sum(lt.count * (gpu(lt.tp[1], 1) - gpu(lt.tp[1], 0)) for lt in profile.layer_types.values())
-    bs = [256, 512, 1024]            # large enough that halving the batch nearly halves the time (GPU-bound)
+    bs = [2 ** 16, 2 ** 17, 2 ** 18]   # so large that halving the batch halves the time (GPU-bound)
     block = _block()
     block["stages"]["0"]["overhead_microbatch_ms"] = 0.0          # the embeddings' and head's own times alone
     block["bare_gpu"] = {"batch_sizes": bs, "gpu_ms": [layers + per_b * x + 0.5 + 0.01 * x for x in bs]}
