@@ -207,6 +207,7 @@ class CostModel:
         # host launches in place than the layers did alone (wrappers, one autograd graph, another host).
         ratio = profile.engine_host_ratio() if profile is not None and profile.asynchronous else None
         self.launch_scale = self.cal.host * (ratio or 1.0)
+        self._other_ratio: dict[float, float] = {}
 
     # ------------------------------------------------------------------ collectives
     def allreduce_s(self, nbytes: float, size: int, consecutive: bool = True, stride: int = 1) -> float:
@@ -309,6 +310,15 @@ class CostModel:
                 m * (gpu + engine_factor * engine.microbatch_gpu_s))
 
     # ------------------------------------------------------------------ DeepSpeed's engine
+    def other_gpu_ratio(self, b: float) -> float:
+        """ModelProfile.other_gpu_ratio at micro-batch b (1 where not measured), once per b: the search asks for
+        the embeddings and head of every candidate."""
+        if b not in self._other_ratio:
+            prof = self.profile
+            r = prof.other_gpu_ratio(b) if prof is not None and prof.asynchronous else None
+            self._other_ratio[b] = r or 1.0
+        return self._other_ratio[b]
+
     def engine_costs(self, part: str, setting: Setting) -> EngineCost:
         """What DeepSpeed's engine adds for one layer of type `part` ('first'/'last': embeddings/head) at the
         setting's ZeRO stage.
@@ -518,7 +528,7 @@ class CostModel:
         workspace = None
         scaled = False
         # GPU lines corrected to the in-place GPU time (ModelProfile.other_gpu_ratio) where measured
-        ratio = (prof.other_gpu_ratio(b) if prof is not None and vtp == 1 and prof.asynchronous else None) or 1.0
+        ratio = self.other_gpu_ratio(b) if vtp == 1 else 1.0
 
         def lookup(kind: str, h: float, g: float) -> tuple[float, float] | None:
             return prof.other_time_parts_ms(part, vtp, b, kind, h, g * ratio)
