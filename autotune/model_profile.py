@@ -438,7 +438,7 @@ class ModelProfile:
 
     def other_gpu_ratio(self, b: float) -> float | None:
         """Measured over profiled GPU time of the embeddings and head together (TP 1) at micro-batch b: what the
-        engine block's bare whole-model GPU times (`bare_gpu`, queued behind a spin: no launch gaps) leave after
+        engine block's bare whole-model GPU times (`bare_gpu`, back to back at GPU-bound batches) leave after
         the layers' GPU lines, a line c + m b (c, m >= 0) through those residuals, over the two entries' own GPU
         lines at b. Those entries are timed in the HF task model in stream order, without a host/GPU split,
         so their GPU lines hold their launch time (~1 ms a phase where the GPU needs tens of microseconds:

@@ -212,24 +212,37 @@ def measure_bare(opts: Options, choice, plan, adapter, seq) -> float:
         return statistics.median(_timed(lambda: bare_step(model, inputs, labels)) for _ in range(opts.reps))
 
 
-def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
-    """Times and memory of train.py's engine at one ZeRO stage (two micro-batches per step)."""
-    from backends.data import SyntheticData
+def _engine(opts: Options, choice, plan, cuda_graphs: bool = False):
+    """(train.py's engine for `plan` on this rank, the layer sequence's adapter), seeded as train.py seeds."""
     from backends.deepspeed.engine import build_engine
-    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+    from backends.megatron.groups import build_parallel_groups
     from backends.megatron.random import seed_everything
 
-    plan = _plan(opts, num_layers, zero)
     groups = build_parallel_groups(plan)
     seed_everything(opts.seed, groups.rng_rank, groups.pp_rank)
+    adapter, seq = _sequence(choice, groups, opts.seed)
+    return build_engine(plan, groups, seq, cuda_graphs=cuda_graphs), adapter
+
+
+def _first_step_batches(opts: Options, choice, adapter, plan, trainer) -> list:
+    """The first step's micro-batches of train.py's synthetic data, on the device."""
+    from backends.data import SyntheticData
+
+    data = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed, seq_len=choice.seq_len)
+    return trainer.to_device(data.micro_batches(0))
+
+
+def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
+    """Times and memory of train.py's engine at one ZeRO stage (two micro-batches per step)."""
+    from backends.megatron.groups import destroy_parallel_groups
+
+    plan = _plan(opts, num_layers, zero)
     base = _allocated()
     _reset_peak()
-    adapter, seq = _sequence(choice, groups, opts.seed)
-    trainer = build_engine(plan, groups, seq)
+    trainer, adapter = _engine(opts, choice, plan)
     _sync()
     init_peak = _peak()
-    data = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed, seq_len=choice.seq_len)
-    micro = trainer.to_device(data.micro_batches(0))
+    micro = _first_step_batches(opts, choice, adapter, plan, trainer)
     engine = trainer.engine
 
     def micro_step(inputs, labels) -> None:
@@ -317,18 +330,11 @@ def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, g
     """train.py's steps at one ZeRO stage, two micro-batches of b samples (CUDA graphs or eager): medians of the
     step's wall time between syncs, of when the device had finished the last backward (before the optimizer
     step: StepResult.device_backward_s) and of the tail after it, as train.py records them."""
-    from backends.data import SyntheticData
-    from backends.deepspeed.engine import build_engine
-    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
-    from backends.megatron.random import seed_everything
+    from backends.megatron.groups import destroy_parallel_groups
 
     plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs)
-    groups = build_parallel_groups(plan)
-    seed_everything(opts.seed, groups.rng_rank, groups.pp_rank)
-    adapter, seq = _sequence(choice, groups, opts.seed)
-    trainer = build_engine(plan, groups, seq, cuda_graphs=graphs)
-    data = SyntheticData(adapter, choice.config, choice.task, plan, 0, opts.seed, seq_len=choice.seq_len)
-    micro = trainer.to_device(data.micro_batches(0))
+    trainer, adapter = _engine(opts, choice, plan, cuda_graphs=graphs)
+    micro = _first_step_batches(opts, choice, adapter, plan, trainer)
     for _ in range(max(2, opts.warmup)):          # a graphed run captures at the end of its first step
         trainer.train_step(micro)
     step, backward = [], []
@@ -520,14 +526,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bare_gpu_only(args: argparse.Namespace, profile: ModelProfile, spec) -> int:
     """--bare-gpu-only: the bare GPU times added to the profile's existing engine block."""
-    block = dict(profile.engine or {})
-    in_step = [m for z in IN_STEP_STAGES for m in ((block.get("stages") or {}).get(str(z), {}).get("in_step") or {})
-               .values()]
-    b = args.step_micro_batch or (in_step[0]["micro_batch"] if in_step else None)
+    timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
+    b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
     if b is None:
         print("error: --bare-gpu-only needs an engine block with in-step timings or --step-micro-batch",
               file=sys.stderr)
         return 2
+    block = dict(profile.engine or {})
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=[], micro_batch=1,
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
     add_bare_gpu(opts, b, block, lambda s: print(f"[profile_engine {args.model}] {s}", flush=True))
