@@ -287,6 +287,11 @@ def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
 # ---------------------------------------------------------------------- on the device timeline of a GPU-bound step
 IN_STEP_STAGES = (0, 1, 2)        # ZeRO-3 steps are host-bound at any batch (hooks and gathers per tensor)
 IN_STEP_CHUNKS = 2                # an accumulating micro-batch and a boundary one, as the engine blocks run
+# Graphed steps of one micro-batch this small: the host sets their pace, so when the host had queued the last
+# backward, less ZeRO-0's, is a stage's hook work as graphed steps run it. The eager launch-bound stages put
+# Swin-B's ZeRO-1 hooks at 10 ms where session 21's graphed Swin-B steps queued their last backward 20-25 ms
+# later than ZeRO-0's at batch 16-64 (BERT-L 14 ms at batch 8 against 9 eager).
+HOST_STEP_MICRO_BATCH = 1
 STEP_BATCHES = (8, 16, 32, 64, 128, 256)
 GPU_BOUND_MARGIN = 1.5            # GPU sum over host sum (ZeRO-2 hooks included) the in-step batch must reach
 MEMORY_SHARE = 0.7                # of the device, at most, for the in-step runs' predicted peak
@@ -317,27 +322,30 @@ def step_micro_batch_for(spec, profile: ModelProfile, block: dict, device_gb: fl
     return fits[-1] if fits else STEP_BATCHES[0]
 
 
-def _in_step_plan(num_layers: int, b: int, zero: int, precision: str, model: str, graphs: bool = False):
+def _in_step_plan(num_layers: int, b: int, zero: int, precision: str, model: str, graphs: bool = False,
+                  chunks: int = IN_STEP_CHUNKS):
     from autotune.plan import Plan
 
-    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=IN_STEP_CHUNKS * b, chunks=IN_STEP_CHUNKS,
+    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=chunks * b, chunks=chunks,
                         zero_stage=zero, precision=precision, model={"name": model})
     plan.cuda_graphs = graphs
     return plan
 
 
-def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, graphs: bool) -> dict:
-    """train.py's steps at one ZeRO stage, two micro-batches of b samples (CUDA graphs or eager): medians of the
-    step's wall time between syncs, of when the device had finished the last backward (before the optimizer
-    step: StepResult.device_backward_s) and of the tail after it, as train.py records them."""
+def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, graphs: bool,
+                    chunks: int = IN_STEP_CHUNKS) -> dict:
+    """train.py's steps at one ZeRO stage, `chunks` micro-batches of b samples (CUDA graphs or eager): medians of
+    the step's wall time between syncs, of when the device had finished the last backward (before the optimizer
+    step: StepResult.device_backward_s), of when the host had queued it (backward_queued_at) and of the tail
+    after the device's end, as train.py records them."""
     from backends.megatron.groups import destroy_parallel_groups
 
-    plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs)
+    plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs, chunks)
     trainer, adapter = _engine(opts, choice, plan, cuda_graphs=graphs)
     micro = _first_step_batches(opts, choice, adapter, plan, trainer)
     for _ in range(max(2, opts.warmup)):          # a graphed run captures at the end of its first step
         trainer.train_step(micro)
-    step, backward = [], []
+    step, backward, queued = [], [], []
     with automatic_gc_off():
         for _ in range(opts.reps):
             _sync()
@@ -346,12 +354,14 @@ def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, g
             _sync()
             step.append((time.perf_counter() - t0) * 1e3)
             backward.append(r.device_backward_s() * 1e3)
+            queued.append((r.backward_queued_at - t0) * 1e3)
     trainer.destroy()
     destroy_parallel_groups()
-    return {"micro_batch": b, "chunks": IN_STEP_CHUNKS, "step_ms": statistics.median(step),
-            "device_backward_ms": statistics.median(backward),
+    return {"micro_batch": b, "chunks": chunks, "step_ms": statistics.median(step),
+            "device_backward_ms": statistics.median(backward), "host_backward_ms": statistics.median(queued),
             "tail_ms": statistics.median(s - d for s, d in zip(step, backward)),
-            "step_ms_all": [round(x, 3) for x in step], "device_backward_ms_all": [round(x, 3) for x in backward]}
+            "step_ms_all": [round(x, 3) for x in step], "device_backward_ms_all": [round(x, 3) for x in backward],
+            "host_backward_ms_all": [round(x, 3) for x in queued]}
 
 
 def measure_bare_gpu(opts: Options, batch_sizes: list[int]) -> dict:
@@ -449,32 +459,50 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: dict, progress=print) -> None:
-    """The in-step timings of the measured stages among 0-2 (eager, then graphed) and the bare GPU times, into
-    `block` (stages[z]["in_step"] = {"eager": ..., "graphed": ...}; "bare_gpu")."""
+def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: dict, progress=print,
+                     parts: tuple[str, ...] = ("in-step", "graphed-host", "bare-gpu"), b: int | None = None) -> None:
+    """Of the measured stages among 0-2, into `block`: the in-step timings at a GPU-bound micro-batch b (eager,
+    then graphed: stages[z]["in_step"]), the graphed host steps (stages[z]["graphed_host"]) and the bare GPU
+    times ("bare_gpu"), as `parts` names them."""
+    import torch
+
+    device_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    b = b or opts.step_micro_batch or step_micro_batch_for(spec, profile, block, device_gb)
+    stages = [z for z in sorted(opts.zero) if z in IN_STEP_STAGES]
+    for z in stages if "in-step" in parts else ():
+        modes = {}
+        for mode, graphs in (("eager", False), ("graphed", True)):
+            r = _timed_step(opts, choice, z, spec.num_layers, b, graphs, IN_STEP_CHUNKS, progress)
+            if r is not None:
+                modes[mode] = r
+                progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last "
+                         f"backward done at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
+        block["stages"][str(z)]["in_step"] = modes
+    for z in stages if "graphed-host" in parts else ():
+        r = _timed_step(opts, choice, z, spec.num_layers, HOST_STEP_MICRO_BATCH, True, 1, progress)
+        if r is not None:
+            block["stages"][str(z)]["graphed_host"] = r
+            progress(f"ZeRO-{z} graphed, one micro-batch of {HOST_STEP_MICRO_BATCH}: last backward queued at "
+                     f"{r['host_backward_ms']:.2f} ms, step {r['step_ms']:.2f}")
+    if "bare-gpu" in parts:
+        add_bare_gpu(opts, b, block, progress)
+
+
+def _timed_step(opts: Options, choice, z: int, n: int, b: int, graphs: bool, chunks: int, progress) -> dict | None:
+    """measure_in_step, or None (said) when it runs out of memory: the block stays usable without it."""
     import torch
 
     from backends.megatron.groups import destroy_parallel_groups
 
-    device_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    b = opts.step_micro_batch or step_micro_batch_for(spec, profile, block, device_gb)
-    n = spec.num_layers
-    for z in (z for z in sorted(opts.zero) if z in IN_STEP_STAGES):
-        modes = {}
-        for mode, graphs in (("eager", False), ("graphed", True)):
-            try:
-                r = measure_in_step(opts, choice, z, n, b, graphs)
-            except torch.cuda.OutOfMemoryError:      # the block stays usable without this mode
-                progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: out of memory, not measured")
-                destroy_parallel_groups()
-                continue
-            finally:
-                _free()
-            modes[mode] = r
-            progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last backward done "
-                     f"at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
-        block["stages"][str(z)]["in_step"] = modes
-    add_bare_gpu(opts, b, block, progress)
+    try:
+        return measure_in_step(opts, choice, z, n, b, graphs, chunks)
+    except torch.cuda.OutOfMemoryError:
+        progress(f"ZeRO-{z} {'graphed' if graphs else 'eager'} in a step of {chunks} x {b}: out of memory, "
+                 "not measured")
+        destroy_parallel_groups()
+        return None
+    finally:
+        _free()
 
 
 def add_bare_gpu(opts: Options, b: int, block: dict, progress=print) -> None:
@@ -516,28 +544,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="micro-batch of the in-step timings (CUDA; default: the smallest the cost model sees "
                          "GPU-bound with ZeRO-2's hooks)")
     ap.add_argument("--no-in-step", action="store_true", help="skip the in-step timings and the bare GPU times")
-    ap.add_argument("--bare-gpu-only", action="store_true",
-                    help="only (re)measure the bare GPU times into the profile's engine block, at its in-step "
-                         "micro-batch (or --step-micro-batch)")
+    ap.add_argument("--only", default=None,
+                    help="only (re)measure these parts of the profile's engine block, comma-separated among "
+                         f"{','.join(ONLY_PARTS)} (stages among --zero 0-2), keeping the rest; the in-step "
+                         "micro-batch is the block's (or --step-micro-batch)")
+    ap.add_argument("--bare-gpu-only", action="store_true", help="the same as --only bare-gpu")
     ap.add_argument("--out", default=None, help="also write the block to this JSON file")
     ap.add_argument("--no-update", action="store_true", help="do not write the block into --model-profile")
     return ap.parse_args(argv)
 
 
-def bare_gpu_only(args: argparse.Namespace, profile: ModelProfile, spec) -> int:
-    """--bare-gpu-only: the bare GPU times added to the profile's existing engine block."""
+ONLY_PARTS = ("in-step", "graphed-host", "bare-gpu")
+
+
+def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: tuple[str, ...], zero: list[int]) -> int:
+    """--only: the named parts measured again into the profile's existing engine block, the rest kept."""
+    import copy
+
+    from backends.megatron.groups import init_distributed
+
+    import train
+
+    block = copy.deepcopy(profile.engine or {})
+    missing = [z for z in zero if z in IN_STEP_STAGES and str(z) not in block.get("stages", {})]
     timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
     b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
-    if b is None:
-        print("error: --bare-gpu-only needs an engine block with in-step timings or --step-micro-batch",
-              file=sys.stderr)
+    if missing or b is None and parts != ("graphed-host",):
+        why = (f"has no ZeRO-{missing[0]} stage to add to (measure the block whole first)" if missing else
+               "has no in-step timings to take the micro-batch from: give --step-micro-batch")
+        print(f"error: --only {','.join(parts)}: {args.model_profile}'s engine block {why}", file=sys.stderr)
         return 2
-    block = dict(profile.engine or {})
-    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=[], micro_batch=1,
+    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero, micro_batch=1,
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
-    add_bare_gpu(opts, b, block, lambda s: print(f"[profile_engine {args.model}] {s}", flush=True))
+    init_distributed()
+    choice = train.resolve_model(args.model, args.task, None)
+    measure_in_steps(opts, choice, spec, profile, block, lambda s: print(f"[profile_engine {args.model}] {s}",
+                                                                           flush=True), parts, b)
     ModelProfile.set_block(args.model_profile, "engine", block)
-    print(f"wrote the bare GPU times into {args.model_profile}")
+    print(f"wrote {', '.join(parts)} into {args.model_profile}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
@@ -556,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--zero {args.zero!r}: give stages among 0,1,2,3, e.g. 0,1,2,3")
         if args.micro_batch < 1 or args.step_micro_batch is not None and args.step_micro_batch < 1:
             raise ValueError("--micro-batch and --step-micro-batch must be at least 1")
+        parts = tuple(p.strip() for p in (args.only or "bare-gpu").split(",") if p.strip())
+        if not parts or any(p not in ONLY_PARTS for p in parts):
+            raise ValueError(f"--only {args.only!r}: give parts among {','.join(ONLY_PARTS)}")
         if args.reps is not None and args.reps < 2 or args.warmup is not None and args.warmup < 0:
             raise ValueError("--reps must be at least 2 and --warmup at least 0")
         spec = get_model_spec(args.model, precision=profile.precision, task=args.task)
@@ -567,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ProfileError, ModelInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.bare_gpu_only:
-        return bare_gpu_only(args, profile, spec)
+    if args.only or args.bare_gpu_only:
+        return refresh_parts(args, profile, spec, parts, zero)
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero,
                    micro_batch=args.micro_batch, reps=args.reps if args.reps is not None else (8 if gpu else 2),
                    warmup=args.warmup if args.warmup is not None else (3 if gpu else 1), checkpoint_layers=args.checkpoint_layers,

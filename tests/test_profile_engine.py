@@ -102,7 +102,9 @@ def test_cli_result_loads(files):
     ["--model", "vit-test", "--model-profile", "{base}"],
     ["--model", "bert-test", "--model-profile", "{base}", "--zero", "5"],
     ["--model", "bert-test", "--model-profile", "{missing}"],
-], ids=["other-model", "zero-5", "missing-profile"])
+    ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step,kernels"],
+    ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step"],
+], ids=["other-model", "zero-5", "missing-profile", "only-unknown-part", "only-without-engine-block"])
 def test_cli_bad_input(files, tmp_path, args):
     with open(files["base"], "rb") as f:
         before = f.read()
@@ -361,6 +363,28 @@ def test_in_step_of_another_micro_batch_than_zero0_adds_no_device_work(model_par
     assert eng.microbatch_gpu_s == 0.0 and eng.step_s > 0
 
 
+@pytest.mark.parametrize("graphs, zero, host_ms", [
+    (True, 2, 8.0 + 25.0),     # ZeRO-0's eager engine overhead + the graphed host step's 25 ms later queueing
+    (False, 2, 30.0),          # eager: the launch-bound stage's overhead
+    (True, 0, 8.0),            # ZeRO-0 graphed: its own overhead (no increment over itself)
+])
+def test_graphed_host_steps_set_the_hooks_host_work_of_graphed_runs(model_parts, monkeypatch, graphs, zero, host_ms):
+    """A graphed run's per-micro-batch engine host work: ZeRO-0's engine overhead plus how much later the stage's
+    graphed one-micro-batch step queued its last backward than ZeRO-0's; eager runs keep the eager stage's."""
+    profile, spec, hw = model_parts
+    monkeypatch.setattr(profile, "device_type", "cuda")
+    block = _in_step_block()
+    block["stages"]["0"]["graphed_host"] = {"micro_batch": 1, "chunks": 1, "host_backward_ms": 15.0}
+    block["stages"]["2"]["graphed_host"] = {"micro_batch": 1, "chunks": 1, "host_backward_ms": 40.0}
+    profile.engine = block
+    try:
+        eng = CostModel(spec, hw, profile).engine_costs("bert_enc", Setting(world=1, pp=1, zero=zero, chunks=2,
+                                                                              global_bsz=8, cuda_graphs=graphs))
+    finally:
+        profile.engine = {}
+    assert eng.microbatch_host_s == pytest.approx(host_ms * 1e-3 * 16 / BLOCK_N, rel=1e-9)
+
+
 @pytest.mark.parametrize("host, gpu, expect", [
     (2.0, 4.0, 3.0),     # the host 2 s ahead: 5 - 2 of the serial step shows, above the device's 1
     (2.0, 10.0, 1.0),    # far ahead: the device's part alone
@@ -384,9 +408,9 @@ def test_in_step_on_cpu_times_train_steps(world_of_one):
     spec = get_model_spec("bert-test", precision="bf16")
     r = pe.measure_in_step(opts, train.resolve_model("bert-test", None, None), 0, spec.num_layers, 2, False)
     assert (r["micro_batch"], r["chunks"]) == (2, pe.IN_STEP_CHUNKS)
-    assert len(r["step_ms_all"]) == len(r["device_backward_ms_all"]) == 2
-    for s, d in zip(r["step_ms_all"], r["device_backward_ms_all"]):
-        assert 0 < d < s
+    assert len(r["step_ms_all"]) == len(r["device_backward_ms_all"]) == len(r["host_backward_ms_all"]) == 2
+    for s, d, h in zip(r["step_ms_all"], r["device_backward_ms_all"], r["host_backward_ms_all"]):
+        assert 0 < d < s and 0 < h < s
     assert 0 < r["tail_ms"] < r["step_ms"]
 
 
