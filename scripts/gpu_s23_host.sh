@@ -13,9 +13,9 @@ log="$out/engine_log.txt"
 boot="boot $(head -c 8 /proc/sys/kernel/random/boot_id); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
 echo "$boot" > "$log"
 keep='profile_engine|rror|Traceback|wrote'
-for m in bert-large vit-large swin-base t5-large; do
-  parts=graphed-host; [ "$m" = t5-large ] && parts=graphed-host,in-step
-  zero=0,1,2; [ "$m" = t5-large ] && zero=0,1,2
+for job in bert-large:graphed-host:0,1,2 vit-large:graphed-host:0,1,2 swin-base:graphed-host:0,1,2 \
+           t5-large:graphed-host:0,1,2 t5-large:in-step:2; do
+  IFS=: read -r m parts zero <<< "$job"
   timeout 150 python autotune/profile_engine.py --model "$m" --model-profile "profiles/h100/$m.json" \
     --only "$parts" --zero "$zero" --reps 6 --warmup 2 2>&1 | grep -E "$keep" | tee -a "$log"
 done
