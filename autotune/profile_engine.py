@@ -466,8 +466,8 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
     times ("bare_gpu"), as `parts` names them."""
     import torch
 
-    device_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    b = b or opts.step_micro_batch or step_micro_batch_for(spec, profile, block, device_gb)
+    b = b or opts.step_micro_batch or step_micro_batch_for(
+        spec, profile, block, torch.cuda.get_device_properties(0).total_memory / 2**30)
     stages = [z for z in sorted(opts.zero) if z in IN_STEP_STAGES]
     for z in stages if "in-step" in parts else ():
         modes = {}
@@ -576,6 +576,10 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
         return 2
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero, micro_batch=1,
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
+    if parts != ("bare-gpu",) and not _cuda():
+        print(f"error: --only {','.join(parts)} times train.py steps on a CUDA device (graphed ones need it); "
+              "run it on the GPU", file=sys.stderr)
+        return 2
     init_distributed()
     choice = train.resolve_model(args.model, args.task, None)
     measure_in_steps(opts, choice, spec, profile, block, lambda s: print(f"[profile_engine {args.model}] {s}",

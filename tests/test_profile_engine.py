@@ -104,18 +104,23 @@ def test_cli_result_loads(files):
     ["--model", "bert-test", "--model-profile", "{missing}"],
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step,kernels"],
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step"],
-], ids=["other-model", "zero-5", "missing-profile", "only-unknown-part", "only-without-engine-block"])
+    ["--model", "bert-test", "--model-profile", "{engine}", "--only", "graphed-host", "--zero", "0,1"],
+], ids=["other-model", "zero-5", "missing-profile", "only-unknown-part", "only-without-engine-block",
+        "only-graphed-on-cpu"])
 def test_cli_bad_input(files, tmp_path, args):
-    with open(files["base"], "rb") as f:
-        before = f.read()
-    paths = {"base": files["base"], "missing": str(tmp_path / "nope.json")}
+    before = {}
+    for k in ("base", "engine"):
+        with open(files[k], "rb") as f:
+            before[k] = f.read()
+    paths = {"base": files["base"], "engine": files["engine"], "missing": str(tmp_path / "nope.json")}
     r = _cli("autotune/profile_engine.py", *[a.format(**paths) for a in args])
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and r.stderr.rstrip().splitlines()[-1] == errors[0]
     assert "Traceback" not in r.stderr
-    with open(files["base"], "rb") as f:
-        assert f.read() == before
+    for k in ("base", "engine"):
+        with open(files[k], "rb") as f:
+            assert f.read() == before[k]
     assert not os.path.exists(paths["missing"])
 
 
