@@ -98,6 +98,11 @@ class Cost:
                                   # and frees (fp32 ZeRO-2 with accumulation); never live at the optimizer step
     step_bytes: float = 0.0       # optimizer-step workspace above states + gradients (casts, flat copies);
                                   # live when the activations are not
+    lazy_bytes: float = 0.0       # the part of states_bytes the optimizer makes at its first step (Adam's moments
+                                  # under DeepSpeed's ZeRO-1/2 optimizers): absent from a graphed run's first step
+    graph_static_bytes: float = 0.0     # plan.cuda_graphs: the backward graph's static gradient buffers, and the
+    graph_act_bytes: float = 0.0        # activations and backward workspace the capture allocates (one micro-batch
+    graph_transient_bytes: float = 0.0  # through the layers alone); see search.stage_memory
     detail: dict = field(default_factory=dict)
 
     @property
@@ -390,6 +395,15 @@ class CostModel:
         detail = {k: v * params for k, v in zip(("params", "grads", "optimizer", "accum_grads"), per)}
         return detail["params"] + detail["grads"] + detail["optimizer"], detail
 
+    def lazy_state_bytes(self, params: float, dp: int, zero: int) -> float:
+        """The part of states_bytes (`params` before DP sharding) that DeepSpeed's ZeRO-1/2 optimizers (BF16_Optimizer,
+        stage_1_and_2) leave to the wrapped Adam's first step: its two fp32 moments, 8 B per local parameter.
+        ZeRO-0's FP16_UnfusedOptimizer makes them at initialisation (a zero step); ZeRO-3 is never graphed. Only a
+        graphed run's peak sees the difference: it comes in its first step (search.stage_memory). Allocator trace
+        of BERT-L batch 32, graphed, one H100 (session 23): ZeRO-0 peaked with Adam's 394 moment pairs live, ZeRO-1
+        and ZeRO-2 (20125 and 18847 MB) without their two flat moments; the three peaks 4 B/param apart."""
+        return 8 * params / dp if zero in (1, 2) else 0.0
+
     def phases(self, states: float, detail: dict, chunks: int, zero: int) -> tuple[float, float, float]:
         """(bytes held through the activation phase, accumulated gradients that appear in backward, gradient
         buffer that appears in backward and is freed before the optimizer step), from states_bytes' result.
@@ -483,18 +497,20 @@ class CostModel:
         states, states_detail = self.states_bytes(shard, zero_dp, setting.zero)
         held, accum, regrad = self.phases(states, states_detail, setting.chunks, setting.zero)
         if graphed:
-            # What the graphs keep for the whole run: the backward's static gradient buffers, one per parameter, and
-            # the captured inputs, into which every replay copies the layer's inputs (make_graphed_callables' static
-            # input surface; the eager run's input, the previous layer's output, stays alive beside it). Without
-            # the inputs the H200's graphed peaks came out up to 4 % above the model (Swin-B, ViT-L), 5.4 MB a sample
-            # above the gradient buffers for Swin-B, whose layers' inputs are 6.2 MB a sample (session 20).
-            held += shard * PRECISION_BYTES[self.spec.precision] + lt.boundary_bytes * b
+            # The copies of the layer's inputs the first step records for the capture (sample_of), kept as the
+            # graphs' static inputs into which every replay copies the layer's inputs (the eager run's input, the
+            # previous layer's output, stays alive beside them): from the first step's forward on. Without them
+            # the H200's graphed peaks came out up to 4 % above the model (Swin-B, ViT-L), 5.4 MB a sample above
+            # the gradient buffers for Swin-B, whose layers' inputs are 6.2 MB a sample (session 20).
+            held += lt.boundary_bytes * b
         inflight = setting.inflight(stage)
         act = self.layer_act_bytes(lt, s.tp, s.checkpoint) * b * inflight
         if not s.checkpoint:
             # Tensors without a batch dimension (position-bias copies, masks, RNG state): once per micro-batch.
             act += lt.act_fixed_bytes.get(s.tp, 0) * self.cal.activation_scale * inflight
         transient = self.layer_workspace_bytes(lt, s.tp, s.checkpoint) * b   # while it runs backward
+        # what the capture adds: static gradient buffers, one per parameter, and one micro-batch's activations
+        graph = (shard * PRECISION_BYTES[self.spec.precision], act / inflight, transient) if graphed else (0.0,) * 3
         local = shard / zero_dp if setting.zero >= 1 else shard
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + eng.step_s,
@@ -502,6 +518,8 @@ class CostModel:
                     states_bytes=held, act_bytes=act, transient_bytes=transient,
                     accum_bytes=accum, regrad_bytes=regrad,
                     step_bytes=local * eng.step_bytes_per_param,
+                    lazy_bytes=self.lazy_state_bytes(shard, zero_dp, setting.zero),
+                    graph_static_bytes=graph[0], graph_act_bytes=graph[1], graph_transient_bytes=graph[2],
                     detail={"fwd_s": fwd, "bwd_s": bwd, "recompute_s": rc, "micro_batch": b, "shard_params": shard,
                             "engine_microbatch_s": engine_mb, "engine_step_s": eng.step_s, **states_detail})
 
@@ -590,6 +608,7 @@ class CostModel:
                     states_bytes=held, act_bytes=act_per_sample * b * inflight,
                     transient_bytes=workspace * b, accum_bytes=accum, regrad_bytes=regrad,
                     step_bytes=local * eng.step_bytes_per_param,
+                    lazy_bytes=self.lazy_state_bytes(shard, zero_dp, setting.zero),
                     detail={"params": params, "shard_params": shard, **detail})
 
     # ------------------------------------------------------------------ whole pipeline

@@ -504,6 +504,10 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.step_bytes += c.step_bytes
         out.accum_bytes += c.accum_bytes
         out.regrad_bytes += c.regrad_bytes
+        out.lazy_bytes += c.lazy_bytes
+        out.graph_static_bytes += c.graph_static_bytes
+        out.graph_act_bytes += c.graph_act_bytes
+        out.graph_transient_bytes = max(out.graph_transient_bytes, c.graph_transient_bytes)
     return out
 
 
@@ -544,8 +548,21 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
         "calibration_offset_mb": fixed["offset"] / MB,
     }
     act_phase = mem["activations_mb"] + mem["transient_mb"] + mem["backward_grads_mb"]
-    mem["total_mb"] = (mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"]
-                       + max(act_phase, mem["optimizer_step_mb"]))
+    above = max(act_phase, mem["optimizer_step_mb"])
+    graph = sum_costs(parts)
+    if graph.graph_static_bytes or graph.graph_act_bytes:
+        # plan.cuda_graphs: the first step runs eager (recording the layers' inputs, held in the states) before the
+        # optimizer has made its lazy states; then the capture, with them, holds one micro-batch's layer
+        # activations in the graphs' pool while it records the backward of the last layer (its workspace), and
+        # the static gradient buffers once every backward is recorded; later replays reuse the pool without
+        # allocating, while the static buffers stay beside every later optimizer step. Every graphed run of session
+        # 21's sweeps but the small-batch ones (where an optimizer step sets the peak) peaked in its first step.
+        mem["lazy_states_mb"] = graph.lazy_bytes / MB
+        mem["graph_capture_mb"] = max(graph.graph_act_bytes + graph.graph_transient_bytes,
+                                      graph.graph_static_bytes) / MB
+        above = max(act_phase - mem["lazy_states_mb"], mem["graph_capture_mb"],
+                    mem["optimizer_step_mb"] + graph.graph_static_bytes / MB)
+    mem["total_mb"] = mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"] + above
     return mem
 
 
