@@ -345,13 +345,6 @@ class CostModel:
         # host work, measured in place (no launch_scale); a stage kept from an earlier block at that host's speed
         k = (self.cal.graphed_host if setting.cuda_graphs else self.cal.host) * prof.engine_stage_host_speed(stage)
         mb_host = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3 * share * k
-        now_h, ref_h = prof.engine_graphed_host_ms(setting.zero), prof.engine_graphed_host_ms(0)
-        if setting.cuda_graphs and setting.zero and now_h is not None and ref_h is not None:
-            # the hooks' host work as graphed steps run it (ZeRO-0's engine overhead from the eager stage, which
-            # the graphed host steps share, plus what this stage's graphed host step queued later than ZeRO-0's)
-            base = prof.engine_stage(0) or {}
-            mb_host = (float(base.get("overhead_microbatch_ms", 0.0)) * prof.engine_stage_host_speed(base)
-                       + max(0.0, now_h - ref_h)) / 1e3 * share * self.cal.graphed_host
         serial = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - optimizer) * share * k
         mode = "graphed" if setting.cuda_graphs else "eager"
         now, ref = prof.engine_in_step(setting.zero, mode), prof.engine_in_step(0, mode)

@@ -436,12 +436,6 @@ class ModelProfile:
         stage = self.engine_stage(zero)
         return ((stage or {}).get("in_step") or {}).get(mode)
 
-    def engine_graphed_host_ms(self, zero: int) -> float | None:
-        """When the host had queued the last backward of a graphed one-micro-batch step at this ZeRO stage
-        (profile_engine.HOST_STEP_MICRO_BATCH: the host sets the pace), or None where not measured."""
-        r = (self.engine_stage(zero) or {}).get("graphed_host")
-        return None if r is None else float(r["host_backward_ms"])
-
     def other_gpu_ratio(self, b: float) -> float | None:
         """Measured over profiled GPU time of the embeddings and head together (TP 1) at micro-batch b: what the
         engine block's bare whole-model GPU times (`bare_gpu`, back to back at GPU-bound batches) leave after

@@ -287,11 +287,6 @@ def measure_stage(opts: Options, choice, zero: int, num_layers: int) -> dict:
 # ---------------------------------------------------------------------- on the device timeline of a GPU-bound step
 IN_STEP_STAGES = (0, 1, 2)        # ZeRO-3 steps are host-bound at any batch (hooks and gathers per tensor)
 IN_STEP_CHUNKS = 2                # an accumulating micro-batch and a boundary one, as the engine blocks run
-# Graphed steps of one micro-batch this small: the host sets their pace, so when the host had queued the last
-# backward, less ZeRO-0's, is a stage's hook work as graphed steps run it. The eager launch-bound stages put
-# Swin-B's ZeRO-1 hooks at 10 ms where session 21's graphed Swin-B steps queued their last backward 20-25 ms
-# later than ZeRO-0's at batch 16-64 (BERT-L 14 ms at batch 8 against 9 eager).
-HOST_STEP_MICRO_BATCH = 1
 STEP_BATCHES = (8, 16, 32, 64, 128, 256)
 GPU_BOUND_MARGIN = 1.5            # GPU sum over host sum (ZeRO-2 hooks included) the in-step batch must reach
 MEMORY_SHARE = 0.7                # of the device, at most, for the in-step runs' predicted peak
@@ -460,10 +455,9 @@ def _cuda() -> bool:
 
 
 def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: dict, progress=print,
-                     parts: tuple[str, ...] = ("in-step", "graphed-host", "bare-gpu"), b: int | None = None) -> None:
+                     parts: tuple[str, ...] = ("in-step", "bare-gpu"), b: int | None = None) -> None:
     """Of the measured stages among 0-2, into `block`: the in-step timings at a GPU-bound micro-batch b (eager,
-    then graphed: stages[z]["in_step"]), the graphed host steps (stages[z]["graphed_host"]) and the bare GPU
-    times ("bare_gpu"), as `parts` names them."""
+    then graphed: stages[z]["in_step"]) and the bare GPU times ("bare_gpu"), as `parts` names them."""
     import torch
 
     b = b or opts.step_micro_batch or step_micro_batch_for(
@@ -478,12 +472,6 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
                 progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last "
                          f"backward done at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
         block["stages"][str(z)]["in_step"] = modes
-    for z in stages if "graphed-host" in parts else ():
-        r = _timed_step(opts, choice, z, spec.num_layers, HOST_STEP_MICRO_BATCH, True, 1, progress)
-        if r is not None:
-            block["stages"][str(z)]["graphed_host"] = r
-            progress(f"ZeRO-{z} graphed, one micro-batch of {HOST_STEP_MICRO_BATCH}: last backward queued at "
-                     f"{r['host_backward_ms']:.2f} ms, step {r['step_ms']:.2f}")
     if "bare-gpu" in parts:
         add_bare_gpu(opts, b, block, progress)
 
@@ -554,7 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-ONLY_PARTS = ("in-step", "graphed-host", "bare-gpu")
+ONLY_PARTS = ("in-step", "bare-gpu")
 
 
 def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: tuple[str, ...], zero: list[int]) -> int:
@@ -569,7 +557,7 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
     missing = [z for z in zero if z in IN_STEP_STAGES and str(z) not in block.get("stages", {})]
     timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
     b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
-    if missing or b is None and parts != ("graphed-host",):
+    if missing or b is None:
         why = (f"has no ZeRO-{missing[0]} stage to add to (measure the block whole first)" if missing else
                "has no in-step timings to take the micro-batch from: give --step-micro-batch")
         print(f"error: --only {','.join(parts)}: {args.model_profile}'s engine block {why}", file=sys.stderr)
@@ -577,7 +565,7 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
     opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero, micro_batch=1,
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
     if parts != ("bare-gpu",) and not _cuda():
-        print(f"error: --only {','.join(parts)} times train.py steps on a CUDA device (graphed ones need it); "
+        print(f"error: --only {','.join(parts)} times train.py steps, eager and graphed, on a CUDA device; "
               "run it on the GPU", file=sys.stderr)
         return 2
     init_distributed()

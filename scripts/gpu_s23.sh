@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Session 23's device call, parts in priority order (the call's limit may cut the last ones; each part writes
+# Session 23's first device call (it ran at commit 622ddec, whose profile_engine.py had an `--only graphed-host` part
+# that measured graphed one-micro-batch steps per ZeRO stage; it was removed after this run: see
+# profiles/h100/runs/s23/README.md), parts in priority order (the call's limit may cut the last ones; each part writes
 # its results as it goes):
 #   1. on an H100 only (host timings for profiles/h100): graphed one-micro-batch steps at ZeRO 0-2 per model and
 #      T5-L's in-step ZeRO-2 timings (scripts/gpu_s23_host.sh's first part) -> OUT/profiles.tgz, engine_log.txt

@@ -104,7 +104,7 @@ def test_cli_result_loads(files):
     ["--model", "bert-test", "--model-profile", "{missing}"],
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step,kernels"],
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step"],
-    ["--model", "bert-test", "--model-profile", "{engine}", "--only", "graphed-host", "--zero", "0,1"],
+    ["--model", "bert-test", "--model-profile", "{engine}", "--only", "in-step", "--zero", "0,1"],
 ], ids=["other-model", "zero-5", "missing-profile", "only-unknown-part", "only-without-engine-block",
         "only-graphed-on-cpu"])
 def test_cli_bad_input(files, tmp_path, args):
@@ -298,6 +298,39 @@ def test_stage_memory_takes_larger_of_activations_and_step(step_mb, expect_mb):
     assert mem["total_mb"] == pytest.approx(expect_mb)
 
 
+# Two graphed layers (states 100 MB, of which 40 are Adam's lazy moments; 30 MB of activations, workspace 6, static
+# gradient buffers 12) after an eager embedding (5 MB of activations): the first step's activation phase holds
+# 35 + 6 without the lazy 40, the capture the layers' 30 + 6 (or the 12 MB of buffers once every backward is
+# recorded), later optimizer steps their workspace beside the buffers.
+@pytest.mark.parametrize("lazy, step_mb, expect_mb", [
+    (40.0, 10.0, 100 + max(35 + 6 - 40, 30 + 6, 10 + 12)),     # the capture sets it: 136
+    (0.0, 10.0, 100 + 35 + 6),                                  # ZeRO-0 (nothing lazy): the first step, 141
+    (40.0, 50.0, 100 + 50 + 12),                                # a large optimizer step beside the buffers: 162
+], ids=["capture", "first-step", "optimizer-step"])
+def test_graphed_stage_memory_phases(lazy, step_mb, expect_mb):
+    def layer(states, act, transient, static, lz, step):
+        return Cost(states_bytes=states * MB, act_bytes=act * MB, transient_bytes=transient * MB,
+                    step_bytes=step * MB, lazy_bytes=lz * MB, graph_static_bytes=static * MB,
+                    graph_act_bytes=act * MB, graph_transient_bytes=transient * MB)
+    a = layer(60, 20, 4, 7, lazy * 0.6, step_mb / 2)
+    b = layer(40, 10, 6, 5, lazy * 0.4, step_mb / 2)
+    emb = Cost(act_bytes=5 * MB)
+    mem = stage_memory([a, b], {"before": [emb], "others": [], "buffers": 0, "offset": 0})
+    assert mem["lazy_states_mb"] == pytest.approx(lazy) and mem["graph_capture_mb"] == pytest.approx(36)
+    assert mem["total_mb"] == pytest.approx(expect_mb)
+    eager = stage_memory([Cost(states_bytes=60 * MB, act_bytes=20 * MB, transient_bytes=4 * MB),
+                          Cost(states_bytes=40 * MB, act_bytes=10 * MB, transient_bytes=6 * MB)],
+                         {"before": [emb], "others": [], "buffers": 0, "offset": 0})
+    assert "graph_capture_mb" not in eager and eager["total_mb"] == pytest.approx(100 + 35 + 6)
+
+
+def test_lazy_states_are_adams_moments_under_zero_1_and_2(model_parts):
+    """8 B per local parameter under ZeRO-1/2 (DeepSpeed's wrapped Adam makes them at its first step), none at 0/3."""
+    _, spec, hw = model_parts
+    cm = CostModel(spec, hw, None)
+    assert [cm.lazy_state_bytes(1000.0, 2, z) for z in (0, 1, 2, 3)] == [0.0, 4000.0, 4000.0, 0.0]
+
+
 def test_a_partial_run_keeps_the_stages_it_did_not_measure():
     from autotune.profile_engine import keep_unmeasured_stages
 
@@ -366,28 +399,6 @@ def test_in_step_of_another_micro_batch_than_zero0_adds_no_device_work(model_par
     finally:
         profile.engine = {}
     assert eng.microbatch_gpu_s == 0.0 and eng.step_s > 0
-
-
-@pytest.mark.parametrize("graphs, zero, host_ms", [
-    (True, 2, 8.0 + 25.0),     # ZeRO-0's eager engine overhead + the graphed host step's 25 ms later queueing
-    (False, 2, 30.0),          # eager: the launch-bound stage's overhead
-    (True, 0, 8.0),            # ZeRO-0 graphed: its own overhead (no increment over itself)
-])
-def test_graphed_host_steps_set_the_hooks_host_work_of_graphed_runs(model_parts, monkeypatch, graphs, zero, host_ms):
-    """A graphed run's per-micro-batch engine host work: ZeRO-0's engine overhead plus how much later the stage's
-    graphed one-micro-batch step queued its last backward than ZeRO-0's; eager runs keep the eager stage's."""
-    profile, spec, hw = model_parts
-    monkeypatch.setattr(profile, "device_type", "cuda")
-    block = _in_step_block()
-    block["stages"]["0"]["graphed_host"] = {"micro_batch": 1, "chunks": 1, "host_backward_ms": 15.0}
-    block["stages"]["2"]["graphed_host"] = {"micro_batch": 1, "chunks": 1, "host_backward_ms": 40.0}
-    profile.engine = block
-    try:
-        eng = CostModel(spec, hw, profile).engine_costs("bert_enc", Setting(world=1, pp=1, zero=zero, chunks=2,
-                                                                              global_bsz=8, cuda_graphs=graphs))
-    finally:
-        profile.engine = {}
-    assert eng.microbatch_host_s == pytest.approx(host_ms * 1e-3 * 16 / BLOCK_N, rel=1e-9)
 
 
 @pytest.mark.parametrize("host, gpu, expect", [

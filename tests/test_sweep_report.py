@@ -126,6 +126,9 @@ def test_held_memory_is_shown_not_taken_off_and_host_share(tmp_path):
     assert by[(8, 2)]["host_share"] == pytest.approx(0.6, rel=1e-12)    # 0.25, 0.6, 0.9: not host_s
     assert "| 0.60 |" in table
     assert by[(16, 0)]["host_share"] is None
+    # the memory target's rows: scored runs that started with under 100 MB held (the 65 MB run, not the 900 MB one)
+    fresh = json.loads(out.with_suffix(".json").read_text())["summary"]["bert-test"]["fresh"]
+    assert fresh["scored"] == 1 and fresh["mem_worst_under"] == pytest.approx(by[(8, 2)]["mem_err"], rel=1e-12)
 
 
 def test_a_calibration_configuration_is_not_scored_in_another_file(tmp_path):
