@@ -558,10 +558,11 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
         # allocating, while the static buffers stay beside every later optimizer step. Every graphed run of session
         # 21's sweeps but the small-batch ones (where an optimizer step sets the peak) peaked in its first step.
         mem["lazy_states_mb"] = graph.lazy_bytes / MB
-        mem["graph_capture_mb"] = max(graph.graph_act_bytes + graph.graph_transient_bytes,
-                                      graph.graph_static_bytes) / MB
+        mem["graph_static_mb"] = graph.graph_static_bytes / MB
+        mem["graph_activations_mb"] = (graph.graph_act_bytes + graph.graph_transient_bytes) / MB
+        mem["graph_capture_mb"] = max(mem["graph_activations_mb"], mem["graph_static_mb"])
         above = max(act_phase - mem["lazy_states_mb"], mem["graph_capture_mb"],
-                    mem["optimizer_step_mb"] + graph.graph_static_bytes / MB)
+                    mem["optimizer_step_mb"] + mem["graph_static_mb"])
     mem["total_mb"] = mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"] + above
     return mem
 

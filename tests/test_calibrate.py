@@ -162,3 +162,17 @@ def test_graphed_zero0_runs_see_the_host_through_the_optimizer_step():
     # all three graphed: the host factor is the graphed runs' (replays, engine work), eager host work stays at 1
     assert out["graphed_host_scale"] == pytest.approx(0.85, abs=0.02) and out["host_scale"] == 1.0
     assert out["compute_scale"] == pytest.approx(1.1, abs=0.02)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({}, 30.0),                                                                # eager, activations set the peak
+    ({"optimizer_step_mb": 50.0}, 0.0),                                       # eager, the optimizer step does
+    ({"lazy_states_mb": 20.0, "graph_activations_mb": 25.0, "graph_static_mb": 5.0}, 25.0),   # graphed: capture
+    ({"lazy_states_mb": 0.0, "graph_activations_mb": 25.0, "graph_static_mb": 5.0}, 30.0),    # graphed: 1st step
+    ({"optimizer_step_mb": 20.0, "graph_activations_mb": 10.0, "graph_static_mb": 15.0}, 0.0),  # step + buffers
+])
+def test_activation_part_follows_the_phase_that_sets_the_peak(extra, expect):
+    from autotune.calibrate import activation_part
+
+    m = {"activations_mb": 24.0, "transient_mb": 6.0, "backward_grads_mb": 2.0, "optimizer_step_mb": 10.0, **extra}
+    assert activation_part(m) == pytest.approx(expect)
