@@ -317,25 +317,23 @@ def step_micro_batch_for(spec, profile: ModelProfile, block: dict, device_gb: fl
     return fits[-1] if fits else STEP_BATCHES[0]
 
 
-def _in_step_plan(num_layers: int, b: int, zero: int, precision: str, model: str, graphs: bool = False,
-                  chunks: int = IN_STEP_CHUNKS):
+def _in_step_plan(num_layers: int, b: int, zero: int, precision: str, model: str, graphs: bool = False):
     from autotune.plan import Plan
 
-    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=chunks * b, chunks=chunks,
+    plan = Plan.uniform(num_layers=num_layers, world_size=1, global_bsz=IN_STEP_CHUNKS * b, chunks=IN_STEP_CHUNKS,
                         zero_stage=zero, precision=precision, model={"name": model})
     plan.cuda_graphs = graphs
     return plan
 
 
-def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, graphs: bool,
-                    chunks: int = IN_STEP_CHUNKS) -> dict:
-    """train.py's steps at one ZeRO stage, `chunks` micro-batches of b samples (CUDA graphs or eager): medians of
+def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, graphs: bool) -> dict:
+    """train.py's steps at one ZeRO stage, two micro-batches of b samples (CUDA graphs or eager): medians of
     the step's wall time between syncs, of when the device had finished the last backward (before the optimizer
     step: StepResult.device_backward_s), of when the host had queued it (backward_queued_at) and of the tail
     after the device's end, as train.py records them."""
     from backends.megatron.groups import destroy_parallel_groups
 
-    plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs, chunks)
+    plan = _in_step_plan(num_layers, b, zero, opts.precision, opts.model, graphs)
     trainer, adapter = _engine(opts, choice, plan, cuda_graphs=graphs)
     micro = _first_step_batches(opts, choice, adapter, plan, trainer)
     for _ in range(max(2, opts.warmup)):          # a graphed run captures at the end of its first step
@@ -352,7 +350,7 @@ def measure_in_step(opts: Options, choice, zero: int, num_layers: int, b: int, g
             queued.append((r.backward_queued_at - t0) * 1e3)
     trainer.destroy()
     destroy_parallel_groups()
-    return {"micro_batch": b, "chunks": chunks, "step_ms": statistics.median(step),
+    return {"micro_batch": b, "chunks": IN_STEP_CHUNKS, "step_ms": statistics.median(step),
             "device_backward_ms": statistics.median(backward), "host_backward_ms": statistics.median(queued),
             "tail_ms": statistics.median(s - d for s, d in zip(step, backward)),
             "step_ms_all": [round(x, 3) for x in step], "device_backward_ms_all": [round(x, 3) for x in backward],
@@ -466,7 +464,7 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
     for z in stages if "in-step" in parts else ():
         modes = {}
         for mode, graphs in (("eager", False), ("graphed", True)):
-            r = _timed_step(opts, choice, z, spec.num_layers, b, graphs, IN_STEP_CHUNKS, progress)
+            r = _timed_step(opts, choice, z, spec.num_layers, b, graphs, progress)
             if r is not None:
                 modes[mode] = r
                 progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last "
@@ -476,16 +474,16 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
         add_bare_gpu(opts, b, block, progress)
 
 
-def _timed_step(opts: Options, choice, z: int, n: int, b: int, graphs: bool, chunks: int, progress) -> dict | None:
+def _timed_step(opts: Options, choice, z: int, n: int, b: int, graphs: bool, progress) -> dict | None:
     """measure_in_step, or None (said) when it runs out of memory: the block stays usable without it."""
     import torch
 
     from backends.megatron.groups import destroy_parallel_groups
 
     try:
-        return measure_in_step(opts, choice, z, n, b, graphs, chunks)
+        return measure_in_step(opts, choice, z, n, b, graphs)
     except torch.cuda.OutOfMemoryError:
-        progress(f"ZeRO-{z} {'graphed' if graphs else 'eager'} in a step of {chunks} x {b}: out of memory, "
+        progress(f"ZeRO-{z} {'graphed' if graphs else 'eager'} in a step of {IN_STEP_CHUNKS} x {b}: out of memory, "
                  "not measured")
         destroy_parallel_groups()
         return None
@@ -554,7 +552,8 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
     import train
 
     block = copy.deepcopy(profile.engine or {})
-    missing = [z for z in zero if z in IN_STEP_STAGES and str(z) not in block.get("stages", {})]
+    missing = [z for z in zero if z in IN_STEP_STAGES and str(z) not in block.get("stages", {})] \
+        if "in-step" in parts else []
     timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
     b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
     if missing or b is None:
