@@ -150,18 +150,6 @@ def fit_time(runs, predict, split_host: bool | str = False,
     return a, (h if split_host else None), b, d
 
 
-def activation_part(m: dict) -> float:
-    """MB of a stage's predicted peak (search.stage_memory's breakdown) that activation_scale scales: the activations
-    and workspace of the phase that sets the peak; none when the optimizer step does (its workspace beside the
-    gradients) or, under CUDA graphs, the static gradient buffers after the capture."""
-    act = m["activations_mb"] + m["transient_mb"]
-    first = act + m.get("backward_grads_mb", 0.0) - m.get("lazy_states_mb", 0.0)
-    step = m.get("optimizer_step_mb", 0.0) + m.get("graph_static_mb", 0.0)
-    capture = m.get("graph_activations_mb", 0.0)
-    top = max(first, step, capture, m.get("graph_static_mb", 0.0))
-    return act if top == first else capture if top == capture else 0.0
-
-
 def fit_memory(runs, predict) -> tuple[float, float]:
     """(activation_scale, memory_offset_mb): least squares over every stage of every run, then the
     offset raised until no calibration stage is under-predicted."""
@@ -169,7 +157,7 @@ def fit_memory(runs, predict) -> tuple[float, float]:
     for r in runs:
         _, mem = predict(r, Calibration())
         for m, meas in zip(mem, r["measured"]["stage_peak_memory_mb"]):
-            act = activation_part(m)
+            act = m["peak_activations_mb"]      # search.stage_memory: what activation_scale scales at the peak
             pts.append((act, m["total_mb"] - act, meas))
     if len({round(p[0], 3) for p in pts}) >= 2:
         # measured - rest = s * act + o: ordinary least squares in (s, o)

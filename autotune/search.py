@@ -548,7 +548,7 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
         "calibration_offset_mb": fixed["offset"] / MB,
     }
     act_phase = mem["activations_mb"] + mem["transient_mb"] + mem["backward_grads_mb"]
-    above = max(act_phase, mem["optimizer_step_mb"])
+    phases = {"activations": act_phase, "optimizer_step": mem["optimizer_step_mb"]}    # a tie: the activations
     graph = sum_costs(parts)
     if graph.graph_static_bytes or graph.graph_act_bytes:
         # plan.cuda_graphs: the first step runs eager (recording the layers' inputs, held in the states) before the
@@ -561,9 +561,14 @@ def stage_memory(picks: list[Cost], fixed: dict) -> dict:
         mem["graph_static_mb"] = graph.graph_static_bytes / MB
         mem["graph_activations_mb"] = (graph.graph_act_bytes + graph.graph_transient_bytes) / MB
         mem["graph_capture_mb"] = max(mem["graph_activations_mb"], mem["graph_static_mb"])
-        above = max(act_phase - mem["lazy_states_mb"], mem["graph_capture_mb"],
-                    mem["optimizer_step_mb"] + mem["graph_static_mb"])
-    mem["total_mb"] = mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"] + above
+        phases = {"activations": act_phase - mem["lazy_states_mb"], "optimizer_step":
+                  mem["optimizer_step_mb"] + mem["graph_static_mb"], "capture_activations":
+                  mem["graph_activations_mb"], "static_buffers": mem["graph_static_mb"]}
+    peak = max(phases, key=phases.get)
+    # what the calibration's activation factor scales: the activations (+ workspace) of the phase that sets the peak
+    mem["peak_activations_mb"] = {"activations": mem["activations_mb"] + mem["transient_mb"],
+                                  "capture_activations": mem.get("graph_activations_mb", 0.0)}.get(peak, 0.0)
+    mem["total_mb"] = mem["model_states_mb"] + mem["zero_buffers_mb"] + mem["calibration_offset_mb"] + phases[peak]
     return mem
 
 
