@@ -30,16 +30,24 @@ from autotune.validate import timed_steps  # noqa: E402
 def load(paths: list[str]) -> dict[str, list[dict]]:
     """{model: records} from the sweep files, in the order given (a model's first records calibrate).
     FILE:MODEL[,MODEL...] takes only those models' records from FILE; FILE[:MODELS]@NAME says that NAME ran
-    them (records since session 16 carry sweep_single_gpu.py's `machine`; older ones none: one machine)."""
+    them (records since session 16 carry sweep_single_gpu.py's `machine`; older ones none: one machine);
+    FILE!KEY=VALUE[,KEY=VALUE...] leaves out FILE's runs whose configuration has any of those values (runs of a
+    runtime that has since changed for them, e.g. !zero=2 for ZeRO-2 over one rank before session 24)."""
     by_model: dict[str, list[dict]] = {}
     for spec in paths:
         spec, _, name = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        spec, _, drop = spec.partition("!")
         path, _, only = spec.partition(":")
         models = set(only.split(",")) if only else None
+        dropped = [tuple(kv.split("=", 1)) for kv in drop.split(",") if kv]
+        if any(len(kv) != 2 for kv in dropped):
+            raise ValueError(f"--sweep {spec}!{drop}: give KEY=VALUE pairs after '!', e.g. !zero=2")
         with open(path) as f:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
+                    if any(str(r["config"].get(k)) == v for k, v in dropped):
+                        continue
                     if models is None or r["model"] in models:
                         by_model.setdefault(r["model"], []).append(
                             {**r, "source": path, "machine": name or r.get("machine") or ""})
@@ -195,7 +203,7 @@ def fit_calibration(fit: list[dict], specs: dict, profiles: dict, hw, split_host
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", required=True, nargs="+", help="sweep JSON-lines file(s) of sweep_single_gpu.py; FILE:MODEL,... keeps those models only; "
-                         "FILE@NAME: NAME ran them (each machine that ran every calibration configuration is "
+                         "FILE!zero=2 leaves out its runs with that value; FILE@NAME: NAME ran them (each machine that ran every calibration configuration is "
                          "calibrated on its own runs)")
     ap.add_argument("--profiles", default=None, help="folder with <model>.json model profiles (else analytic)")
     ap.add_argument("--hardware", default="1xH100")
@@ -210,7 +218,12 @@ def main() -> int:
 
     hw = load_hardware(args.hardware)
     rows, summary = [], {}
-    for model, recs in load(args.sweep).items():
+    try:
+        by_model = load(args.sweep)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for model, recs in by_model.items():
         recs = merge_repeats([steady(r) for r in recs])
         ok = [r for r in recs if "measured" in r]
         for r in ok:

@@ -216,3 +216,21 @@ def test_zero3_steady_step_time_leaves_out_its_second_step(tmp_path):
     row = [x for x in json.loads(out.with_suffix(".json").read_text())["rows"] if x["zero"] == 3][0]
     assert row["measured_s"] == pytest.approx(0.45, rel=1e-12)
     assert row["samples_per_s"] == pytest.approx(8 / 0.45, rel=1e-12)
+
+
+def test_runs_of_a_changed_runtime_are_left_out_by_configuration(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_report", ROOT / "scripts" / "sweep_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recs = _records("bert-test", [(8, 1, 0), (8, 2, 0), (16, 1, 1)])
+    recs[1]["config"]["zero"] = 2
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    kept = mod.load([f"{path}!zero=2"])["bert-test"]
+    assert [r["config"]["bsz"] for r in kept] == [8, 16] and all(r["config"]["zero"] == 0 for r in kept)
+    assert len(mod.load([f"{path}:bert-test!ckpt=1,zero=2@M"])["bert-test"]) == 1
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), "--sweep", f"{path}!zero",
+                        "--out", str(tmp_path / "r.md")], capture_output=True, text=True)
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
