@@ -90,7 +90,7 @@ def _grid(lo: float, hi: float, step: float) -> list[float]:
 
 
 def fit_time(runs, predict, split_host: bool | str = False,
-             field: str = "host_scale") -> tuple[float, float | None, float, float]:
+             field: str = "host_scale", fixed: dict | None = None) -> tuple[float, float | None, float, float]:
     """(compute_scale, host_scale, comm_scale, step_overhead_s) minimising squared relative step-time error.
 
     compute_scale scales the profile's GPU lines, host_scale its launch floors and the engine's host work:
@@ -115,12 +115,16 @@ def fit_time(runs, predict, split_host: bool | str = False,
 
     step_overhead_s is fitted only from 4 runs on: with 3 or fewer (the usual few short runs, often
     alike) scale and offset trade off against each other and extrapolate badly (seen on the one-GPU
-    sweep: ViT-L and Swin-B calibrated on three chunks=1 runs predicted chunks=2..4 at +60-200 %)."""
+    sweep: ViT-L and Swin-B calibrated on three chunks=1 runs predicted chunks=2..4 at +60-200 %).
+
+    `fixed`: other Calibration fields held through the fit (fit_batch_exp's)."""
+    fixed = fixed or {}
     measured = [r["measured"]["step_time_s"] for r in runs]
     w = [1 / m ** 2 for m in measured]
 
     def score(a: float, h: float, b: float) -> tuple[float, float]:
-        preds = [predict(r, Calibration(compute_scale=a, comm_scale=b, **host_factors(field, h)))[0] for r in runs]
+        preds = [predict(r, Calibration(compute_scale=a, comm_scale=b, **host_factors(field, h), **fixed))[0]
+                 for r in runs]
         d = sum(wi * (m - p) for wi, m, p in zip(w, measured, preds)) / sum(w) if len(runs) >= 4 else 0.0
         err = sum(((p + d - m) / m) ** 2 for p, m in zip(preds, measured))
         return err + PRIOR * (math.log(a) ** 2 + math.log(h) ** 2), d
@@ -148,6 +152,54 @@ def fit_time(runs, predict, split_host: bool | str = False,
         b = min(_grid(0.5, 3.0, 0.05), key=lambda x: score(a, h, x)[0])
         err, d, a, h = refine(b)
     return a, (h if split_host else None), b, d
+
+
+BATCH_EXP_MAX = 0.15     # |compute_batch_exp| fitted at most: +-11 % a doubling of the micro-batch
+# and at least: two runs 1.5 % apart by noise alone (the sweeps' repeat noise on one machine) at micro-batches
+# two doublings apart read as a slope of ~0.015, so a fitted one under twice that is left at 0
+BATCH_EXP_MIN = 0.03
+
+
+def micro_batch(plan: Plan) -> float:
+    return plan.global_bsz / (plan.chunks * plan.dp_deg)
+
+
+def residual_batch_slope(runs, predict, cal: Calibration) -> tuple[float, float] | None:
+    """(slope of log(measured / predicted) against log(micro-batch), their geometric-mean micro-batch) over
+    the runs that see the GPU ('GPU' or 'both' bound) in one micro-batch (a step of several adds per-micro-batch
+    engine work that is not the micro-batch's GPU efficiency: Swin-B's batch-64-in-4 run read as -3.4 % a
+    doubling); None with fewer than two micro-batch sizes among them."""
+    pts = [(math.log(micro_batch(r["plan"])), math.log(r["measured"]["step_time_s"] / predict(r, cal)[0]))
+           for r in runs if r.get("bound") in ("GPU", "both") and r["plan"].chunks == 1]
+    if len({round(x, 6) for x, _ in pts}) < 2:
+        return None
+    mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts), math.exp(mx)
+
+
+BATCH_EXP_ROUNDS = 4     # fits of compute_batch_exp: a run partly host-bound sees only part of a GPU change
+
+
+def fit_batch_exp(runs, predict, split_host, field: str, first: tuple) -> tuple[tuple, dict]:
+    """((compute_scale, host, comm, step offset), {compute_batch_exp, compute_ref_batch}): the GPU lines' error
+    growing with the micro-batch b (what the profile's lines, each layer timed alone, miss in place), from the
+    slope of what the fit `first` leaves (residual_batch_slope), added to the exponent and the scales refitted,
+    a few rounds; kept only from BATCH_EXP_MIN and clipped at BATCH_EXP_MAX. ({} : none.)"""
+    fit, batch = first, {}
+    for _ in range(BATCH_EXP_ROUNDS):
+        a, h, b, d = fit
+        got = residual_batch_slope(runs, predict, Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d,
+                                                              **host_factors(field, h), **batch))
+        if got is None:
+            break
+        exp = max(-BATCH_EXP_MAX, min(BATCH_EXP_MAX, batch.get("compute_batch_exp", 0.0) + got[0]))
+        if batch and abs(exp - batch["compute_batch_exp"]) < 0.002:
+            break
+        batch = {"compute_batch_exp": round(exp, 4), "compute_ref_batch": round(got[1], 4)}
+        fit = fit_time(runs, predict, split_host, field, batch)
+    if not batch or abs(batch["compute_batch_exp"]) < BATCH_EXP_MIN:
+        return first, {}
+    return fit, batch
 
 
 def fit_memory(runs, predict) -> tuple[float, float]:
@@ -208,9 +260,12 @@ def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], m
 
     field = host_field([r["plan"] for r in fit_runs])
     a, h, b, d = (1.0, None, 1.0, 0.0) if memory_only else fit_time(fit_runs, predict, split_host, field)
+    batch = {}
+    if not memory_only and split_host == "bound":
+        (a, h, b, d), batch = fit_batch_exp(fit_runs, predict, split_host, field, (a, h, b, d))
     s, o = fit_memory(fit_runs, predict)
     cal = Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d, activation_scale=s, memory_offset_mb=o,
-                      **host_factors(field, h))
+                      **host_factors(field, h), **batch)
     out = {**asdict(cal), "fitted_on": [r["name"] for r in fit_runs]}
     if split_host == "bound":
         out["fitted_bounds"] = [r["bound"] for r in fit_runs]

@@ -82,6 +82,8 @@ class Cost:
                                   # at the larger of its host and GPU time (what the per-layer search ranks)
     host_s: float = 0.0           # the same work's host side (kernel launches, engine hooks) and its GPU side;
     gpu_s: float = 0.0            # summed apart, a step that never waits for the GPU takes the larger sum
+    host_fwd_s: float = 0.0       # the forwards' share of host_s and gpu_s (the rest is backward, recompute
+    gpu_fwd_s: float = 0.0        # and the engine's hooks): what ordered_overlap runs in the step's order
     tp_comm_s: float = 0.0        # per step: TP all-reduces (synchronous, on the critical path)
     dp_exposed_s: float = 0.0     # per step: DP/ZeRO communication not hidden behind compute
     dp_tail_s: float = 0.0        # per step: gradient sync after the last micro-batch (ZeRO 0/1)
@@ -105,6 +107,9 @@ class Cost:
     graph_act_bytes: float = 0.0        # activations and backward workspace the capture allocates (one micro-batch
     graph_transient_bytes: float = 0.0  # through the layers alone); see search.stage_memory
     detail: dict = field(default_factory=dict)
+    # a stage's compute with its pieces run in the step's order (ordered_overlap: the GPU's end, the host's end);
+    # None: the sums' overlap (max of host and GPU sums), as for one piece
+    ordered: tuple[float, float] | None = None
 
     @property
     def time_s(self) -> float:
@@ -115,7 +120,10 @@ class Cost:
         """The optimizer step after the last backward: as a GPU-bound step exposes it (its host work queued while
         the GPU still runs the backward), unless the host is not far enough ahead to hide that: the serial step
         less the host's lead, the GPU sum over the host sum (none on a launch-bound step)."""
-        lead = max(0.0, self.gpu_s - self.host_s) if self.host_s else 0.0
+        if self.ordered is not None:
+            lead = max(0.0, self.ordered[0] - self.ordered[1])
+        else:
+            lead = max(0.0, self.gpu_s - self.host_s) if self.host_s else 0.0
         return max(self.optimizer_s, self.optimizer_host_s - lead)
 
     @staticmethod
@@ -127,7 +135,10 @@ class Cost:
         """compute_s with the host running ahead of the GPU: max(host sum, GPU sum) <= compute_s. Nothing in
         train.py's forward and backward waits for the GPU (the masks' answers come from the host), so the
         host launches later layers while the GPU runs earlier ones, and a launch-bound phase of one layer
-        (a small kernel burst) hides behind a GPU-bound phase of another. Without the split: compute_s."""
+        (a small kernel burst) hides behind a GPU-bound phase of another, but only a later one: GPU time lost
+        waiting for the host is not made up (ordered_overlap, where a stage set it). Without the split: compute_s."""
+        if self.ordered is not None:
+            return self.ordered[0]
         return max(self.host_s, self.gpu_s) if self.host_s or self.gpu_s else self.compute_s
 
     @property
@@ -156,6 +167,35 @@ def overlap(comm: float, compute: float, coe: float) -> float:
     return max(comm, compute) + (coe - 1.0) * min(comm, compute)
 
 
+ORDERED_MICROBATCHES = 3    # micro-batches ordered_overlap runs before it repeats the last one's increment
+
+
+def ordered_overlap(pieces: list[Cost], m: int) -> tuple[float, float] | None:
+    """(when the GPU ends, when the host ends) of one step's m micro-batches over `pieces` (a stage's layers with
+    its embeddings and head, in forward order): each micro-batch runs every piece's forward in order, then every
+    backward in reverse. The host queues a piece's kernels in its host time, one after the other; the GPU runs them
+    once queued and once it is done with the earlier ones, so a piece ends on the GPU at max(GPU free or host start,
+    + its GPU time; the host's end). Unlike max(host sum, GPU sum), time the GPU waits for a host-bound piece
+    (eager checkpointed layers, engine hooks) is not made up by a GPU-bound piece after it. The micro-batches
+    repeat: the last simulated one's increment stands for the rest. None without a host/GPU split."""
+    if m < 1 or not pieces or not all(p.host_s or p.gpu_s for p in pieces):
+        return None
+    fwd = [(p.host_fwd_s / m, p.gpu_fwd_s / m) for p in pieces]
+    bwd = [((p.host_s - p.host_fwd_s) / m, (p.gpu_s - p.gpu_fwd_s) / m) for p in reversed(pieces)]
+    host = gpu = 0.0
+    ends = []
+    for _ in range(min(m, ORDERED_MICROBATCHES)):
+        for h, g in fwd + bwd:
+            start, host = host, host + h
+            gpu = max(max(gpu, start) + g, host)
+        ends.append((gpu, host))
+    if m > len(ends):
+        (g1, h1), (g0, h0) = ends[-1], ends[-2] if len(ends) > 1 else (0.0, 0.0)
+        rest = m - len(ends)
+        return g1 + rest * (g1 - g0), h1 + rest * (h1 - h0)
+    return ends[-1]
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Correction factors fitted from short real runs (autotune/calibrate.py); identity by default."""
@@ -172,6 +212,17 @@ class Calibration:
     # graphed, since those runs do not time eager launches or eager runs' engine work (ViT-L's 0.78 applied to
     # eager ZeRO-3 hooks took those rows from -14 to -33 %)
     graphed_host_scale: float | None = None
+    # the GPU lines' error growing with the micro-batch b: compute_scale * (b / compute_ref_batch) **
+    # compute_batch_exp (0: none). The profile times each layer alone; in place, larger micro-batches ran
+    # relatively slower than it said (T5-large on one H100: -4.5 % a doubling of b, session 21's sweep)
+    compute_batch_exp: float = 0.0
+    compute_ref_batch: float = 0.0
+
+    def compute_at(self, b: float) -> float:
+        """compute_scale at micro-batch b (per TP shard)."""
+        if not self.compute_batch_exp or self.compute_ref_batch <= 0 or b <= 0:
+            return self.compute_scale
+        return self.compute_scale * (b / self.compute_ref_batch) ** self.compute_batch_exp
 
     @property
     def host(self) -> float:
@@ -253,14 +304,14 @@ class CostModel:
         """(fwd, bwd, recompute) seconds of one layer for `b` samples on one TP shard."""
         prof = self.profile
         if prof is not None:
-            scales = {"host": self.launch_scale, "gpu": self.cal.compute_scale}
+            scales = {"host": self.launch_scale, "gpu": self.cal.compute_at(b)}
             f = prof.layer_time_ms(lt.name, tp, b, "fwd", **scales)
             bw = prof.layer_time_ms(lt.name, tp, b, "bwd", **scales)
             rc = prof.layer_time_ms(lt.name, tp, b, "recompute", **scales)
             if f is not None and bw is not None:
                 return f / 1e3, bw / 1e3, (rc if rc is not None else f) / 1e3
         # Analytic: TP splits the layer's FLOPs evenly; backward = 2x forward; recompute = 1 forward.
-        fwd = self._analytic_s(lt.fwd_flops * b / tp) * self.cal.compute_scale
+        fwd = self._analytic_s(lt.fwd_flops * b / tp) * self.cal.compute_at(b)
         return fwd, 2 * fwd, fwd
 
     def layer_act_bytes(self, lt: LayerType, tp: int, checkpoint: bool) -> float:
@@ -297,7 +348,7 @@ class CostModel:
         return lookup
 
     def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine: EngineCost, m: int,
-                        serial: float, engine_factor: float = 1.0) -> tuple[float, float]:
+                        serial: float, b: float, engine_factor: float = 1.0) -> tuple[float, float]:
         """(host s, GPU s) per step of one piece's `kinds` ('fwd', 'bwd', 'recompute') over m micro-batches,
         with the engine's per-micro-batch work (times `engine_factor`) on both sides: its hooks' host work, run
         while the GPU is still busy with the backward they follow, and what they put on the device. `lookup(kind,
@@ -308,12 +359,18 @@ class CostModel:
             return 0.0, serial
         host = gpu = 0.0
         for kind in kinds:
-            parts = lookup(kind, self.launch_scale, self.cal.compute_scale)
+            parts = lookup(kind, self.launch_scale, self.cal.compute_at(b))
             if parts is None:
                 return 0.0, serial
             host, gpu = host + parts[0] / 1e3, gpu + parts[1] / 1e3
         return (m * (host + engine_factor * engine.microbatch_host_s),
                 m * (gpu + engine_factor * engine.microbatch_gpu_s))
+
+    @staticmethod
+    def forward_hooks(setting: Setting) -> float:
+        """The share of the engine's per-micro-batch hook work that runs in the forward: ZeRO-3's gathers
+        (ZERO3_FORWARD_HOOK_SHARE); the other stages' hooks follow the backward's gradients."""
+        return ZERO3_FORWARD_HOOK_SHARE if setting.zero == 3 else 0.0
 
     # ------------------------------------------------------------------ DeepSpeed's engine
     def other_gpu_ratio(self, b: float) -> float:
@@ -449,7 +506,7 @@ class CostModel:
         graphed = self.graphed(setting, lt, s)
         if graphed:
             lookup = self.graphed_lookup(lt, b)
-            fwd, bwd = (max(lookup(k, self.cal.host, self.cal.compute_scale)) / 1e3 for k in ("fwd", "bwd"))
+            fwd, bwd = (max(lookup(k, self.cal.host, self.cal.compute_at(b))) / 1e3 for k in ("fwd", "bwd"))
         eng = self.engine_costs(lt.name, setting)
         # Recompute runs ZeRO-3's forward hooks again (gather, release): taken as the forward half of the
         # measured per-micro-batch hook work (backward's hooks gather again and reduce).
@@ -457,7 +514,8 @@ class CostModel:
         engine_mb = hooks * max(eng.microbatch_host_s, eng.microbatch_gpu_s)
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
         host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"),
-                                         eng, m, compute, hooks)
+                                         eng, m, compute, b, hooks)
+        host_fwd, gpu_fwd = self.compute_parts_s(lookup, ("fwd",), eng, m, m * fwd, b, self.forward_hooks(setting))
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -509,7 +567,8 @@ class CostModel:
         # what the capture adds: static gradient buffers, one per parameter, and one micro-batch's activations
         graph = (shard * PRECISION_BYTES[self.spec.precision], act / inflight, transient) if graphed else (0.0,) * 3
         local = shard / zero_dp if setting.zero >= 1 else shard
-        return Cost(compute_s=compute, host_s=host, gpu_s=gpu, tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
+        return Cost(compute_s=compute, host_s=host, gpu_s=gpu, host_fwd_s=host_fwd, gpu_fwd_s=gpu_fwd,
+                    tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + eng.step_s,
                     optimizer_host_s=self.optimizer_s(local) + eng.step_serial_s,
                     states_bytes=held, act_bytes=act, transient_bytes=transient,
@@ -555,7 +614,7 @@ class CostModel:
         def lookup(kind: str, h: float, g: float) -> tuple[float, float] | None:
             return prof.other_time_parts_ms(part, vtp, b, kind, h, g * ratio)
         if prof is not None:
-            fwd, bwd = (max(p) if (p := lookup(k, self.launch_scale, self.cal.compute_scale)) else None
+            fwd, bwd = (max(p) if (p := lookup(k, self.launch_scale, self.cal.compute_at(b))) else None
                         for k in ("fwd", "bwd"))
             scaled = fwd is not None and bwd is not None
             a = prof.other_act_bytes(part, vtp)
@@ -563,7 +622,7 @@ class CostModel:
                 act_per_sample = a
             workspace = prof.other_workspace_bytes(part, vtp)
         if not scaled:
-            fwd = self._analytic_s(flops * b / vtp) * 1e3 * self.cal.compute_scale
+            fwd = self._analytic_s(flops * b / vtp) * 1e3 * self.cal.compute_at(b)
             bwd = 2 * fwd
         fwd, bwd = fwd / 1e3, bwd / 1e3
         act_per_sample *= self.cal.activation_scale
@@ -597,8 +656,9 @@ class CostModel:
         eng = self.engine_costs(part, setting)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
         compute = m * (fwd + bwd + max(eng.microbatch_host_s, eng.microbatch_gpu_s))
-        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd"), eng, m, compute)
-        return Cost(compute_s=compute, host_s=host, gpu_s=gpu,
+        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd"), eng, m, compute, b)
+        host_fwd, gpu_fwd = self.compute_parts_s(lookup, ("fwd",), eng, m, m * fwd, b, self.forward_hooks(setting))
+        return Cost(compute_s=compute, host_s=host, gpu_s=gpu, host_fwd_s=host_fwd, gpu_fwd_s=gpu_fwd,
                     tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + eng.step_s,
                     optimizer_host_s=self.optimizer_s(local) + eng.step_serial_s,

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python autotune/search.py`
 
 import numpy as np
 
-from autotune.cost_model import MB, Cost, CostModel, LayerStrategy, Setting
+from autotune.cost_model import MB, Cost, CostModel, LayerStrategy, Setting, ordered_overlap
 from autotune.dp import solve_stage
 from autotune.hardware import Hardware
 from model_zoo.base import ModelSpec, pow2_upto
@@ -290,6 +290,9 @@ class Searcher:
                                                     strategies[res[j]], setting) for j in range(1, len(res)))
             total.compute_s += relayout
             total.gpu_s += relayout      # collectives: GPU time, whatever the host does meanwhile
+            ordered = ordered_overlap(fixed["before"] + picks + fixed["after"], setting.chunks)
+            if ordered is not None:
+                total.ordered = (ordered[0] + relayout, ordered[1])
             stage_costs.append(total)
         step = self.cm.pipeline_time(setting, stage_costs, [st[3] for st in stages])
         return Evaluated(cand, step, cand.global_bsz / step, division, chosen, stage_costs, stage_mem,
@@ -493,6 +496,8 @@ def sum_costs(costs: list[Cost]) -> Cost:
         out.compute_s += c.compute_s
         out.host_s += c.host_s
         out.gpu_s += c.gpu_s
+        out.host_fwd_s += c.host_fwd_s
+        out.gpu_fwd_s += c.gpu_fwd_s
         out.tp_comm_s += c.tp_comm_s
         out.dp_exposed_s += c.dp_exposed_s
         out.dp_tail_s += c.dp_tail_s

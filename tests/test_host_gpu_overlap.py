@@ -1,4 +1,4 @@
-"""A one-GPU step runs the host ahead of the GPU: its compute is the larger of the host sum and the GPU sum.
+"""A one-GPU step runs the host ahead of the GPU: its pieces' host and GPU times overlap in the step's order.
 
 The reference is computed by hand from the profile file's numbers (fit constants, engine block), not through
 the TimeFit / ModelProfile code the cost model uses.
@@ -38,43 +38,61 @@ def _launch_ratio(raw: dict) -> float:
     return raw["engine"]["bare_microbatch_ms"] / host
 
 
+def _simulate(pieces: list[tuple[float, float, float, float]], chunks: int) -> float:
+    """When the GPU ends a step of `chunks` micro-batches over pieces (host fwd, GPU fwd, host bwd, GPU bwd) in
+    forward order: forwards in order, backwards in reverse; a piece starts on the GPU once the host starts
+    queueing it and the GPU is free, and ends no earlier than the host's last launch of it."""
+    host = gpu = 0.0
+    for _ in range(chunks):
+        for h, g in [(p[0], p[1]) for p in pieces] + [(p[2], p[3]) for p in reversed(pieces)]:
+            start, host = host, host + h
+            gpu = max(max(gpu, start) + g, host)
+    return gpu
+
+
 def _by_hand(raw: dict, spec, hw, b: float, chunks: int, zero: int, ckpt: int, overlap: bool) -> tuple[float, str]:
     """Step seconds of a pp = 1, dp = 1 plan from the raw profile dict, and which side bounds a micro-batch."""
     launch = _launch_ratio(raw) if overlap else 1.0
     fit_ms = lambda f, b: _fit_ms(f, b, launch)  # noqa: E731
-    host = gpu = serial = 0.0
-    pieces = []
+    stage = raw["engine"]["stages"][str(zero)]
+    tensors = raw["engine"]["param_tensors"]
+    # the engine's hooks run per parameter tensor: each piece's share of them, in its backward (ZeRO-3: half
+    # in the forward, and a checkpointed layer's forward hooks run again in its recompute)
+    share = lambda n: stage["overhead_microbatch_ms"] * n / raw["engine"]["tensors_total"]  # noqa: E731
+    host = gpu = serial = engine_mb = 0.0
+    pieces, ordered = [], []
+    for part in ("first",):
+        fits = raw["other"][part]["vtp"]["1"]["fits"]
+        pieces.append(([(fits["fwd"], 1), (fits["bwd"], 1)], share(tensors[part]), False))
     for i in range(spec.num_layers):
         fits = raw["layer_types"][spec.layer(i).name]["tp"]["1"]["fits"]
         kinds = [("fwd", 1), ("bwd", 1)]
         if i < ckpt:
             kinds += [("bwd_ckpt", 1), ("bwd", -1)]      # recompute: the checkpointed backward's excess
-        pieces.append([(fits[k], sign) for k, sign in kinds])
-    for part in ("first", "last"):
-        fits = raw["other"][part]["vtp"]["1"]["fits"]
-        pieces.append([(fits["fwd"], 1), (fits["bwd"], 1)])
-    for piece in pieces:
+        pieces.append(([(fits[k], sign) for k, sign in kinds], share(tensors["layers"][spec.layer(i).name]), i < ckpt))
+    fits = raw["other"]["last"]["vtp"]["1"]["fits"]
+    pieces.append(([(fits["fwd"], 1), (fits["bwd"], 1)], share(tensors["last"]), False))
+    for piece, hooks, checkpointed in pieces:
         h = sum(sign * fit_ms(f, b)[0] for f, sign in piece)
         g = sum(sign * fit_ms(f, b)[1] for f, sign in piece)
         if len(piece) == 4:              # recompute, each side clipped at 0 as a difference of fits
             h0, g0 = (sum(s * fit_ms(f, b)[j] for f, s in piece[:2]) for j in (0, 1))
             h = h0 + max(0.0, h - h0)
             g = g0 + max(0.0, g - g0)
-        host, gpu = host + h, gpu + g
+        fwd_hooks = 0.5 * hooks if zero == 3 else 0.0
+        hooks *= 1.5 if zero == 3 and checkpointed else 1.0
+        host, gpu, engine_mb = host + h, gpu + g, engine_mb + hooks
+        hf, gf = fit_ms(piece[0][0], b)
+        ordered.append((hf + fwd_hooks, gf, h - hf + hooks - fwd_hooks, g - gf))
         # serial: each measured phase at the larger of its two sides
         phases = [max(*fit_ms(f, b)) for f, _ in piece[:2]]
         if len(piece) == 4:
             phases.append(max(0.0, max(*fit_ms(piece[2][0], b)) - max(*fit_ms(piece[1][0], b))))
         serial += sum(phases)
-    stage = raw["engine"]["stages"][str(zero)]
-    tensors = raw["engine"]["param_tensors"]
-    # the tensor shares of all pieces add up to 1; ZeRO-3 runs a checkpointed layer's forward hooks twice
-    ckpt_share = sum(tensors["layers"][spec.layer(i).name] for i in range(ckpt)) / raw["engine"]["tensors_total"]
-    engine_mb = stage["overhead_microbatch_ms"] * (1 + (0.5 * ckpt_share if zero == 3 else 0.0))
     optimizer = spec.params_total(1) * OPTIMIZER_BYTES_PER_PARAM / (hw.mem_bw_gbps * 1e9)
     step = max(0.0, stage["step_ms"] / 1e3 - optimizer) + optimizer
-    compute = max(host + engine_mb, gpu) if overlap else serial + engine_mb
-    return chunks * compute / 1e3 + step, "host" if host + engine_mb > gpu else "GPU"
+    compute = _simulate(ordered, chunks) if overlap else chunks * (serial + engine_mb)
+    return compute / 1e3 + step, "host" if host + engine_mb > gpu else "GPU"
 
 
 CASES = [(8, 1, 0, 0), (32, 1, 0, 0), (64, 2, 1, 0), (32, 1, 0, 12), (16, 1, 2, 0), (32, 1, 3, 24)]   # bsz, chunks, zero, ckpt
@@ -117,3 +135,22 @@ def test_cost_without_parts_keeps_its_compute():
     assert Cost(compute_s=0.3).overlapped_compute_s == 0.3
     assert Cost(compute_s=0.5, host_s=0.2, gpu_s=0.4).overlapped_compute_s == 0.4
     assert Cost(compute_s=0.5, host_s=0.2, gpu_s=0.4, tp_comm_s=0.1).microbatch_s == pytest.approx(0.5)
+
+
+def test_gpu_time_lost_to_the_host_is_not_made_up_later():
+    from autotune.cost_model import ordered_overlap
+
+    # forward: a launch-bound piece (host 3, GPU 1) then a GPU-bound one (host 1, GPU 3); backwards free
+    slow_host = Cost(host_s=3.0, gpu_s=1.0, host_fwd_s=3.0, gpu_fwd_s=1.0)
+    slow_gpu = Cost(host_s=1.0, gpu_s=3.0, host_fwd_s=1.0, gpu_fwd_s=3.0)
+    # host ends the first at 3 (GPU done at 3), the second queued 3..4, run 3..6: 6 where the sums give 4
+    assert ordered_overlap([slow_host, slow_gpu], 1) == pytest.approx((6.0, 4.0))
+    # the other order: the GPU-bound piece runs 0..3 while the host queues the launch-bound one 1..4, whose
+    # kernels run as they come: done at the host's last launch, 4, the larger sum
+    assert ordered_overlap([slow_gpu, slow_host], 1) == pytest.approx((4.0, 4.0))
+    # micro-batches repeat: per step values over m = 5, the last simulated increment stands for the rest
+    both = [Cost(host_s=5 * 3.0, gpu_s=5 * 1.0, host_fwd_s=5 * 3.0, gpu_fwd_s=5 * 1.0),
+            Cost(host_s=5 * 1.0, gpu_s=5 * 3.0, host_fwd_s=5 * 1.0, gpu_fwd_s=5 * 3.0)]
+    gpu, host = ordered_overlap(both, 5)
+    assert host == pytest.approx(20.0) and gpu == pytest.approx(5 * 4.0 + 2.0)   # 6, then 4 a micro-batch
+    assert ordered_overlap([Cost(compute_s=1.0)], 1) is None
