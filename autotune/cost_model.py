@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autotune.hardware import Hardware
-from backends.deepspeed.config import (ALLGATHER_BUCKET_ELEMS, REDUCE_BUCKET_ELEMS, STAGE3_PREFETCH_ELEMS,
-                                      zero2_overlap_comm)
+from backends.deepspeed.config import ALLGATHER_BUCKET_ELEMS, REDUCE_BUCKET_ELEMS, STAGE3_PREFETCH_ELEMS
 from model_zoo.base import LayerType, ModelSpec, PRECISION_BYTES
 
 MB = 1024 * 1024
@@ -483,11 +482,8 @@ class CostModel:
         """Fixed DeepSpeed buffers per rank for the bucket sizes our generated config sets."""
         lowp = 2 if self.spec.precision in ("bf16", "fp16") else 4
         if setting.zero == 2:
-            # One reduce bucket, two with overlap_comm (set when DeepSpeed's data-parallel group has more than
-            # one rank: zero2_overlap_comm); capped by the stage's own gradients. The group is taken at its
-            # largest, the stage's ranks (or zero_dp): a plan whose TP fills the stage gets one bucket fewer.
-            buckets = 2 if zero2_overlap_comm(setting.zero_dp or setting.world // setting.pp) else 1
-            return buckets * min(REDUCE_BUCKET_ELEMS, stage_params) * lowp
+            # Two reduce buckets with overlap_comm; capped by the stage's own gradients.
+            return 2 * min(REDUCE_BUCKET_ELEMS, stage_params) * lowp
         if setting.zero == 1:
             return min(ALLGATHER_BUCKET_ELEMS, stage_params) * lowp
         if setting.zero == 3:

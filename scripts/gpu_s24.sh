@@ -2,10 +2,11 @@
 # Session 24's first device call (one H100):
 #   1. ZeRO-2 reduction options A/B, graphed, the two ZeRO-2 configurations of the session-21 sweep the model
 #      missed most (ViT-L batch 32: -44 %, T5-L batch 8: +27 %) and ViT-L's anchor batch
-#      (scripts/zero2_overlap_probe.py; overlap = the runtime before session 24, plain = what it sets over one rank
-#      now, noncontig = neither option) -> OUT/probe_<model>.jsonl, OUT/probe_log.txt
-#   2. the engine block's ZeRO-2 stage re-measured with the runtime's new one-rank config (the other stages kept)
-#      -> OUT/engine_<model>.json, OUT/engine_log.txt
+#      (scripts/zero2_overlap_probe.py; overlap = the runtime's ZeRO-2, plain = without overlap_comm, which
+#      session 24 had set over one rank until this A/B, noncontig = neither option) -> OUT/probe_<model>.jsonl,
+#      OUT/probe_log.txt
+#   2. the engine block's ZeRO-2 stage re-measured with that one-rank config (the other stages kept; not used: the
+#      A/B kept overlap_comm) -> OUT/engine_<model>.json, OUT/engine_log.txt
 # Usage: bash scripts/gpu_s24.sh OUT
 set -u
 out=$(mkdir -p "${1:?usage: gpu_s24.sh OUT}" && cd "$1" && pwd)

@@ -2,9 +2,11 @@
 # Session 24's second device call (one H100): the graphed sweep of what changed, on one machine
 #   profiles/h100/runs/s24/sweep_configs.json: per model the three calibration configurations (each in a fresh
 #   process: scripts/sweep_report.py calibrates a machine on its own runs of them), then in one shared process
-#   the session-21 sweep's ZeRO-2 configurations and session 23's held-out ZeRO-2 one, run with the runtime's
-#   new one-rank ZeRO-2 (no overlap_comm), and for Swin-B and T5-L session 23's held-out configurations that
-#   did not run then -> OUT/sweep.jsonl, OUT/sweep_log.txt
+#   the session-21 sweep's ZeRO-2 configurations and session 23's held-out ZeRO-2 one, and for Swin-B and T5-L
+#   session 23's held-out configurations that did not run then -> OUT/sweep.jsonl, OUT/sweep_log.txt
+#   (Session 24 ran it for ViT-L only, after gpu_s24.sh in the same call, when the runtime still set ZeRO-2 over
+#   one rank without overlap_comm: its three calibration runs stand, the shared process of ZeRO-2 runs was cut
+#   by the time limit before it wrote any.)
 # Usage: [MODELS="vit-large:135 ..."] bash scripts/gpu_s24_sweep.sh OUT   (model:seconds, default all four)
 set -u
 out=$(mkdir -p "${1:?usage: gpu_s24_sweep.sh OUT}" && cd "$1" && pwd)

@@ -19,14 +19,6 @@ STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 GRADIENT_CLIPPING = 1.0
 
 
-def zero2_overlap_comm(dp: int) -> bool:
-    """Whether ZeRO-2 reduces its gradient buckets on a side stream (DeepSpeed's overlap_comm): only when it
-    has ranks to reduce with. Over one rank there is nothing to overlap, and the option still costs a second
-    reduce bucket and a device-wide synchronisation at every bucket reduce and backward's end (DeepSpeed 0.19),
-    which kept the host from queueing ahead of the GPU (scripts/zero2_overlap_probe.py)."""
-    return dp > 1
-
-
 def deepspeed_dp_size(plan: Plan) -> int:
     """DeepSpeed's data-parallel group size for `plan` (what its batch sizes and ZeRO partitions use):
     world / (pp * tp) for one TP layout; for per-layer layouts, the ranks holding identical parameters in
@@ -51,9 +43,8 @@ def make_ds_config(plan: Plan, lr: float = 1e-4, weight_decay: float = 0.01, bet
         raise ValueError("plan.world_size must be known to build the DeepSpeed config")
     zero: dict = {"stage": plan.zero_stage}
     if plan.zero_stage in (1, 2):
-        overlap = plan.zero_stage == 2 and zero2_overlap_comm(deepspeed_dp_size(plan))
         zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMS,
-                    overlap_comm=overlap, contiguous_gradients=plan.zero_stage == 2,
+                    overlap_comm=plan.zero_stage == 2, contiguous_gradients=plan.zero_stage == 2,
                     reduce_scatter=True)
     elif plan.zero_stage == 3:
         zero.update(reduce_bucket_size=REDUCE_BUCKET_ELEMS, stage3_prefetch_bucket_size=STAGE3_PREFETCH_ELEMS,
