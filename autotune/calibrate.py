@@ -7,7 +7,8 @@ Each `--run` is a plan and the metrics file train.py wrote for it. The fit (leas
 errors) gives: compute_scale (the profile's GPU lines) and host_scale (its launch floors and the engine's
 host work), each fitted only when some run's step responds to it (--split-host bound, the default; `both` fits
 both always, `none` one factor for both) and step_overhead_s from step times (comm_scale too when
-the runs communicate), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
+the runs communicate), with `bound` the GPU lines' change with the micro-batch (compute_batch_exp, where the runs
+that see the GPU span two micro-batch sizes), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
 factors go into the profile's "calibration" block, which CostModel applies on every later search.
 """

@@ -173,10 +173,12 @@ def ordered_overlap(pieces: list[Cost], m: int) -> tuple[float, float] | None:
     """(when the GPU ends, when the host ends) of one step's m micro-batches over `pieces` (a stage's layers with
     its embeddings and head, in forward order): each micro-batch runs every piece's forward in order, then every
     backward in reverse. The host queues a piece's kernels in its host time, one after the other; the GPU runs them
-    once queued and once it is done with the earlier ones, so a piece ends on the GPU at max(GPU free or host start,
-    + its GPU time; the host's end). Unlike max(host sum, GPU sum), time the GPU waits for a host-bound piece
-    (eager checkpointed layers, engine hooks) is not made up by a GPU-bound piece after it. The micro-batches
-    repeat: the last simulated one's increment stands for the rest. None without a host/GPU split."""
+    once queued and once it is done with the earlier ones, so a piece ends on the GPU at the later of (the later of
+    the GPU's freeing and the host's start on it) + its GPU time, and the host's end of queueing it. Unlike
+    max(host sum, GPU sum), time the GPU waits for a host-bound piece (eager checkpointed layers, engine hooks) is
+    not made up by a GPU-bound piece after it. The micro-batches repeat: the last simulated one's increment stands
+    for the rest. With pp > 1 a stage interleaves micro-batches (1F1B); pipeline_time takes this per-step time per
+    micro-batch all the same. None without a host/GPU split."""
     if m < 1 or not pieces or not all(p.host_s or p.gpu_s for p in pieces):
         return None
     fwd = [(p.host_fwd_s / m, p.gpu_fwd_s / m) for p in pieces]
