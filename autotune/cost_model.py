@@ -348,24 +348,25 @@ class CostModel:
             return GRAPHED_LAYER_HOST_MS[kind] * self.cal.graphed_host, g
         return lookup
 
-    def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine: EngineCost, m: int,
-                        serial: float, b: float, engine_factor: float = 1.0) -> tuple[float, float]:
-        """(host s, GPU s) per step of one piece's `kinds` ('fwd', 'bwd', 'recompute') over m micro-batches,
-        with the engine's per-micro-batch work (times `engine_factor`) on both sides: its hooks' host work, run
-        while the GPU is still busy with the backward they follow, and what they put on the device. `lookup(kind,
-        host, gpu)` gives the profile's (host ms, GPU ms) or None. Without them, or on a device the host does not
-        run ahead of (a CPU profile): (0, serial), everything in series."""
+    def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine: EngineCost, m: int, serial: float,
+                        serial_fwd: float, b: float, engine_factor: float = 1.0,
+                        fwd_engine_factor: float = 0.0) -> tuple[float, float, float, float]:
+        """(host s, GPU s, and the forward's share of each) per step of one piece's `kinds` ('fwd' first, 'bwd',
+        'recompute') over m micro-batches, with the engine's per-micro-batch work (times `engine_factor`, of which
+        `fwd_engine_factor` in the forward) on both sides: its hooks' host work, run while the GPU is still busy
+        with the backward they follow, and what they put on the device. `lookup(kind, host, gpu)` gives the
+        profile's (host ms, GPU ms) or None. Without them, or on a device the host does not run ahead of (a CPU
+        profile): (0, serial, 0, serial_fwd), everything in series."""
         prof = self.profile
         if prof is None or not prof.asynchronous:
-            return 0.0, serial
-        host = gpu = 0.0
-        for kind in kinds:
-            parts = lookup(kind, self.launch_scale, self.cal.compute_at(b))
-            if parts is None:
-                return 0.0, serial
-            host, gpu = host + parts[0] / 1e3, gpu + parts[1] / 1e3
-        return (m * (host + engine_factor * engine.microbatch_host_s),
-                m * (gpu + engine_factor * engine.microbatch_gpu_s))
+            return 0.0, serial, 0.0, serial_fwd
+        parts = [lookup(kind, self.launch_scale, self.cal.compute_at(b)) for kind in kinds]
+        if any(p is None for p in parts):
+            return 0.0, serial, 0.0, serial_fwd
+        eh, eg = engine.microbatch_host_s, engine.microbatch_gpu_s
+        host, gpu = (sum(p[i] for p in parts) / 1e3 for i in (0, 1))
+        return (m * (host + engine_factor * eh), m * (gpu + engine_factor * eg),
+                m * (parts[0][0] / 1e3 + fwd_engine_factor * eh), m * (parts[0][1] / 1e3 + fwd_engine_factor * eg))
 
     @staticmethod
     def forward_hooks(setting: Setting) -> float:
@@ -511,9 +512,9 @@ class CostModel:
         hooks = 1 + ZERO3_FORWARD_HOOK_SHARE if s.checkpoint and setting.zero == 3 else 1.0
         engine_mb = hooks * max(eng.microbatch_host_s, eng.microbatch_gpu_s)
         compute = m * (fwd + bwd + (rc if s.checkpoint else 0.0) + engine_mb)
-        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"),
-                                         eng, m, compute, b, hooks)
-        host_fwd, gpu_fwd = self.compute_parts_s(lookup, ("fwd",), eng, m, m * fwd, b, self.forward_hooks(setting))
+        host, gpu, host_fwd, gpu_fwd = self.compute_parts_s(
+            lookup, ("fwd", "bwd", "recompute") if s.checkpoint else ("fwd", "bwd"), eng, m, compute, m * fwd, b,
+            hooks, self.forward_hooks(setting))
 
         # Megatron TP: each forward all-reduce has one in backward; recompute repeats the forward ones.
         n_ar = lt.tp_allreduces_fwd * (2 + (1 if s.checkpoint else 0))
@@ -654,8 +655,8 @@ class CostModel:
         eng = self.engine_costs(part, setting)
         held, accum, regrad = self.phases(states, detail, setting.chunks, setting.zero)
         compute = m * (fwd + bwd + max(eng.microbatch_host_s, eng.microbatch_gpu_s))
-        host, gpu = self.compute_parts_s(lookup, ("fwd", "bwd"), eng, m, compute, b)
-        host_fwd, gpu_fwd = self.compute_parts_s(lookup, ("fwd",), eng, m, m * fwd, b, self.forward_hooks(setting))
+        host, gpu, host_fwd, gpu_fwd = self.compute_parts_s(lookup, ("fwd", "bwd"), eng, m, compute, m * fwd, b,
+                                                            fwd_engine_factor=self.forward_hooks(setting))
         return Cost(compute_s=compute, host_s=host, gpu_s=gpu, host_fwd_s=host_fwd, gpu_fwd_s=gpu_fwd,
                     tp_comm_s=tp_comm, dp_exposed_s=exposed, dp_tail_s=tail,
                     optimizer_s=self.optimizer_s(local) + eng.step_s,
