@@ -161,16 +161,12 @@ BATCH_EXP_MAX = 0.15     # |compute_batch_exp| fitted at most: +-11 % a doubling
 BATCH_EXP_MIN = 0.03
 
 
-def micro_batch(plan: Plan) -> float:
-    return plan.global_bsz / (plan.chunks * plan.dp_deg)
-
-
 def residual_batch_slope(runs, predict, cal: Calibration) -> tuple[float, float] | None:
     """(slope of log(measured / predicted) against log(micro-batch), their geometric-mean micro-batch) over
     the runs that see the GPU ('GPU' or 'both' bound) in one micro-batch (a step of several adds per-micro-batch
     engine work that is not the micro-batch's GPU efficiency: Swin-B's batch-64-in-4 run read as -3.4 % a
     doubling); None with fewer than two micro-batch sizes among them."""
-    pts = [(math.log(micro_batch(r["plan"])), math.log(r["measured"]["step_time_s"] / predict(r, cal)[0]))
+    pts = [(math.log(r["plan"].micro_batch_size), math.log(r["measured"]["step_time_s"] / predict(r, cal)[0]))
            for r in runs if r.get("bound") in ("GPU", "both") and r["plan"].chunks == 1]
     if len({round(x, 6) for x, _ in pts}) < 2:
         return None

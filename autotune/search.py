@@ -285,12 +285,13 @@ class Searcher:
                     return None
             chosen += [strategies[s] for s in res]
             stage_mem.append(stage_memory(picks, fixed))
-            total = sum_costs(picks + fixed["others"])
+            pieces = fixed["before"] + picks + fixed["after"]      # in the step's order
+            total = sum_costs(pieces)
             relayout = sum(self.cm.redistribution_s(self.spec.layer(layers[j]), strategies[res[j - 1]],
                                                     strategies[res[j]], setting) for j in range(1, len(res)))
             total.compute_s += relayout
             total.gpu_s += relayout      # collectives: GPU time, whatever the host does meanwhile
-            ordered = ordered_overlap(fixed["before"] + picks + fixed["after"], setting.chunks)
+            ordered = ordered_overlap(pieces, setting.chunks)
             if ordered is not None:
                 total.ordered = (ordered[0] + relayout, ordered[1])
             stage_costs.append(total)

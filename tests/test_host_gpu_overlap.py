@@ -61,9 +61,8 @@ def _by_hand(raw: dict, spec, hw, b: float, chunks: int, zero: int, ckpt: int, o
     share = lambda n: stage["overhead_microbatch_ms"] * n / raw["engine"]["tensors_total"]  # noqa: E731
     host = gpu = serial = engine_mb = 0.0
     pieces, ordered = [], []
-    for part in ("first",):
-        fits = raw["other"][part]["vtp"]["1"]["fits"]
-        pieces.append(([(fits["fwd"], 1), (fits["bwd"], 1)], share(tensors[part]), False))
+    fits = raw["other"]["first"]["vtp"]["1"]["fits"]
+    pieces.append(([(fits["fwd"], 1), (fits["bwd"], 1)], share(tensors["first"]), False))
     for i in range(spec.num_layers):
         fits = raw["layer_types"][spec.layer(i).name]["tp"]["1"]["fits"]
         kinds = [("fwd", 1), ("bwd", 1)]
