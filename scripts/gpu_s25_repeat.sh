@@ -7,7 +7,7 @@
 #     The same graphed ZeRO-2 configurations had taken very different times on different machines and in
 #     different processes (Swin-B batch 64: 99.5 ms on vm/a4fe6c97, 69.6 ms on vm/b8cf16ef; ViT-L batch 32 100.2 ms
 #     and batch 64 86.3 ms in one process) while their ZeRO-0/1 runs agreed to 1 %.
-#   call 3: CONFIGS=profiles/h100/runs/s25/host_repeat_configs.json MODELS="swin-base:140 vit-large:90 bert-large:70"
+#   call 3: CONFIGS=profiles/h100/runs/s25/host_repeat_configs.json MODELS="swin-base:230 vit-large:85 bert-large:85"
 #     the other rows the model misses by more than 8 %: Swin-B ZeRO-1 at batch 16-32, checkpointed eager layers,
 #     BERT-L ZeRO-2 at batch 24.
 # Usage: CONFIGS=FILE MODELS="model:seconds ..." bash scripts/gpu_s25_repeat.sh OUT
