@@ -164,12 +164,13 @@ def merge_repeats(recs: list[dict]) -> list[dict]:
 
 def repeat_noise(recs: list[dict]) -> dict:
     """How far one run of a configuration lies from the median of its repeats (merge_repeats' `repeats`: fresh
-    processes of one sweep file): the median over every such run of |run / median - 1|, and how many
-    configurations were repeated. The noise floor of a scored row, which is one run: on the lent H200s one
+    processes of one sweep file): the median and the largest over every such run of |run / median - 1|, and how
+    many configurations were repeated. The noise floor of a scored row, which is one run: on the lent H200s one
     launch-bound configuration took 103-167 ms in five processes (profiles/h200/runs/s11)."""
     sets = [r["repeats"] for r in recs if len(r.get("repeats", ())) >= 2]
     devs = [abs(t / statistics.median(s) - 1) for s in sets for t in s]
-    return {"configurations": len(sets), "median_abs_dev": statistics.median(devs) if devs else None}
+    return {"configurations": len(sets), "median_abs_dev": statistics.median(devs) if devs else None,
+            "max_abs_dev": max(devs) if devs else None}
 
 
 def profile_for(folder: str | None, model: str, precision: str):
@@ -266,7 +267,8 @@ def main() -> int:
             own = all(f["machine"] == r["machine"] for f in fits[r["machine"]])
             role = ("calibration" if id(r) in fitted else
                     "calibration configuration, another run" if json.dumps(cfg, sort_keys=True) in fitted_cfgs else
-                    "scored") + (f" (median of {len(r['repeats'])})" if "repeats" in r else "") + (
+                    "scored") + (f" (median of {len(r['repeats'])}: {min(r['repeats']) * 1e3:.1f}-{max(r['repeats']) * 1e3:.1f} ms)"
+                                 if "repeats" in r else "") + (
                     f" [{r['machine'] or 'unnamed'}{'' if own else ', calibrated on another machine'}]"
                     if several else "") + (", CUDA graphs" if r["plan_obj"].cuda_graphs else "")
             rows.append({"model": model, **cfg, "status": role,
@@ -303,13 +305,14 @@ def main() -> int:
              "| model | scored | step time median abs err | max abs err | uncalibrated median / max | "
              "GPU-bound: scored, median / max | peak memory median abs err | worst under-prediction | "
              "uncalibrated memory median / worst under | fresh processes: scored, memory median / worst under, "
-             "uncalibrated | repeated: configurations, one run off their median |",
+             "uncalibrated | repeated: configurations, one run off their median (median / max) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         g = s["gpu_bound"]
         gpu_cell = f"{g['scored']}, {g['time_median_abs_err']:.1%} / {g['time_max_abs_err']:.1%}" if g["scored"] else "0"
         n = s["repeat_noise"]
-        noise_cell = f"{n['configurations']}, {n['median_abs_dev']:.1%}" if n["configurations"] else "0"
+        noise_cell = (f"{n['configurations']}, {n['median_abs_dev']:.1%} / {n['max_abs_dev']:.1%}"
+                      if n["configurations"] else "0")
         f = s["fresh"]
         fresh_cell = (f"{f['scored']}, {f['mem_median_abs_err']:.1%} / {f['mem_worst_under']:+.1%}, "
                       f"{f['uncalibrated_mem_median_abs_err']:.1%} / {f['uncalibrated_mem_worst_under']:+.1%}"
@@ -322,8 +325,9 @@ def main() -> int:
     lines += ["", f"fresh processes: the scored runs that started with under {FRESH_HELD_MB:.0f} MB held by earlier "
               "configurations of their process (held before), whose peaks hold nothing of those.", "",
               "repeated: configurations run in two or more fresh processes of one sweep file (the calibration "
-              "repeats), and the median over those runs of how far one run lies from their median: the noise a "
-              "scored row, one run, carries.", "", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
+              "repeats, sweep_single_gpu.py --rounds), and the median and the largest over those runs of how far one "
+              "run lies from their median: the noise a scored row of one run carries. Such a configuration is one "
+              "row at the median of its runs, with their range.", "", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
               "or the GPU); host share: measured, the time until the host had queued the last backward over the time "
               "until the device had finished it (runs since session 14; near 1: launch-bound), for runs of sessions "
               "12-13 the time until the host had queued the step over the step time (near 1 on every step: it "
