@@ -265,10 +265,11 @@ def main() -> int:
             meas_t = r["measured"]["step_time_s"]
             meas_m = r["measured"]["stage_peak_memory_mb"][0]
             own = all(f["machine"] == r["machine"] for f in fits[r["machine"]])
+            reps = r.get("repeats")
             role = ("calibration" if id(r) in fitted else
                     "calibration configuration, another run" if json.dumps(cfg, sort_keys=True) in fitted_cfgs else
-                    "scored") + (f" (median of {len(r['repeats'])}: {min(r['repeats']) * 1e3:.1f}-{max(r['repeats']) * 1e3:.1f} ms)"
-                                 if "repeats" in r else "") + (
+                    "scored") + (f" (median of {len(reps)}: {min(reps) * 1e3:.1f}-{max(reps) * 1e3:.1f} ms)"
+                                 if reps else "") + (
                     f" [{r['machine'] or 'unnamed'}{'' if own else ', calibrated on another machine'}]"
                     if several else "") + (", CUDA graphs" if r["plan_obj"].cuda_graphs else "")
             rows.append({"model": model, **cfg, "status": role,
