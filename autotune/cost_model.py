@@ -213,6 +213,11 @@ class Calibration:
     # graphed, since those runs do not time eager launches or eager runs' engine work (ViT-L's 0.78 applied to
     # eager ZeRO-3 hooks took those rows from -14 to -33 %)
     graphed_host_scale: float | None = None
+    # measured / predicted host time of the graphed layers' replays alone (GRAPHED_LAYER_HOST_MS, an H200's
+    # probe): from a graphed calibration run's own clock of its host (calibrate.fit_replay_host); None:
+    # graphed_host. Apart from the engine's host work, which the replays' speed does not tell: on session 25's
+    # H100s T5-L's 48 replays took half the probe's time while its ZeRO-2 hooks took what the engine block says
+    replay_host_scale: float | None = None
     # the GPU lines' error growing with the micro-batch b: compute_scale * (b / compute_ref_batch) **
     # compute_batch_exp (0: none). The profile times each layer alone; in place, larger micro-batches ran
     # relatively slower than it said (T5-large on one H100: -4.5 % a doubling of b, session 21's sweep)
@@ -232,6 +237,10 @@ class Calibration:
     @property
     def graphed_host(self) -> float:
         return self.host if self.graphed_host_scale is None else self.graphed_host_scale
+
+    @property
+    def replay_host(self) -> float:
+        return self.graphed_host if self.replay_host_scale is None else self.replay_host_scale
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Calibration":
@@ -341,11 +350,11 @@ class CostModel:
 
     def graphed_lookup(self, lt: LayerType, b: float):
         """compute_parts_s's lookup for a graphed layer: the replay's host ms (GRAPHED_LAYER_HOST_MS, scaled by
-        the calibration's graphed host factor alone: it was measured in place, so the profile's in-place launch ratio
+        the calibration's replay host factor alone: it was measured in place, so the profile's in-place launch ratio
         does not apply) beside the profile's GPU line (the same eager kernels)."""
         def lookup(kind: str, _host: float, gpu: float) -> tuple[float, float]:
             _, g = self.profile.layer_time_parts_ms(lt.name, 1, b, kind, 1.0, gpu)
-            return GRAPHED_LAYER_HOST_MS[kind] * self.cal.graphed_host, g
+            return GRAPHED_LAYER_HOST_MS[kind] * self.cal.replay_host, g
         return lookup
 
     def compute_parts_s(self, lookup, kinds: tuple[str, ...], engine: EngineCost, m: int, serial: float,

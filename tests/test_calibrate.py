@@ -209,3 +209,42 @@ def test_gpu_efficiency_falling_with_the_micro_batch_is_fitted_and_extrapolated(
     small = Calibration(compute_scale=1.1, host_scale=1.0, compute_batch_exp=0.01, compute_ref_batch=16)
     out = calibrate(spec, hw, prof, make_runs(spec, hw, small, plans, prof), [], split_host="bound")
     assert out["compute_batch_exp"] == 0.0
+
+
+def _graphed_run(b: int, chunks: int = 1, zero: int = 0, ckpt: int = 0, graphed: bool = True) -> dict:
+    p = Plan.uniform(num_layers=24, world_size=1, global_bsz=b, chunks=chunks, zero_stage=zero, checkpoint=ckpt)
+    p.cuda_graphs = graphed
+    return {"plan": p, "name": p.describe(), "has_comm": False}
+
+
+def test_replay_host_factor_from_the_runs_own_host_clock():
+    """BERT-large's 24 graphed layers replay at GRAPHED_LAYER_HOST_MS (0.19 + 0.39 ms a layer): 13.92 ms of host
+    time a micro-batch by hand. A run whose host queued its backward in half that beyond the rest of its host work,
+    well before the device finished (host share 0.5), gives a replay factor of 0.5; runs whose host clock mixes in
+    other work (several micro-batches, ZeRO hooks, eager checkpointed layers, an eager run, a host that waited on
+    the device) give none."""
+    from autotune.calibrate import evaluate_run, fit_replay_host
+    prof, spec, hw = bert_large_h200()
+
+    def host_end(r, cal):
+        return evaluate_run(r["plan"], spec, hw, prof, cal).stage_costs[0].ordered[1]
+
+    replays = 24 * (0.19 + 0.39) / 1e3
+    clean = _graphed_run(8)
+    rest = host_end(clean, Calibration(replay_host_scale=0.0))
+    assert host_end(clean, Calibration(replay_host_scale=1.0)) - rest == pytest.approx(replays, rel=1e-9)
+    hb = rest + 0.5 * replays
+
+    def clocked(r, share=0.5):
+        mem = [m["total_mb"] for m in predict_run(r["plan"], spec, hw, prof, Calibration())[1]]
+        return {**r, "measured": {"step_time_s": 2 * hb, "host_backward_s": hb, "device_backward_s": hb / share,
+                                  "stage_peak_memory_mb": mem}}
+
+    assert fit_replay_host([clocked(clean)], host_end) == {"replay_host_scale": pytest.approx(0.5, abs=1e-4)}
+    others = [clocked(_graphed_run(16, chunks=2)), clocked(_graphed_run(8, zero=1)), clocked(_graphed_run(8, ckpt=1)),
+              clocked(_graphed_run(8, graphed=False)), clocked(clean, share=0.95)]
+    assert fit_replay_host(others, host_end) == {}
+    # through calibrate: fitted before the time factors and kept in the calibration it returns
+    runs = [clocked(clean), *make_runs(spec, hw, Calibration(), [_graphed_run(32)["plan"]], prof)]
+    out = calibrate(spec, hw, prof, runs, [], split_host="bound")
+    assert out["replay_host_scale"] == pytest.approx(0.5, abs=1e-4)
