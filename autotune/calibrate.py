@@ -297,8 +297,8 @@ def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], m
     def host_end(r, cal):
         return evaluate_run(r["plan"], spec, hw, profile, cal).stage_costs[0].ordered[1]
 
-    # the replays' host factor from the runs' host clocks, held through the time fit; the runs' bounds stay the
-    # uncalibrated model's (with it in place ViT-L's batch-16 run read as GPU-bound, and its GPU lines took that
+    # the replays' host factor from the runs' host clocks, held through the time fit (bound-aware fits only:
+    # --split-host none/both keep their one or two factors); the runs' bounds stay the uncalibrated model's (with it in place ViT-L's batch-16 run read as GPU-bound, and its GPU lines took that
     # run's host work: the GPU-bound rows +3 %)
     replay = {} if memory_only or split_host != "bound" else fit_replay_host(fit_runs, host_end)
     if split_host == "bound":
