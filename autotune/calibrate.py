@@ -8,7 +8,9 @@ errors) gives: compute_scale (the profile's GPU lines) and host_scale (its launc
 host work), each fitted only when some run's step responds to it (--split-host bound, the default; `both` fits
 both always, `none` one factor for both) and step_overhead_s from step times (comm_scale too when
 the runs communicate), with `bound` the GPU lines' change with the micro-batch (compute_batch_exp, where the runs
-that see the GPU span two micro-batch sizes), activation_scale and memory_offset_mb from per-stage peak memory; the offset is then
+that see the GPU span two micro-batch sizes) and the graphed layers' replay host time (replay_host_scale, from the
+host clocks of graphed runs whose host never waited), activation_scale and memory_offset_mb from per-stage peak
+memory; the offset is then
 raised so that no calibration run is under-predicted. `--check` runs are scored, not fitted. The
 factors go into the profile's "calibration" block, which CostModel applies on every later search.
 """
@@ -177,25 +179,26 @@ def residual_batch_slope(runs, predict, cal: Calibration) -> tuple[float, float]
 BATCH_EXP_ROUNDS = 4     # fits of compute_batch_exp: a run partly host-bound sees only part of a GPU change
 
 
-def fit_batch_exp(runs, predict, split_host, field: str, first: tuple, base: dict | None = None) -> tuple[tuple, dict]:
+def fit_batch_exp(runs, predict, split_host, field: str, first: tuple,
+                  fixed: dict | None = None) -> tuple[tuple, dict]:
     """((compute_scale, host, comm, step offset), {compute_batch_exp, compute_ref_batch}): the GPU lines' error
     growing with the micro-batch b (what the profile's lines, each layer timed alone, miss in place), from the
     slope of what the fit `first` leaves (residual_batch_slope), added to the exponent and the scales refitted,
-    a few rounds; kept only from BATCH_EXP_MIN and clipped at BATCH_EXP_MAX. ({} : none.) `base`: Calibration
-    fields fitted before, held."""
-    base = base or {}
+    a few rounds; kept only from BATCH_EXP_MIN and clipped at BATCH_EXP_MAX. ({} : none.) `fixed`: Calibration
+    fields fitted before, held (as fit_time's)."""
+    fixed = fixed or {}
     fit, batch = first, {}
     for _ in range(BATCH_EXP_ROUNDS):
         a, h, b, d = fit
         got = residual_batch_slope(runs, predict, Calibration(compute_scale=a, comm_scale=b, step_overhead_s=d,
-                                                              **host_factors(field, h), **batch, **base))
+                                                              **host_factors(field, h), **batch, **fixed))
         if got is None:
             break
         exp = max(-BATCH_EXP_MAX, min(BATCH_EXP_MAX, batch.get("compute_batch_exp", 0.0) + got[0]))
         if batch and abs(exp - batch["compute_batch_exp"]) < 0.002:
             break
         batch = {"compute_batch_exp": round(exp, 4), "compute_ref_batch": round(got[1], 4)}
-        fit = fit_time(runs, predict, split_host, field, {**batch, **base})
+        fit = fit_time(runs, predict, split_host, field, {**batch, **fixed})
     if not batch or abs(batch["compute_batch_exp"]) < BATCH_EXP_MIN:
         return first, {}
     return fit, batch
@@ -298,8 +301,9 @@ def calibrate(spec, hw, profile, fit_runs: list[dict], check_runs: list[dict], m
         return evaluate_run(r["plan"], spec, hw, profile, cal).stage_costs[0].ordered[1]
 
     # the replays' host factor from the runs' host clocks, held through the time fit (bound-aware fits only:
-    # --split-host none/both keep their one or two factors); the runs' bounds stay the uncalibrated model's (with it in place ViT-L's batch-16 run read as GPU-bound, and its GPU lines took that
-    # run's host work: the GPU-bound rows +3 %)
+    # --split-host none/both keep their one or two factors); the runs' bounds stay the uncalibrated model's
+    # (with the factor in place ViT-L's batch-16 run read as GPU-bound, and its GPU lines took that run's host
+    # work: the GPU-bound rows +3 %)
     replay = {} if memory_only or split_host != "bound" else fit_replay_host(fit_runs, host_end)
     if split_host == "bound":
         fit_runs = [{**r, "bound": factors_seen(r["plan"], spec, hw, profile)} for r in fit_runs]

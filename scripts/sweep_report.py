@@ -328,7 +328,8 @@ def main() -> int:
               "repeated: configurations run in two or more fresh processes of one sweep file (the calibration "
               "repeats, sweep_single_gpu.py --rounds), and the median and the largest over those runs of how far one "
               "run lies from their median: the noise a scored row of one run carries. Such a configuration is one "
-              "row at the median of its runs, with their range.", "", "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
+              "row at the median of its runs, with their range.", "",
+              "bound: what the uncalibrated model expects to set a micro-batch's compute time (the host's launches "
               "or the GPU); host share: measured, the time until the host had queued the last backward over the time "
               "until the device had finished it (runs since session 14; near 1: launch-bound), for runs of sessions "
               "12-13 the time until the host had queued the step over the step time (near 1 on every step: it "
