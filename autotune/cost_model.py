@@ -399,7 +399,8 @@ class CostModel:
 
         From the profile's engine block (autotune/profile_engine.py): the whole model's measured overheads at
         this stage times the part's share of parameter tensors (hooks and the optimizer's loops run per tensor).
-        The launch-bound block gives the hooks' host work per micro-batch and the step with host and GPU in
+        The launch-bound block gives the hooks' host work per micro-batch (a graphed setting's from the launch-bound
+        graphed steps where they were timed: ModelProfile.graphed_hooks_ms) and the step with host and GPU in
         series; the in-step timings of a GPU-bound step (of the setting's mode, graphed or eager) give what
         the device shows: per micro-batch, how much later the last backward ended than at ZeRO-0, and the
         tail after it. The step overheads leave out the analytic optimizer time (bytes / memory bandwidth,
@@ -413,7 +414,11 @@ class CostModel:
         optimizer = self.optimizer_s(self.spec.params_total(1))
         # host work, measured in place (no launch_scale); a stage kept from an earlier block at that host's speed
         k = (self.cal.graphed_host if setting.cuda_graphs else self.cal.host) * prof.engine_stage_host_speed(stage)
-        mb_host = float(stage.get("overhead_microbatch_ms", 0.0)) / 1e3 * share * k
+        mb_ms = float(stage.get("overhead_microbatch_ms", 0.0))
+        hooks = prof.graphed_hooks_ms(setting.zero) if setting.cuda_graphs and setting.zero else None
+        if hooks is not None:       # a graphed step's hooks as timed in graphed steps, on ZeRO-0's engine work
+            mb_ms = float((prof.engine_stage(0) or {}).get("overhead_microbatch_ms", 0.0)) + hooks
+        mb_host = mb_ms / 1e3 * share * k
         serial = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - optimizer) * share * k
         mode = "graphed" if setting.cuda_graphs else "eager"
         now, ref = prof.engine_in_step(setting.zero, mode), prof.engine_in_step(0, mode)

@@ -436,6 +436,22 @@ class ModelProfile:
         stage = self.engine_stage(zero)
         return ((stage or {}).get("in_step") or {}).get(mode)
 
+    def engine_launch_bound(self, zero: int, mode: str) -> dict | None:
+        """The same steps as engine_in_step at the engine block's launch-bound micro-batch (profile_engine's
+        `launch_bound`: host_backward_ms, when the host had queued the last backward), or None where not timed."""
+        stage = self.engine_stage(zero)
+        return ((stage or {}).get("launch_bound") or {}).get(mode)
+
+    def graphed_hooks_ms(self, zero: int) -> float | None:
+        """Host ms a micro-batch that ZeRO-`zero`'s hooks add over ZeRO-0's in a graphed step: the launch-bound
+        graphed steps' host_backward_ms, stage minus ZeRO-0, over their micro-batches (at least 0); None where
+        either was not timed or they differ in micro-batch or chunks."""
+        now, ref = self.engine_launch_bound(zero, "graphed"), self.engine_launch_bound(0, "graphed")
+        if not now or not ref or (now["micro_batch"], now["chunks"]) != (ref["micro_batch"], ref["chunks"]) \
+                or "host_backward_ms" not in now or "host_backward_ms" not in ref:
+            return None
+        return max(0.0, now["host_backward_ms"] - ref["host_backward_ms"]) / now["chunks"]
+
     def other_gpu_ratio(self, b: float) -> float | None:
         """Measured over profiled GPU time of the embeddings and head together (TP 1) at micro-batch b: what the
         engine block's bare whole-model GPU times (`bare_gpu`, back to back at GPU-bound batches) leave after

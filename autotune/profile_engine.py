@@ -27,6 +27,10 @@ a step, and the block keeps per stage and mode (`in_step`): the step's wall time
 finished the last backward (train.py's device_backward_s), and the tail after it. Beside them
 (`bare_gpu`): the GPU time of the whole model's forward + backward without an engine at that micro-batch
 and two smaller ones, back to back with nothing read back (at a GPU-bound batch the host runs ahead).
+The same steps at the block's launch-bound micro-batch (`launch_bound`, eager and graphed) time the hooks'
+host work as a graphed step runs it: when the host had queued the last backward, the GPU long idle. The hooks
+of a graphed step need not cost what the eager block says: Swin-B's ZeRO-1 ones took ~21 ms a micro-batch in
+graphed steps of one H100 (host 33.0 ms at ZeRO-1, 12.4 at ZeRO-0, batch 16) where its eager block has 10.2.
 The profile's precision is the one measured. ZeRO-3 runs last: DeepSpeed leaves its buffers behind.
 """
 from __future__ import annotations
@@ -453,25 +457,39 @@ def _cuda() -> bool:
 
 
 def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: dict, progress=print,
-                     parts: tuple[str, ...] = ("in-step", "bare-gpu"), b: int | None = None) -> None:
+                     parts: tuple[str, ...] = ("in-step", "bare-gpu", "launch-bound"), b: int | None = None) -> None:
     """Of the measured stages among 0-2, into `block`: the in-step timings at a GPU-bound micro-batch b (eager,
-    then graphed: stages[z]["in_step"]) and the bare GPU times ("bare_gpu"), as `parts` names them."""
+    then graphed: stages[z]["in_step"]), the bare GPU times ("bare_gpu") and the same steps at the block's
+    launch-bound micro-batch (stages[z]["launch_bound"]), as `parts` names them."""
     import torch
 
+    stages = [z for z in sorted(opts.zero) if z in IN_STEP_STAGES]
+    if "launch-bound" in parts:
+        for z in stages:
+            block["stages"][str(z)]["launch_bound"] = _timed_modes(opts, choice, z, spec.num_layers,
+                                                                   opts.micro_batch, progress)
+    if not {"in-step", "bare-gpu"} & set(parts):
+        return
     b = b or opts.step_micro_batch or step_micro_batch_for(
         spec, profile, block, torch.cuda.get_device_properties(0).total_memory / 2**30)
-    stages = [z for z in sorted(opts.zero) if z in IN_STEP_STAGES]
     for z in stages if "in-step" in parts else ():
-        modes = {}
-        for mode, graphs in (("eager", False), ("graphed", True)):
-            r = _timed_step(opts, choice, z, spec.num_layers, b, graphs, progress)
-            if r is not None:
-                modes[mode] = r
-                progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last "
-                         f"backward done at {r['device_backward_ms']:.2f}, tail {r['tail_ms']:.2f}")
-        block["stages"][str(z)]["in_step"] = modes
+        block["stages"][str(z)]["in_step"] = _timed_modes(opts, choice, z, spec.num_layers, b, progress)
     if "bare-gpu" in parts:
         add_bare_gpu(opts, b, block, progress)
+
+
+def _timed_modes(opts: Options, choice, z: int, n: int, b: int, progress) -> dict:
+    """{'eager': ..., 'graphed': ...}: measure_in_step at ZeRO-z and micro-batch b in both modes (a mode that ran
+    out of memory left out)."""
+    modes = {}
+    for mode, graphs in (("eager", False), ("graphed", True)):
+        r = _timed_step(opts, choice, z, n, b, graphs, progress)
+        if r is not None:
+            modes[mode] = r
+            progress(f"ZeRO-{z} {mode} in a step of {IN_STEP_CHUNKS} x {b}: {r['step_ms']:.2f} ms, last backward "
+                     f"queued at {r['host_backward_ms']:.2f}, done at {r['device_backward_ms']:.2f}, "
+                     f"tail {r['tail_ms']:.2f}")
+    return modes
 
 
 def _timed_step(opts: Options, choice, z: int, n: int, b: int, graphs: bool, progress) -> dict | None:
@@ -540,7 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-ONLY_PARTS = ("in-step", "bare-gpu")
+ONLY_PARTS = ("in-step", "bare-gpu", "launch-bound")
 
 
 def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: tuple[str, ...], zero: list[int]) -> int:
@@ -553,15 +571,18 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
 
     block = copy.deepcopy(profile.engine or {})
     missing = [z for z in zero if z in IN_STEP_STAGES and str(z) not in block.get("stages", {})] \
-        if "in-step" in parts else []
+        if {"in-step", "launch-bound"} & set(parts) else []
     timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
     b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
+    if parts == ("launch-bound",):
+        b = b or 1                   # not used: the launch-bound steps run at the block's micro-batch
     if missing or b is None:
         why = (f"has no ZeRO-{missing[0]} stage to add to (measure the block whole first)" if missing else
                "has no in-step timings to take the micro-batch from: give --step-micro-batch")
         print(f"error: --only {','.join(parts)}: {args.model_profile}'s engine block {why}", file=sys.stderr)
         return 2
-    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero, micro_batch=1,
+    opts = Options(model=args.model, task=args.task, precision=profile.precision, zero=zero,
+                   micro_batch=int(block.get("micro_batch") or 1),
                    reps=args.reps or 8, warmup=args.warmup if args.warmup is not None else 3, checkpoint_layers=0)
     if parts != ("bare-gpu",) and not _cuda():
         print(f"error: --only {','.join(parts)} times train.py steps, eager and graphed, on a CUDA device; "

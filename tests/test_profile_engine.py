@@ -401,6 +401,39 @@ def test_in_step_of_another_micro_batch_than_zero0_adds_no_device_work(model_par
     assert eng.microbatch_gpu_s == 0.0 and eng.step_s > 0
 
 
+def _launch_bound(host_backward_ms: float, b: int = 1) -> dict:
+    return {**_in_step(host_backward_ms + 5.0, 3.0, b), "host_backward_ms": host_backward_ms}
+
+
+@pytest.mark.parametrize("graphs, zero0_ms, hooks_ms", [
+    (True, 50.0, 30.0),      # graphed: ZeRO-0's block (8) plus the launch-bound graphed steps' (92 - 50) / 2 = 21
+    (False, 50.0, 30.0),     # eager: the eager block's 30, whatever the graphed steps say
+    (True, None, 30.0),      # graphed, but ZeRO-0's graphed steps not timed: the eager block's 30
+])
+def test_graphed_hooks_host_work_from_launch_bound_graphed_steps(model_parts, monkeypatch, graphs, zero0_ms,
+                                                                 hooks_ms):
+    """A graphed setting's per-micro-batch hook host work is the launch-bound graphed steps' host clock at the stage
+    less ZeRO-0's, per micro-batch, on top of ZeRO-0's own block figure; eager settings keep the eager block."""
+    profile, spec, hw = model_parts
+    monkeypatch.setattr(profile, "device_type", "cuda")
+    block = _in_step_block()
+    block["stages"]["2"]["launch_bound"] = {"graphed": _launch_bound(92.0), "eager": _launch_bound(70.0)}
+    if zero0_ms is not None:
+        block["stages"]["0"]["launch_bound"] = {"graphed": _launch_bound(zero0_ms)}
+    profile.engine = block
+    setting = Setting(world=1, pp=1, zero=2, chunks=2, global_bsz=8, cuda_graphs=graphs)
+    try:
+        eng = CostModel(spec, hw, profile).engine_costs("bert_enc", setting)
+        assert profile.graphed_hooks_ms(2) == (None if zero0_ms is None else 21.0)
+        block["stages"]["2"]["launch_bound"]["graphed"] = _launch_bound(92.0, b=2)     # another micro-batch
+        assert profile.graphed_hooks_ms(2) is None
+    finally:
+        profile.engine = {}
+    share = 16 / BLOCK_N
+    expect = 8.0 + 21.0 if graphs and zero0_ms is not None else hooks_ms
+    assert eng.microbatch_host_s == pytest.approx(expect * 1e-3 * share, rel=1e-9)
+
+
 @pytest.mark.parametrize("host, gpu, expect", [
     (2.0, 4.0, 3.0),     # the host 2 s ahead: 5 - 2 of the serial step shows, above the device's 1
     (2.0, 10.0, 1.0),    # far ahead: the device's part alone
