@@ -28,7 +28,8 @@ finished the last backward (train.py's device_backward_s), and the tail after it
 (`bare_gpu`): the GPU time of the whole model's forward + backward without an engine at that micro-batch
 and two smaller ones, back to back with nothing read back (at a GPU-bound batch the host runs ahead).
 The same steps at the block's launch-bound micro-batch (`launch_bound`, eager and graphed) time the hooks'
-host work as a graphed step runs it: when the host had queued the last backward, the GPU long idle. The hooks
+host work as a graphed step runs it: when the host had queued the last backward, the GPU long idle; a bare
+forward + backward timed beside them gives their host's speed against the block's. The hooks
 of a graphed step need not cost what the eager block says: Swin-B's ZeRO-1 ones took ~21 ms a micro-batch in
 graphed steps of one H100 (host 33.0 ms at ZeRO-1, 12.4 at ZeRO-0, batch 16) where its eager block has 10.2.
 The profile's precision is the one measured. ZeRO-3 runs last: DeepSpeed leaves its buffers behind.
@@ -408,7 +409,7 @@ def bare_gpu_sizes(b: int) -> list[int]:
 def run(opts: Options, spec, progress=print, profile: ModelProfile | None = None) -> dict:
     """The engine block for the profile: per stage, overhead per micro-batch and per step, and raw data; on
     CUDA with `profile` (the layer profile, to pick the in-step micro-batch) also the in-step timings."""
-    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups, init_distributed
+    from backends.megatron.groups import init_distributed
 
     import train
 
@@ -417,13 +418,7 @@ def run(opts: Options, spec, progress=print, profile: ModelProfile | None = None
     n = spec.num_layers
     names = [spec.layer(i).name for i in range(n)]
     t0 = time.perf_counter()
-    plan0 = _plan(opts, n, 0)
-    adapter, seq = _sequence(choice, build_parallel_groups(plan0), opts.seed)
-    tensors = param_tensors(seq, names)
-    bare = measure_bare(opts, choice, plan0, adapter, seq)
-    del seq
-    _free()
-    destroy_parallel_groups()
+    bare, tensors = bare_alone(opts, choice, n, names)
     progress(f"bare forward+backward: {bare:.2f} ms at micro-batch {opts.micro_batch}")
     block = {"micro_batch": opts.micro_batch, "checkpoint_layers": opts.checkpoint_layers,
              "bare_microbatch_ms": bare, "param_tensors": tensors,
@@ -450,6 +445,20 @@ def run(opts: Options, spec, progress=print, profile: ModelProfile | None = None
     return block
 
 
+def bare_alone(opts: Options, choice, n: int, names: list[str]) -> tuple[float, dict]:
+    """(measure_bare's ms at the block's micro-batch, param_tensors) on a model built for it alone."""
+    from backends.megatron.groups import build_parallel_groups, destroy_parallel_groups
+
+    plan0 = _plan(opts, n, 0)
+    adapter, seq = _sequence(choice, build_parallel_groups(plan0), opts.seed)
+    tensors = param_tensors(seq, names)
+    bare = measure_bare(opts, choice, plan0, adapter, seq)
+    del seq
+    _free()
+    destroy_parallel_groups()
+    return bare, tensors
+
+
 def _cuda() -> bool:
     import torch
 
@@ -465,9 +474,14 @@ def measure_in_steps(opts: Options, choice, spec, profile: ModelProfile, block: 
 
     stages = [z for z in sorted(opts.zero) if z in IN_STEP_STAGES]
     if "launch-bound" in parts:
+        n = spec.num_layers
+        bare = bare_alone(opts, choice, n, [spec.layer(i).name for i in range(n)])[0]     # this host's speed
+        progress(f"bare forward+backward beside the launch-bound steps: {bare:.2f} ms at micro-batch "
+                 f"{opts.micro_batch}")
         for z in stages:
-            block["stages"][str(z)]["launch_bound"] = _timed_modes(opts, choice, z, spec.num_layers,
-                                                                   opts.micro_batch, progress)
+            block["stages"][str(z)]["launch_bound"] = {
+                mode: {**r, "bare_microbatch_ms": bare}
+                for mode, r in _timed_modes(opts, choice, z, n, opts.micro_batch, progress).items()}
     if not {"in-step", "bare-gpu"} & set(parts):
         return
     b = b or opts.step_micro_batch or step_micro_batch_for(

@@ -401,8 +401,9 @@ def test_in_step_of_another_micro_batch_than_zero0_adds_no_device_work(model_par
     assert eng.microbatch_gpu_s == 0.0 and eng.step_s > 0
 
 
-def _launch_bound(host_backward_ms: float, b: int = 1) -> dict:
-    return {**_in_step(host_backward_ms + 5.0, 3.0, b), "host_backward_ms": host_backward_ms}
+def _launch_bound(host_backward_ms: float, b: int = 1, bare_ms: float | None = None) -> dict:
+    return {**_in_step(host_backward_ms + 5.0, 3.0, b), "host_backward_ms": host_backward_ms,
+            **({"bare_microbatch_ms": bare_ms} if bare_ms else {})}
 
 
 @pytest.mark.parametrize("graphs, zero0_ms, hooks_ms", [
@@ -427,6 +428,10 @@ def test_graphed_hooks_host_work_from_launch_bound_graphed_steps(model_parts, mo
         assert profile.graphed_hooks_ms(2) == (None if zero0_ms is None else 21.0)
         block["stages"]["2"]["launch_bound"]["graphed"] = _launch_bound(92.0, b=2)     # another micro-batch
         assert profile.graphed_hooks_ms(2) is None
+        if zero0_ms is not None:     # timed beside a bare step of 40 ms where the block's took 30: a slower host
+            block["bare_microbatch_ms"] = 30.0
+            block["stages"]["2"]["launch_bound"]["graphed"] = _launch_bound(92.0, bare_ms=40.0)
+            assert profile.graphed_hooks_ms(2) == pytest.approx(21.0 * 30.0 / 40.0)
     finally:
         profile.engine = {}
     share = 16 / BLOCK_N
