@@ -588,9 +588,7 @@ def refresh_parts(args: argparse.Namespace, profile: ModelProfile, spec, parts: 
         if {"in-step", "launch-bound"} & set(parts) else []
     timed = (profile.engine_in_step(z, mode) for z in IN_STEP_STAGES for mode in ("eager", "graphed"))
     b = args.step_micro_batch or next((r["micro_batch"] for r in timed if r), None)
-    if parts == ("launch-bound",):
-        b = b or 1                   # not used: the launch-bound steps run at the block's micro-batch
-    if missing or b is None:
+    if missing or b is None and {"in-step", "bare-gpu"} & set(parts):     # launch-bound: the block's micro-batch
         why = (f"has no ZeRO-{missing[0]} stage to add to (measure the block whole first)" if missing else
                "has no in-step timings to take the micro-batch from: give --step-micro-batch")
         print(f"error: --only {','.join(parts)}: {args.model_profile}'s engine block {why}", file=sys.stderr)

@@ -105,8 +105,9 @@ def test_cli_result_loads(files):
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step,kernels"],
     ["--model", "bert-test", "--model-profile", "{base}", "--only", "in-step"],
     ["--model", "bert-test", "--model-profile", "{engine}", "--only", "in-step", "--zero", "0,1"],
+    ["--model", "bert-test", "--model-profile", "{engine}", "--only", "launch-bound", "--zero", "0,1"],
 ], ids=["other-model", "zero-5", "missing-profile", "only-unknown-part", "only-without-engine-block",
-        "only-graphed-on-cpu"])
+        "only-graphed-on-cpu", "only-launch-bound-on-cpu"])
 def test_cli_bad_input(files, tmp_path, args):
     before = {}
     for k in ("base", "engine"):
