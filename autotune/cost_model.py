@@ -413,12 +413,14 @@ class CostModel:
             return EngineCost()
         optimizer = self.optimizer_s(self.spec.params_total(1))
         # host work, measured in place (no launch_scale); a stage kept from an earlier block at that host's speed
-        k = (self.cal.graphed_host if setting.cuda_graphs else self.cal.host) * prof.engine_stage_host_speed(stage)
-        mb_ms = float(stage.get("overhead_microbatch_ms", 0.0))
+        cal_host = self.cal.graphed_host if setting.cuda_graphs else self.cal.host
+        k = cal_host * prof.engine_stage_host_speed(stage)
+        mb_ms = float(stage.get("overhead_microbatch_ms", 0.0)) * prof.engine_stage_host_speed(stage)
         hooks = prof.graphed_hooks_ms(setting.zero) if setting.cuda_graphs and setting.zero else None
-        if hooks is not None:       # a graphed step's hooks as timed in graphed steps, on ZeRO-0's engine work
-            mb_ms = float((prof.engine_stage(0) or {}).get("overhead_microbatch_ms", 0.0)) + hooks
-        mb_host = mb_ms / 1e3 * share * k
+        if hooks is not None:       # a graphed step's hooks as timed in graphed steps (at the block's host speed
+            stage0 = prof.engine_stage(0) or {}         # already), on ZeRO-0's engine work
+            mb_ms = float(stage0.get("overhead_microbatch_ms", 0.0)) * prof.engine_stage_host_speed(stage0) + hooks
+        mb_host = mb_ms / 1e3 * share * cal_host
         serial = max(0.0, float(stage.get("step_ms", 0.0)) / 1e3 - optimizer) * share * k
         mode = "graphed" if setting.cuda_graphs else "eager"
         now, ref = prof.engine_in_step(setting.zero, mode), prof.engine_in_step(0, mode)

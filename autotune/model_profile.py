@@ -445,15 +445,14 @@ class ModelProfile:
     def graphed_hooks_ms(self, zero: int) -> float | None:
         """Host ms a micro-batch that ZeRO-`zero`'s hooks add over ZeRO-0's in a graphed step: the launch-bound
         graphed steps' host_backward_ms, stage minus ZeRO-0, over their micro-batches (at least 0), at this block's
-        host speed (the block's bare forward + backward over the one timed beside those steps, where they were timed
-        apart from it: another host). None where either was not timed or they differ in micro-batch or chunks."""
+        host speed (engine_stage_host_speed of the bare forward + backward timed beside those steps: they may have
+        been timed apart from the block, on another host). None where either was not timed or they differ in micro-batch or chunks."""
         now, ref = self.engine_launch_bound(zero, "graphed"), self.engine_launch_bound(0, "graphed")
         if not now or not ref or (now["micro_batch"], now["chunks"]) != (ref["micro_batch"], ref["chunks"]) \
                 or "host_backward_ms" not in now or "host_backward_ms" not in ref:
             return None
-        block_bare, bare = (self.engine or {}).get("bare_microbatch_ms"), now.get("bare_microbatch_ms")
-        speed = block_bare / bare if block_bare and bare else 1.0
-        return max(0.0, now["host_backward_ms"] - ref["host_backward_ms"]) / now["chunks"] * speed
+        return max(0.0, now["host_backward_ms"] - ref["host_backward_ms"]) / now["chunks"] \
+            * self.engine_stage_host_speed(now)
 
     def other_gpu_ratio(self, b: float) -> float | None:
         """Measured over profiled GPU time of the embeddings and head together (TP 1) at micro-batch b: what the
